@@ -1,0 +1,33 @@
+"""accel: make diffusers image and video pipelines faster and smaller with one call.
+
+    pipe = accel.wrap(pipe, "bac")      # a preset name, a config object, or a list of them to stack
+    accel.summary(pipe)                 # what was computed vs reused in the last call
+    accel.unwrap(pipe)                  # bit-identical to never wrapped
+
+Accelerators register themselves in ``accel.registry``; model-family knowledge lives in ``pipelines.adapters``.
+"""
+
+from .api import is_wrapped, summary, unwrap, wrap
+from .attention import AttentionCall
+from .config import AccelConfig
+from .hooks import MethodScope, StepInfo
+from .registry import available, register_accelerator, unregister_accelerator
+from .summary import StepRecord, Summary
+
+__all__ = [
+    "AccelConfig",
+    "AttentionCall",
+    "MethodScope",
+    "StepInfo",
+    "StepRecord",
+    "Summary",
+    "available",
+    "is_wrapped",
+    "register_accelerator",
+    "summary",
+    "unregister_accelerator",
+    "unwrap",
+    "wrap",
+]
+
+__version__ = "0.1.0"

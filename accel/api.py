@@ -1,0 +1,144 @@
+"""``wrap``, ``unwrap``, ``summary``: the public verbs, and the per-instance pipeline-call wrapper.
+
+A wrapped pipeline's ``__class__`` is switched to a subclass of its own class (same name, module and signature)
+whose ``__call__`` runs the original inside ``PipelineContext.pipeline_call``. Only that instance changes: other
+pipelines of the same class, in this thread or another, keep the original class, and ``unwrap`` switches back.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any
+
+from pipelines.adapters import adapter_for
+
+from .config import AccelConfig
+from .hooks import MethodScope, PipelineContext
+from .registry import resolve, spec_for
+from .summary import Summary
+
+_CONTEXT_ATTR = "_accel_context"
+_WRAPPED_CLASSES: dict[type, type] = {}
+_CLASS_LOCK = threading.Lock()
+
+
+def _wrapped_class(cls: type) -> type:
+    if "_accel_base_class" in cls.__dict__:
+        return cls
+    with _CLASS_LOCK:
+        wrapped = _WRAPPED_CLASSES.get(cls)
+        if wrapped is None:
+            original_call = cls.__call__
+
+            def __call__(self, *args, **kwargs):
+                context = self.__dict__.get(_CONTEXT_ATTR)
+                if context is None:
+                    return original_call(self, *args, **kwargs)
+                with context.pipeline_call():
+                    return original_call(self, *args, **kwargs)
+
+            functools.update_wrapper(__call__, original_call)
+            namespace = {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                         "__doc__": cls.__doc__, "_accel_base_class": cls}
+            wrapped = _WRAPPED_CLASSES[cls] = type(cls.__name__, (cls,), namespace)
+        return wrapped
+
+
+def _context(pipe) -> PipelineContext | None:
+    return getattr(pipe, "__dict__", {}).get(_CONTEXT_ATTR)
+
+
+def _check_pipeline(pipe) -> None:
+    from diffusers import DiffusionPipeline
+
+    if not isinstance(pipe, DiffusionPipeline):
+        raise ValueError(f"accel wraps diffusers pipelines (DiffusionPipeline instances), got {type(pipe).__name__}.")
+
+
+def wrap(pipe, methods: str | AccelConfig | list[str | AccelConfig], **overrides: Any):
+    """Apply accelerators to this pipeline instance, in place, and return it.
+
+    Args:
+        pipe: a diffusers pipeline of a supported family (see ``pipelines.adapters``).
+        methods: a preset name (``"bac"``), a config object (``BACConfig(...)``), or a list of them to stack.
+            An empty list installs only accel's step tracking, so ``accel.summary`` measures a plain run.
+        **overrides: config fields to change, applied to every chosen config that has the field.
+
+    Raises ``ValueError`` for an unknown name, a bad value, an unsupported family, or a method applied twice;
+    after any error the pipeline is exactly as it was before the call.
+    """
+    _check_pipeline(pipe)
+    configs = resolve(methods, overrides)
+    context = _context(pipe)
+    adapter = context.adapter if context is not None else adapter_for(pipe)
+    specs = [spec_for(config) for config in configs]
+    for spec in specs:
+        if not spec.supports(adapter.name):
+            raise ValueError(
+                f"{spec.name!r} does not support the {adapter.name!r} family ({type(pipe).__name__}); "
+                f"supported: {', '.join(spec.families or ())}."
+            )
+    if context is not None:
+        applied_names = {scope.name for scope in context.scopes}
+        again = [spec.name for spec in specs if spec.name in applied_names]
+        if again:
+            raise ValueError(f"{', '.join(again)} already applied to this pipeline; unwrap it first.")
+
+    created = context is None
+    if created:
+        context = PipelineContext(pipe, adapter)
+        context.install()
+    added: list[MethodScope] = []
+    try:
+        with context._lock:
+            for spec, config in zip(specs, configs):
+                scope = MethodScope(context, spec, config)
+                added.append(scope)
+                spec.apply(scope, config)
+            context.scopes.extend(added)
+            context.place_trackers_outermost()
+    except BaseException:
+        for scope in reversed(added):
+            scope.remove()
+        if created:
+            context.uninstall()
+        raise
+    if created:
+        pipe.__dict__[_CONTEXT_ATTR] = context
+        pipe.__class__ = _wrapped_class(type(pipe))
+    return pipe
+
+
+def unwrap(pipe):
+    """Remove everything accel applied to this pipeline; its output is then bit-identical to a never-wrapped one.
+
+    A pipeline that is not wrapped is returned unchanged.
+    """
+    _check_pipeline(pipe)
+    context = _context(pipe)
+    if context is None:
+        return pipe
+    with context._lock:
+        context.uninstall()
+        del pipe.__dict__[_CONTEXT_ATTR]
+        pipe.__class__ = type(pipe).__dict__.get("_accel_base_class", type(pipe))
+    return pipe
+
+
+def is_wrapped(pipe) -> bool:
+    return _context(pipe) is not None
+
+
+def summary(pipe) -> Summary:
+    """What accel applied to ``pipe`` and, for its last call, per step and CFG branch what was computed vs reused."""
+    _check_pipeline(pipe)
+    context = _context(pipe)
+    if context is None:
+        raise ValueError(f"This {type(pipe).__name__} is not wrapped by accel; call accel.wrap(pipe, ...) first.")
+    return Summary(
+        family=context.family,
+        methods=[scope.config.to_dict() for scope in context.scopes],
+        steps=list(context.last_call),
+        extras={scope.name: dict(scope.extras) for scope in context.scopes if scope.extras},
+    )

@@ -1,0 +1,418 @@
+"""The instance-level hook machinery every accelerator plugs into.
+
+* ``PipelineContext`` lives on one wrapped pipeline instance. It owns the per-call state: on entry to every
+  pipeline call and in ``finally`` it resets every accelerator's state, so nothing leaks between calls.
+* Step and CFG-branch tracking. The step is the number of ``scheduler.step`` calls made so far in this pipeline
+  call (the scheduler instance is patched for the duration of the call only), which works for pipelines that set
+  no ``cache_context`` (DiT, PixArt, SD3, U-Net) as well as for those that do. The branch is the pipeline's
+  ``cache_context`` name ("cond", "uncond", "cond_uncond") when it sets one, else ``"call{k}"`` for the k-th
+  denoiser call of the step (``"call0"`` for batched CFG). Accelerators read ``scope.current`` and never count.
+* ``MethodScope`` is what an accelerator's ``apply`` receives: it registers diffusers ``ModelHook``s, states and
+  attention replacements, and removes all of them again on ``unwrap`` or when a later method fails to apply.
+
+All hooks are inert outside a call of *their* pipeline (a context variable says which wrapped pipeline is running
+in this thread), so a plain pipeline that shares modules with a wrapped one, or runs in another thread, is
+unaffected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+
+from pipelines.adapters import ATTENTION_BRANCHES, BlockInfo, FamilyAdapter, TokenLayout
+
+from .summary import CallRecorder, StepRecord
+
+if TYPE_CHECKING:
+    from .config import AccelConfig
+    from .registry import AcceleratorSpec
+
+_TRACKER_HOOK = "accel.step_tracker"
+_COUNTER_HOOK = "accel.counter"
+
+_ACTIVE: contextvars.ContextVar[PipelineContext | None] = contextvars.ContextVar("accel_active", default=None)
+
+
+@torch.compiler.disable
+def active_context() -> PipelineContext | None:
+    """The wrapped pipeline whose call is running in this thread, if any."""
+    return _ACTIVE.get()
+
+
+class ResettableState(Protocol):
+    def reset(self) -> None: ...
+
+
+@dataclass
+class StepInfo:
+    """Where the denoising loop is, for the denoiser forward that is running now."""
+
+    step: int  # 0-based index of the denoising step
+    num_steps: int | None  # length of the scheduler's timestep schedule for this call
+    branch: str  # CFG branch: cache_context name, or "call{k}" for the k-th denoiser call of this step
+    call_in_step: int
+    denoiser: str  # pipeline attribute of the running denoiser ("transformer", "transformer_2", "unet")
+    _layout_fn: Callable[[], TokenLayout]
+    _layout: TokenLayout | None = None
+
+    @property
+    def layout(self) -> TokenLayout:
+        """Token layout of this forward (computed on first use)."""
+        if self._layout is None:
+            self._layout = self._layout_fn()
+        return self._layout
+
+
+# --------------------------------------------------------------------------------------------- hooks
+
+
+class _CacheContextListener(StateManager):
+    """Receives the pipeline's ``cache_context`` name through diffusers' own mechanism."""
+
+    def __init__(self, context: PipelineContext) -> None:
+        super().__init__(BaseState)
+        self._owner = weakref.ref(context)
+
+    def set_context(self, cache_context) -> None:
+        owner = self._owner()
+        if owner is not None and _ACTIVE.get() is owner:
+            owner._cache_context_name = cache_context.name if cache_context is not None else None
+
+
+class _StepTrackerHook(ModelHook):
+    """Outermost hook on each denoiser: tells the context a forward begins."""
+
+    _is_stateful = True  # so diffusers' cache_context reaches our listener
+
+    def __init__(self, context: PipelineContext, denoiser: str) -> None:
+        super().__init__()
+        self.context = context
+        self.denoiser = denoiser
+        self.cache_context_listener = _CacheContextListener(context)
+
+    def pre_forward(self, module, *args, **kwargs):
+        _begin_forward(self.context, self.denoiser, module, args, kwargs)
+        return args, kwargs
+
+    def reset_state(self, module):
+        return module
+
+
+@torch.compiler.disable
+def _begin_forward(context: PipelineContext, denoiser: str, module, args, kwargs) -> None:
+    if _ACTIVE.get() is context:
+        context._begin_forward(denoiser, module, args, kwargs)
+
+
+class _CounterHook(ModelHook):
+    """Innermost hook on each block and branch: counts forwards that really execute."""
+
+    def __init__(self, context: PipelineContext, kinds: tuple[str, ...]) -> None:
+        super().__init__()
+        self.context = context
+        self.kinds = kinds
+
+    def pre_forward(self, module, *args, **kwargs):
+        _count(self.context, self.kinds)
+        return args, kwargs
+
+
+@torch.compiler.disable
+def _count(context: PipelineContext, kinds: tuple[str, ...]) -> None:
+    record = context.recorder.current
+    if record is None or _ACTIVE.get() is not context:
+        return
+    for kind in kinds:
+        if kind == "block":
+            record.blocks_computed += 1
+        elif kind == "branch":
+            record.branches_computed += 1
+        else:
+            record.attention_calls += 1
+
+
+class _CountingStep:
+    """Stands in for ``scheduler.step`` during wrapped calls; tells the running context a step ended."""
+
+    def __init__(self, original: Callable) -> None:
+        self.original = original
+        self.users = 0
+        functools.update_wrapper(self, original)
+
+    def __call__(self, *args, **kwargs):
+        output = self.original(*args, **kwargs)
+        context = _ACTIVE.get()
+        if context is not None:
+            context._scheduler_steps += 1
+        return output
+
+
+_SCHEDULER_LOCK = threading.Lock()
+
+
+def _attach_step_counter(scheduler) -> None:
+    with _SCHEDULER_LOCK:
+        counter = scheduler.__dict__.get("step")
+        if not isinstance(counter, _CountingStep):
+            counter = _CountingStep(scheduler.step)
+            scheduler.step = counter
+        counter.users += 1
+
+
+def _detach_step_counter(scheduler) -> None:
+    with _SCHEDULER_LOCK:
+        counter = scheduler.__dict__.get("step")
+        if isinstance(counter, _CountingStep):
+            counter.users -= 1
+            if counter.users <= 0:
+                del scheduler.step
+
+
+def _register(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    registry.register_hook(hook, name)
+
+
+def _unregister(module: torch.nn.Module, name: str) -> None:
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None:
+        return
+    registry.remove_hook(name, recurse=False)
+    if not registry.hooks:
+        # Leave the module as diffusers found it: no empty registry, no instance-level `forward`.
+        del module._diffusers_hook
+        forward = module.__dict__.get("forward")
+        if getattr(forward, "__func__", None) is type(module).forward and getattr(forward, "__self__", None) is module:
+            del module.forward
+
+
+# ------------------------------------------------------------------------------------------ context
+
+
+class PipelineContext:
+    """Per-pipeline-instance state of accel. Created by ``accel.wrap``; removed by ``accel.unwrap``."""
+
+    def __init__(self, pipe, adapter: FamilyAdapter) -> None:
+        self._pipe = weakref.ref(pipe)
+        self.adapter = adapter
+        self.family = adapter.name
+        self.denoisers: dict[str, torch.nn.Module] = adapter.denoisers(pipe)
+        if not self.denoisers:
+            raise ValueError(f"{type(pipe).__name__} has no {adapter.name} denoiser to wrap.")
+        self.blocks: dict[str, list[BlockInfo]] = {attr: adapter.blocks(m) for attr, m in self.denoisers.items()}
+        self.scopes: list[MethodScope] = []
+        self.recorder = CallRecorder()
+        self.last_call: list[StepRecord] = []
+        self.current: StepInfo | None = None
+        self.attention_owners: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self._installed: list[tuple[torch.nn.Module, str]] = []
+        self._reset_call_counters()
+
+    @property
+    def pipe(self):
+        return self._pipe()
+
+    def _reset_call_counters(self) -> None:
+        self._scheduler_steps = 0
+        self._last_step = -1
+        self._calls_in_step = 0
+        self._cache_context_name: str | None = None
+        self.current = None
+
+    # -- installation -----------------------------------------------------------------------------
+    def install(self) -> None:
+        """Counters (innermost) on every block and branch, then the step trackers on the denoisers."""
+        for attr, module in self.denoisers.items():
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is not None and registry.get_hook(_TRACKER_HOOK) is not None:
+                raise ValueError(
+                    f"The pipeline's {attr} is already wrapped by accel through another pipeline that shares it; "
+                    "unwrap that one first, or give each pipeline its own copy of the model."
+                )
+        try:
+            for blocks in self.blocks.values():
+                for block in blocks:
+                    self._install(block.module, _CounterHook(self, ("block",)), _COUNTER_HOOK)
+                    for kind, (_, branch) in block.branches.items():
+                        kinds = ("branch", "attention") if kind in ATTENTION_BRANCHES else ("branch",)
+                        self._install(branch, _CounterHook(self, kinds), _COUNTER_HOOK)
+            self.place_trackers_outermost()
+        except BaseException:
+            self.uninstall()
+            raise
+
+    def _install(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+        _register(module, hook, name)
+        self._installed.append((module, name))
+
+    def place_trackers_outermost(self) -> None:
+        """(Re-)register the step trackers last, so they run before every accelerator hook on the denoiser."""
+        for attr, module in self.denoisers.items():
+            if (module, _TRACKER_HOOK) in self._installed:
+                _unregister(module, _TRACKER_HOOK)
+                self._installed.remove((module, _TRACKER_HOOK))
+            self._install(module, _StepTrackerHook(self, attr), _TRACKER_HOOK)
+            module._diffusers_hook.invalidate_child_registries_cache()
+
+    def uninstall(self) -> None:
+        for scope in reversed(self.scopes):
+            scope.remove()
+        self.scopes.clear()
+        for module, name in reversed(self._installed):
+            _unregister(module, name)
+        self._installed.clear()
+        for module in self.denoisers.values():
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is not None:
+                registry.invalidate_child_registries_cache()
+
+    # -- per call ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def pipeline_call(self):
+        if _ACTIVE.get() is self:
+            raise RuntimeError("A wrapped pipeline was called from inside its own call; accel does not support that.")
+        with self._lock:  # one call at a time per wrapped instance; a plain diffusers pipeline isn't reentrant either
+            token = _ACTIVE.set(self)
+            scheduler = self.pipe.scheduler
+            self._start_call()
+            _attach_step_counter(scheduler)
+            try:
+                yield
+            finally:
+                _detach_step_counter(scheduler)
+                self.last_call = self.recorder.finish()
+                self._reset_states()
+                self._reset_call_counters()
+                _ACTIVE.reset(token)
+
+    def _start_call(self) -> None:
+        self._reset_call_counters()
+        self.recorder.finish()
+        self._reset_states()
+
+    def _reset_states(self) -> None:
+        for scope in self.scopes:
+            for state in scope.states:
+                state.reset()
+
+    def _begin_forward(self, denoiser: str, module, args, kwargs) -> None:
+        step = self._scheduler_steps
+        if step != self._last_step:
+            self._last_step, self._calls_in_step = step, 0
+        else:
+            self._calls_in_step += 1
+        branch = self._cache_context_name or f"call{self._calls_in_step}"
+        timesteps = getattr(self.pipe.scheduler, "timesteps", None)
+        num_steps = len(timesteps) if timesteps is not None else None
+        adapter = self.adapter
+        self.current = StepInfo(
+            step, num_steps, branch, self._calls_in_step, denoiser,
+            lambda: adapter.token_layout(module, args, kwargs),
+        )
+        blocks = self.blocks[denoiser]
+        self.recorder.begin_forward(step, branch, len(blocks), sum(len(b.branches) for b in blocks))
+
+    def is_active(self) -> bool:
+        return active_context() is self
+
+
+# --------------------------------------------------------------------------------------------- scope
+
+
+class MethodScope:
+    """What an accelerator's ``apply(scope, config)`` works through; everything it adds is removed with it."""
+
+    def __init__(self, context: PipelineContext, spec: AcceleratorSpec, config: AccelConfig) -> None:
+        self.context = context
+        self.spec = spec
+        self.config = config
+        self.name = spec.name
+        self.states: list[ResettableState] = []
+        self.extras: dict[str, Any] = {}  # figures for accel.summary(pipe).extras[name]
+        self._hooks: list[tuple[torch.nn.Module, str]] = []
+
+    # What the accelerator reads.
+    @property
+    def adapter(self) -> FamilyAdapter:
+        return self.context.adapter
+
+    @property
+    def family(self) -> str:
+        return self.context.family
+
+    @property
+    def denoisers(self) -> dict[str, torch.nn.Module]:
+        return self.context.denoisers
+
+    @property
+    def blocks(self) -> dict[str, list[BlockInfo]]:
+        return self.context.blocks
+
+    @property
+    def pipe(self):
+        return self.context.pipe
+
+    @property
+    def current(self) -> StepInfo | None:
+        """Step, CFG branch and token layout of the denoiser forward now running (``None`` outside one)."""
+        return self.context.current
+
+    def is_active(self) -> bool:
+        """Whether this pipeline's call is running in this thread; hooks pass through when it is not."""
+        return self.context.is_active()
+
+    # What the accelerator adds.
+    def add_state(self, state: ResettableState) -> ResettableState:
+        """Register per-call state; ``state.reset()`` runs on entry to every pipeline call and in ``finally``."""
+        self.states.append(state)
+        state.reset()
+        return state
+
+    def register_hook(self, module: torch.nn.Module, hook: ModelHook, suffix: str = "") -> None:
+        """Register a diffusers ``ModelHook`` on ``module`` under a name owned by this method."""
+        name = f"accel.{self.name}" + (f".{suffix}" if suffix else "")
+        _register(module, hook, name)
+        self._hooks.append((module, name))
+
+    def intercept_attention(self, module: torch.nn.Module, replacement, *, kind: str, name: str = "") -> None:
+        """Replace the attention computation (the SDPA call) inside ``module`` with ``replacement(call)``.
+
+        See ``accel.attention``. One method per attention module: a second raises ``ValueError``.
+        """
+        from .attention import AttentionInterceptHook, check_interceptable
+
+        owner = self.context.attention_owners.get(id(module))
+        if owner is not None:
+            raise ValueError(f"{self.name!r} and {owner!r} both replace the attention of {name or module}.")
+        check_interceptable(module, name)
+        self.register_hook(module, AttentionInterceptHook(self, replacement, kind=kind, name=name), "attention")
+        self.context.attention_owners[id(module)] = self.name
+
+    def record_attention_density(self, density: float) -> None:
+        """Report the share of the attention matrix computed by the call running now (1.0 = dense)."""
+        record = self.context.recorder.current
+        if record is not None and self.is_active():
+            record.attention_reported += 1
+            record.attention_density_sum += float(density)
+
+    def remove(self) -> None:
+        for module, name in reversed(self._hooks):
+            _unregister(module, name)
+            self.context.attention_owners = {
+                key: owner for key, owner in self.context.attention_owners.items() if owner != self.name
+            }
+        self._hooks.clear()
+        for state in self.states:
+            state.reset()
+        self.states.clear()

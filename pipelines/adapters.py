@@ -1,0 +1,353 @@
+"""Model-family adapters: everything accel knows about the layout of a diffusers denoiser.
+
+One declarative ``FamilyAdapter`` per family says where the transformer blocks are, which sub-modules of a block
+are its *branches* (self/joint attention, cross-attention, feed-forward, context feed-forward), which layers carry
+the time embedding / AdaLN modulation, how classifier-free guidance reaches the denoiser, and how the input shape
+maps to a token layout (frames x height x width after patching, plus where text tokens sit in joint attention).
+Accelerators read these facts through the adapter and never name a model's modules themselves.
+
+Adding a family is one ``FamilyAdapter(...)`` entry here plus a tiny builder in ``pipelines.tiny``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+
+BranchKind = Literal["self_attn", "cross_attn", "joint_attn", "ff", "ff_context"]
+ATTENTION_BRANCHES: frozenset[str] = frozenset({"self_attn", "cross_attn", "joint_attn"})
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """The token sequence one transformer forward works on, after patching.
+
+    Image tokens are ordered frame-major (frame, row, column). ``text_tokens`` is the length of the text sequence
+    the model attends to. In joint attention the text tokens are concatenated with the image tokens and
+    ``text_position`` says on which side; ``None`` means the text is reached through cross-attention only.
+    """
+
+    frames: int
+    height: int
+    width: int
+    text_tokens: int = 0
+    text_position: Literal["first", "last"] | None = None
+
+    @property
+    def image_tokens(self) -> int:
+        return self.frames * self.height * self.width
+
+    @property
+    def joint_tokens(self) -> int:
+        return self.image_tokens + (self.text_tokens if self.text_position else 0)
+
+    def image_slice(self) -> slice:
+        """Where the image tokens sit in the joint-attention sequence."""
+        start = self.text_tokens if self.text_position == "first" else 0
+        return slice(start, start + self.image_tokens)
+
+
+@dataclass(frozen=True)
+class BlockGroup:
+    """A run of transformer blocks matched by ``pattern`` (``*`` matches one dotted name segment).
+
+    ``branches`` maps a branch kind to the attribute that holds it inside one block.
+    """
+
+    pattern: str
+    branches: dict[str, str]
+    dual_stream: bool = False  # the block updates image and text streams (MMDiT double blocks)
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """One resolved block of a concrete model."""
+
+    name: str
+    module: torch.nn.Module
+    group: str
+    index: int  # position in the whole ordered block sequence
+    branches: dict[str, tuple[str, torch.nn.Module]]  # kind -> (qualified name, module)
+    dual_stream: bool
+
+    @property
+    def attentions(self) -> dict[str, tuple[str, torch.nn.Module]]:
+        return {kind: value for kind, value in self.branches.items() if kind in ATTENTION_BRANCHES}
+
+
+def _arg(args: tuple, kwargs: dict, name: str, position: int) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    return args[position] if len(args) > position else None
+
+
+def _patch_size(value: Any) -> tuple[int, int, int]:
+    if isinstance(value, (tuple, list)):
+        return tuple(int(v) for v in value)  # type: ignore[return-value]
+    return 1, int(value), int(value)
+
+
+def _image_layout(model, args, kwargs, text_position=None) -> TokenLayout:
+    hidden_states = _arg(args, kwargs, "hidden_states", 0)
+    patch = int(getattr(model.config, "patch_size", None) or 1)
+    text = _arg(args, kwargs, "encoder_hidden_states", 1)
+    height, width = hidden_states.shape[-2] // patch, hidden_states.shape[-1] // patch
+    text_tokens = int(text.shape[1]) if isinstance(text, torch.Tensor) and text.ndim == 3 else 0
+    return TokenLayout(1, height, width, text_tokens, text_position if text_tokens else None)
+
+
+def _flux_layout(model, args, kwargs) -> TokenLayout:
+    # Flux packs latents into [B, S, C]; the image ids hold each token's (frame, row, column).
+    img_ids = kwargs["img_ids"]
+    img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+    height, width = int(img_ids[:, 1].max()) + 1, int(img_ids[:, 2].max()) + 1
+    text = _arg(args, kwargs, "encoder_hidden_states", 1)
+    return TokenLayout(1, height, width, int(text.shape[1]), "first")
+
+
+def _video_layout(channels_first: bool, text_position=None):
+    def layout(model, args, kwargs) -> TokenLayout:
+        hidden_states = _arg(args, kwargs, "hidden_states", 0)
+        if channels_first:  # [B, C, F, H, W]
+            frames, height, width = hidden_states.shape[2:]
+        else:  # CogVideoX: [B, F, C, H, W]
+            frames, height, width = hidden_states.shape[1], *hidden_states.shape[3:]
+        config = model.config
+        if hasattr(config, "patch_size_t"):
+            p_t, p_h, p_w = int(config.patch_size_t or 1), int(config.patch_size), int(config.patch_size)
+        else:
+            p_t, p_h, p_w = _patch_size(config.patch_size)
+        text = _arg(args, kwargs, "encoder_hidden_states", 1)
+        text_tokens = int(text.shape[1]) if isinstance(text, torch.Tensor) and text.ndim == 3 else 0
+        return TokenLayout(frames // p_t, height // p_h, width // p_w, text_tokens, text_position if text_tokens else None)
+
+    return layout
+
+
+def _unet_layout(model, args, kwargs) -> TokenLayout:
+    sample = _arg(args, kwargs, "sample", 0)
+    text = _arg(args, kwargs, "encoder_hidden_states", 2)
+    return TokenLayout(1, sample.shape[-2], sample.shape[-1], int(text.shape[1]) if text is not None else 0, None)
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """What accel needs to know about one model family. See the module docstring."""
+
+    name: str
+    denoiser_classes: tuple[str, ...]
+    pipeline_classes: tuple[str, ...]
+    block_groups: tuple[BlockGroup, ...]
+    modulation: tuple[str, ...]  # fnmatch patterns over the denoiser's module names
+    token_layout: Callable[[torch.nn.Module, tuple, dict], TokenLayout]
+    cfg: Literal["batched", "separate"]
+    cfg_batch_order: tuple[str, str] | None = None  # batched CFG: which half of the batch is which
+    video: bool = False
+    denoiser_attrs: tuple[str, ...] = ("transformer", "transformer_2")
+    notes: str = ""
+
+    def blocks(self, model: torch.nn.Module) -> list[BlockInfo]:
+        """The model's blocks in execution order, each with its branches."""
+        modules = dict(model.named_modules())
+        blocks: list[BlockInfo] = []
+        for group in self.block_groups:
+            for name in _match(group.pattern, modules):
+                branches = {}
+                for kind, attr in group.branches.items():
+                    branch = modules.get(f"{name}.{attr}")
+                    if branch is not None:
+                        branches[kind] = (f"{name}.{attr}", branch)
+                blocks.append(BlockInfo(name, modules[name], group.pattern, len(blocks), branches, group.dual_stream))
+        return blocks
+
+    def modulation_layers(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        """Time-embedding and AdaLN-modulation layers (module or parameter holders), in module order."""
+        return [
+            (name, module)
+            for name, module in model.named_modules()
+            if name and any(fnmatch.fnmatchcase(name, pattern) for pattern in self.modulation)
+        ]
+
+    def denoisers(self, pipe) -> dict[str, torch.nn.Module]:
+        """The pipeline's denoiser modules of this family, by attribute name."""
+        found = {}
+        for attr in self.denoiser_attrs:
+            module = getattr(pipe, attr, None)
+            if isinstance(module, torch.nn.Module) and type(module).__name__ in self.denoiser_classes:
+                found[attr] = module
+        return found
+
+
+def _match(pattern: str, modules: dict[str, torch.nn.Module]) -> list[str]:
+    """Module names matching ``pattern`` segment by segment, in module (execution) order."""
+    parts = pattern.split(".")
+    return [
+        name
+        for name in modules
+        if len(name.split(".")) == len(parts)
+        and all(p == "*" or p == s for p, s in zip(parts, name.split(".")))
+    ]
+
+
+_DIT_BRANCHES = {"self_attn": "attn1", "cross_attn": "attn2", "ff": "ff"}
+_MMDIT_BRANCHES = {"joint_attn": "attn", "ff": "ff", "ff_context": "ff_context"}
+_SINGLE_STREAM_BRANCHES = {"joint_attn": "attn", "ff": "proj_mlp"}
+
+ADAPTERS: tuple[FamilyAdapter, ...] = (
+    FamilyAdapter(
+        name="dit",
+        denoiser_classes=("DiTTransformer2DModel",),
+        pipeline_classes=("DiTPipeline",),
+        block_groups=(BlockGroup("transformer_blocks.*", _DIT_BRANCHES),),
+        modulation=("transformer_blocks.*.norm1", "transformer_blocks.*.norm1.*", "proj_out_1"),
+        token_layout=_image_layout,
+        cfg="batched",
+        cfg_batch_order=("cond", "uncond"),
+        notes="Each block's AdaLayerNormZero holds its own timestep + class embedder.",
+    ),
+    FamilyAdapter(
+        name="pixart-alpha",
+        denoiser_classes=("PixArtTransformer2DModel",),
+        pipeline_classes=("PixArtAlphaPipeline",),
+        block_groups=(BlockGroup("transformer_blocks.*", _DIT_BRANCHES),),
+        modulation=("adaln_single", "adaln_single.*"),
+        token_layout=_image_layout,
+        cfg="batched",
+        cfg_batch_order=("uncond", "cond"),
+        notes="AdaLN-single: one shared modulation MLP plus a per-block scale_shift_table parameter.",
+    ),
+    FamilyAdapter(
+        name="pixart-sigma",
+        denoiser_classes=("PixArtTransformer2DModel",),
+        pipeline_classes=("PixArtSigmaPipeline",),
+        block_groups=(BlockGroup("transformer_blocks.*", _DIT_BRANCHES),),
+        modulation=("adaln_single", "adaln_single.*"),
+        token_layout=_image_layout,
+        cfg="batched",
+        cfg_batch_order=("uncond", "cond"),
+    ),
+    FamilyAdapter(
+        name="sd3",
+        denoiser_classes=("SD3Transformer2DModel",),
+        pipeline_classes=("StableDiffusion3Pipeline",),
+        block_groups=(
+            BlockGroup("transformer_blocks.*", {**_MMDIT_BRANCHES, "self_attn": "attn2"}, dual_stream=True),
+        ),
+        modulation=("time_text_embed", "time_text_embed.*", "transformer_blocks.*.norm1*", "norm_out", "norm_out.*"),
+        token_layout=lambda model, args, kwargs: _image_layout(model, args, kwargs, text_position="last"),
+        cfg="batched",
+        cfg_batch_order=("uncond", "cond"),
+        notes="Joint attention concatenates [image, text]; SD3.5's optional attn2 is image-only self-attention.",
+    ),
+    FamilyAdapter(
+        name="flux",
+        denoiser_classes=("FluxTransformer2DModel",),
+        pipeline_classes=("FluxPipeline",),
+        block_groups=(
+            BlockGroup("transformer_blocks.*", _MMDIT_BRANCHES, dual_stream=True),
+            BlockGroup("single_transformer_blocks.*", _SINGLE_STREAM_BRANCHES),
+        ),
+        modulation=("time_text_embed", "time_text_embed.*", "*.norm1.linear", "*.norm1_context.linear",
+                    "single_transformer_blocks.*.norm.linear", "norm_out.linear"),
+        token_layout=_flux_layout,
+        cfg="separate",
+        notes="Joint attention concatenates [text, image]; true CFG runs cond and uncond in separate calls.",
+    ),
+    FamilyAdapter(
+        name="wan",
+        denoiser_classes=("WanTransformer3DModel",),
+        pipeline_classes=("WanPipeline",),
+        block_groups=(BlockGroup("blocks.*", {"self_attn": "attn1", "cross_attn": "attn2", "ff": "ffn"}),),
+        modulation=("condition_embedder.time_embedder*", "condition_embedder.time_proj"),
+        token_layout=_video_layout(channels_first=True),
+        cfg="separate",
+        video=True,
+        notes="Wan 2.2 A14B has two experts (transformer, transformer_2); per-block scale_shift_table parameters.",
+    ),
+    FamilyAdapter(
+        name="cogvideox",
+        denoiser_classes=("CogVideoXTransformer3DModel",),
+        pipeline_classes=("CogVideoXPipeline",),
+        block_groups=(BlockGroup("transformer_blocks.*", {"joint_attn": "attn1", "ff": "ff"}, dual_stream=True),),
+        modulation=("time_embedding", "time_embedding.*", "transformer_blocks.*.norm*.linear", "norm_out.linear"),
+        token_layout=_video_layout(channels_first=False, text_position="first"),
+        cfg="batched",
+        cfg_batch_order=("uncond", "cond"),
+        video=True,
+        notes="Joint attention concatenates [text, video].",
+    ),
+    FamilyAdapter(
+        name="hunyuan-video",
+        denoiser_classes=("HunyuanVideoTransformer3DModel",),
+        pipeline_classes=("HunyuanVideoPipeline",),
+        block_groups=(
+            BlockGroup("transformer_blocks.*", _MMDIT_BRANCHES, dual_stream=True),
+            BlockGroup("single_transformer_blocks.*", _SINGLE_STREAM_BRANCHES),
+        ),
+        modulation=("time_text_embed", "time_text_embed.*", "*.norm1.linear", "*.norm1_context.linear",
+                    "single_transformer_blocks.*.norm.linear", "norm_out.linear"),
+        token_layout=_video_layout(channels_first=True, text_position="last"),
+        cfg="separate",
+        video=True,
+        notes="Joint attention concatenates [video, text]; true CFG runs cond and uncond in separate calls.",
+    ),
+    FamilyAdapter(
+        name="unet",
+        denoiser_classes=("UNet2DConditionModel",),
+        pipeline_classes=("StableDiffusionPipeline", "StableDiffusionXLPipeline"),
+        block_groups=(
+            BlockGroup("down_blocks.*.attentions.*.transformer_blocks.*", _DIT_BRANCHES),
+            BlockGroup("mid_block.attentions.*.transformer_blocks.*", _DIT_BRANCHES),
+            BlockGroup("up_blocks.*.attentions.*.transformer_blocks.*", _DIT_BRANCHES),
+        ),
+        modulation=("time_embedding", "time_embedding.*", "add_embedding", "add_embedding.*", "*.time_emb_proj"),
+        token_layout=_unet_layout,
+        cfg="batched",
+        cfg_batch_order=("uncond", "cond"),
+        denoiser_attrs=("unet",),
+        notes="SD 1.5 / SDXL: the 'blocks' are the BasicTransformerBlocks inside the U-Net's attention stages.",
+    ),
+)
+
+FAMILY_NAMES: tuple[str, ...] = tuple(adapter.name for adapter in ADAPTERS)
+
+
+def supported_denoiser_classes() -> list[str]:
+    return sorted({name for adapter in ADAPTERS for name in adapter.denoiser_classes})
+
+
+def adapter_for_model(model: torch.nn.Module, pipeline_class: str | None = None) -> FamilyAdapter:
+    """The adapter for a denoiser, looked up by its class (and the pipeline class where two families share one)."""
+    class_name = type(model).__name__
+    matches = [adapter for adapter in ADAPTERS if class_name in adapter.denoiser_classes]
+    if not matches:
+        raise ValueError(
+            f"accel has no adapter for the denoiser class {class_name!r}. Supported: "
+            f"{', '.join(supported_denoiser_classes())}."
+        )
+    for adapter in matches:
+        if pipeline_class in adapter.pipeline_classes:
+            return adapter
+    return matches[0]
+
+
+def adapter_for(pipe) -> FamilyAdapter:
+    """The adapter for a diffusers pipeline instance."""
+    for attr in ("transformer", "unet"):
+        model = getattr(pipe, attr, None)
+        if isinstance(model, torch.nn.Module):
+            return adapter_for_model(model, type(pipe).__name__)
+    raise ValueError(
+        f"{type(pipe).__name__} has no `transformer` or `unet` component; accel wraps diffusers pipelines whose "
+        f"denoiser is one of: {', '.join(supported_denoiser_classes())}."
+    )
+
+
+def get_adapter(name: str) -> FamilyAdapter:
+    for adapter in ADAPTERS:
+        if adapter.name == name:
+            return adapter
+    raise ValueError(f"Unknown family {name!r}; known families: {', '.join(FAMILY_NAMES)}.")
