@@ -15,8 +15,9 @@ under ``torch.compile`` the hooked attention modules run eagerly (graph breaks).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F

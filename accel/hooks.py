@@ -22,8 +22,9 @@ import contextvars
 import functools
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook

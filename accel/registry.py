@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import difflib
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from .config import AccelConfig
 

@@ -12,8 +12,9 @@ Adding a family is one ``FamilyAdapter(...)`` entry here plus a tiny builder in 
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -122,7 +123,8 @@ def _video_layout(channels_first: bool, text_position=None):
             p_t, p_h, p_w = _patch_size(config.patch_size)
         text = _arg(args, kwargs, "encoder_hidden_states", 1)
         text_tokens = int(text.shape[1]) if isinstance(text, torch.Tensor) and text.ndim == 3 else 0
-        return TokenLayout(frames // p_t, height // p_h, width // p_w, text_tokens, text_position if text_tokens else None)
+        position = text_position if text_tokens else None
+        return TokenLayout(frames // p_t, height // p_h, width // p_w, text_tokens, position)
 
     return layout
 

@@ -12,7 +12,8 @@ HunyuanVideo's Llama tokenizer cannot, so its examples pass ``prompt_embeds``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -166,7 +167,12 @@ def _build_wan(two_stage: bool = False):
 
 
 def _build_cogvideox():
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
 
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
@@ -202,7 +208,8 @@ def _build_hunyuan_video():
         in_channels=3, out_channels=3, latent_channels=4,
         down_block_types=("HunyuanVideoDownBlock3D",) * 4, up_block_types=("HunyuanVideoUpBlock3D",) * 4,
         block_out_channels=(8, 8, 8, 8), layers_per_block=1, act_fn="silu", norm_num_groups=4,
-        scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4, mid_block_add_attention=True,
+        scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
+        mid_block_add_attention=True,
     )
     # No Llama tokenizer can be built offline: the text encoders are absent and callers pass prompt_embeds.
     return HunyuanVideoPipeline(
@@ -220,8 +227,9 @@ def _build_sd15():
         cross_attention_dim=_TEXT_DIM, norm_num_groups=4, attention_head_dim=4,
     )
     return StableDiffusionPipeline(
-        unet=unet, vae=_vae(), text_encoder=_clip_encoder(), tokenizer=clip_tokenizer(), scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        unet=unet, vae=_vae(), text_encoder=_clip_encoder(), tokenizer=clip_tokenizer(),
+        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 

@@ -14,19 +14,20 @@ import functools
 import gzip
 import string
 
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import CLIPTokenizer, PreTrainedTokenizerFast
 
 T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _t5_tokenizer_json() -> str:
     vocab = {token: index for index, token in enumerate(T5_SPECIAL_TOKENS)}
     for char in string.printable:
         vocab.setdefault(char, len(vocab))
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
     tokenizer.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])]
     )
@@ -62,7 +63,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(code) for code in codes)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     import open_clip.tokenizer
 
@@ -79,7 +80,8 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
 def clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     """CLIP's BPE tokenizer (vocabulary 49,408) from open_clip's bundled merges file."""
     vocab, merges = _clip_vocab_and_merges()
-    return CLIPTokenizer(vocab=dict(vocab), merges=[tuple(m.split()) for m in merges], model_max_length=model_max_length)
+    pairs = [tuple(merge.split()) for merge in merges]
+    return CLIPTokenizer(vocab=dict(vocab), merges=pairs, model_max_length=model_max_length)
 
 
 CLIP_VOCAB_SIZE = 49408

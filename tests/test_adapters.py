@@ -1,0 +1,67 @@
+"""Every family adapter resolves blocks, branches, modulation layers and denoisers on its tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipelines import FAMILY_NAMES, adapter_for, get_adapter, tiny
+from pipelines.adapters import ATTENTION_BRANCHES, TokenLayout, adapter_for_model
+
+TINY_TO_ADAPTER = {"wan2.2": "wan", "sd15": "unet"}
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_adapter_resolves_structure(family):
+    pipe = tiny.build(family)
+    adapter = adapter_for(pipe)
+    assert adapter.name == TINY_TO_ADAPTER.get(family, family)
+    denoisers = adapter.denoisers(pipe)
+    assert list(denoisers) == (["transformer", "transformer_2"] if family == "wan2.2" else [adapter.denoiser_attrs[0]])
+    for model in denoisers.values():
+        blocks = adapter.blocks(model)
+        assert len(blocks) >= 2
+        assert [block.index for block in blocks] == list(range(len(blocks)))
+        for block in blocks:
+            assert block.attentions, block.name
+            assert "ff" in block.branches, block.name
+            for kind, (name, module) in block.branches.items():
+                assert dict(model.named_modules())[name] is module
+                if kind in ATTENTION_BRANCHES:
+                    assert hasattr(module, "processor"), name
+        assert adapter.modulation_layers(model), "no time-embedding / modulation layer found"
+
+
+def test_dual_stream_and_branch_kinds():
+    flux = adapter_for(tiny.build("flux")).blocks(tiny.build("flux").transformer)
+    assert flux[0].dual_stream and set(flux[0].branches) == {"joint_attn", "ff", "ff_context"}
+    assert not flux[-1].dual_stream and set(flux[-1].branches) == {"joint_attn", "ff"}
+    pixart = tiny.build("pixart-alpha")
+    assert set(adapter_for(pixart).blocks(pixart.transformer)[0].branches) == {"self_attn", "cross_attn", "ff"}
+
+
+def test_pixart_alpha_and_sigma_share_a_class_but_not_a_family():
+    assert adapter_for(tiny.build("pixart-alpha")).name == "pixart-alpha"
+    assert adapter_for(tiny.build("pixart-sigma")).name == "pixart-sigma"
+
+
+def test_unknown_classes_get_clear_errors():
+    with pytest.raises(ValueError, match="no adapter for the denoiser class 'Linear'.*DiTTransformer2DModel"):
+        adapter_for_model(torch.nn.Linear(2, 2))
+
+    class NoDenoiser:
+        pass
+
+    with pytest.raises(ValueError, match="no `transformer` or `unet`"):
+        adapter_for(NoDenoiser())
+    with pytest.raises(ValueError, match="known families: dit"):
+        get_adapter("sdxxl")
+    assert set(FAMILY_NAMES) >= {"dit", "flux", "wan", "unet"}
+
+
+def test_token_layout_slices():
+    first = TokenLayout(2, 3, 4, text_tokens=5, text_position="first")
+    last = TokenLayout(2, 3, 4, text_tokens=5, text_position="last")
+    cross = TokenLayout(2, 3, 4, text_tokens=5)
+    assert first.image_tokens == 24 and first.joint_tokens == 29 and cross.joint_tokens == 24
+    assert first.image_slice() == slice(5, 29) and last.image_slice() == slice(0, 24)
