@@ -312,3 +312,43 @@ def test_available_lists_registered_methods():
     names = {entry["name"]: entry for entry in accel.available()}
     assert names["test-reuse"]["presets"] == ["test-reuse", "test-reuse-3"]
     assert "flux" in names["test-reuse"]["families"] and names["test-reuse"]["description"]
+
+
+def test_state_is_reset_after_a_call_that_raises():
+    pipe = accel.wrap(tiny.build("flux"), ReuseBlocksConfig(period=2, fraction=1.0))
+
+    def fail_at_step_two(pipeline, step, timestep, callback_kwargs):
+        if step == 2:
+            raise KeyboardInterrupt("user pressed stop")
+        return callback_kwargs
+
+    with pytest.raises(KeyboardInterrupt):
+        pipe(**tiny.example_inputs("flux", num_inference_steps=4), callback_on_step_end=fail_at_step_two)
+    assert "step" not in pipe.scheduler.__dict__  # the step counter is detached again
+    assert pipe._accel_context.current is None and not pipe._accel_context.scopes[0].states[0].outputs
+    fresh = run(accel.wrap(tiny.build("flux"), ReuseBlocksConfig(period=2, fraction=1.0)), "flux")
+    np.testing.assert_array_equal(run(pipe, "flux"), fresh)
+
+
+def test_a_wrapped_pipeline_serialises_calls_from_two_threads():
+    import threading
+
+    pipe = accel.wrap(tiny.build("dit"), "test-reuse")
+    expected = run(accel.wrap(tiny.build("dit"), "test-reuse"), "dit")
+    outputs, errors = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                outputs.append(run(pipe, "dit"))
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(outputs) == 6
+    for output in outputs:
+        np.testing.assert_array_equal(output, expected)
