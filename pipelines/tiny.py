@@ -233,6 +233,22 @@ def _build_sd15():
     )
 
 
+def _build_sdxl():
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2 * _TEXT_DIM, norm_num_groups=4, attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=_TEXT_DIM + 6 * 8,
+    )
+    return StableDiffusionXLPipeline(
+        vae=_vae(), unet=unet, scheduler=EulerDiscreteScheduler(), text_encoder=_clip_encoder(),
+        tokenizer=clip_tokenizer(), text_encoder_2=_clip_encoder(with_projection=True), tokenizer_2=clip_tokenizer(),
+    )
+
+
 _BUILDERS: dict[str, Callable[..., Any]] = {
     "dit": _build_dit,
     "pixart-alpha": lambda: _build_pixart("PixArtAlphaPipeline"),
@@ -244,6 +260,7 @@ _BUILDERS: dict[str, Callable[..., Any]] = {
     "cogvideox": _build_cogvideox,
     "hunyuan-video": _build_hunyuan_video,
     "sd15": _build_sd15,
+    "sdxl": _build_sdxl,
 }
 
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
@@ -289,8 +306,8 @@ def example_inputs(
         return {**kwargs, "class_labels": [(3 * i + 1) % 10 for i in range(batch_size)], "output_type": "np",
                 "guidance_scale": 4.0 if guidance else 1.0}
     kwargs["output_type"] = "np"
-    if family in ("pixart-alpha", "pixart-sigma", "sd3", "sd15"):
-        extra = {} if family == "sd15" else {"max_sequence_length": 32}
+    if family in ("pixart-alpha", "pixart-sigma", "sd3", "sd15", "sdxl"):
+        extra = {} if family in ("sd15", "sdxl") else {"max_sequence_length": 32}
         if family.startswith("pixart"):
             extra.update(use_resolution_binning=False, clean_caption=False)
         return {**kwargs, "prompt": prompts[:batch_size], "height": size or 8, "width": size or 8,

@@ -8,7 +8,7 @@ import torch
 from pipelines import FAMILY_NAMES, adapter_for, get_adapter, tiny
 from pipelines.adapters import ATTENTION_BRANCHES, TokenLayout, adapter_for_model
 
-TINY_TO_ADAPTER = {"wan2.2": "wan", "sd15": "unet"}
+TINY_TO_ADAPTER = {"wan2.2": "wan", "sd15": "unet", "sdxl": "unet"}
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)

@@ -85,6 +85,7 @@ def test_wan22_switches_experts_and_keeps_counting_steps():
         ("cogvideox", (3, 2, 2, 32, "first")),
         ("hunyuan-video", (2, 2, 2, 8, "last")),
         ("sd15", (1, 8, 8, 77, None)),
+        ("sdxl", (1, 8, 8, 77, None)),
     ],
 )
 def test_token_layout(family, expected):
