@@ -1,7 +1,8 @@
 """The main job: baseline vs every registered accelerator on one model, as a table of latency, speedup, quality
-and the share of blocks computed.
+(PSNR against the baseline's output; class accuracy of the 10 generated digits, one per class, on the reference
+models) and the share of blocks computed.
 
-    accel-run                                   # default model, every registered method
+    accel-run                                   # digits-dit, every registered method
     accel-run --model tiny:flux --methods a,b+c --steps 20 --repeats 5
 
 Every method gets its own pipeline instance with the same weights and is called with the same seeds; the runs
@@ -26,16 +27,18 @@ import torch
 
 import accel
 from accel.registry import available
+from eval.metrics import psnr
 
-DEFAULT_MODEL = "tiny:dit"
+DEFAULT_MODEL = "digits-dit"
 
 
 @dataclass
 class ModelSpec:
     name: str
     build: Callable[[], Any]  # a fresh pipeline with the model's weights
-    call_kwargs: Callable[[int], dict[str, Any]]  # seed -> kwargs for one call
+    call_kwargs: Callable[[Any, int], dict[str, Any]]  # (pipe, seed) -> kwargs for one call
     trained: bool
+    labels: list[int] | None = None  # requested classes, for class accuracy
 
 
 def model_spec(name: str, steps: int | None) -> ModelSpec:
@@ -48,10 +51,23 @@ def model_spec(name: str, steps: int | None) -> ModelSpec:
         return ModelSpec(
             name,
             lambda: tiny.build(family),
-            lambda seed: tiny.example_inputs(family, seed=seed, num_inference_steps=steps or 10),
+            lambda pipe, seed: tiny.example_inputs(family, seed=seed, num_inference_steps=steps or 10),
             trained=False,
         )
-    raise ValueError(f"Unknown model {name!r}; use tiny:<family> (e.g. {DEFAULT_MODEL}).")
+    from pipelines import reference
+
+    if name in reference.MODELS:
+        labels = list(range(10))
+        overrides = {"num_inference_steps": steps} if steps else {}
+        reference.model_dir(name)  # a clear error now if the weights are missing
+        return ModelSpec(
+            name,
+            lambda: reference.load(name),
+            lambda pipe, seed: reference.call_kwargs(name, pipe, labels, seed=seed, **overrides),
+            trained=True,
+            labels=labels,
+        )
+    raise ValueError(f"Unknown model {name!r}; use {', '.join(reference.MODELS)} or tiny:<family>.")
 
 
 def parse_methods(text: str) -> list[tuple[str, list[str]]]:
@@ -68,11 +84,6 @@ def _output_array(output) -> np.ndarray:
     return np.asarray(output.images if hasattr(output, "images") else output.frames, dtype=np.float64)
 
 
-def psnr(reference: np.ndarray, other: np.ndarray) -> float:
-    mse = float(np.mean((reference - other) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
 def compare(model: ModelSpec, methods: list[tuple[str, list[str]]], repeats: int, seed: int = 0) -> list[dict]:
     pipes = {"baseline": accel.wrap(model.build(), [])}
     for label, names in methods:
@@ -81,7 +92,7 @@ def compare(model: ModelSpec, methods: list[tuple[str, list[str]]], repeats: int
     outputs: dict[str, np.ndarray] = {}
     for repeat in range(repeats + 1):  # the first round is a warm-up
         for label, pipe in pipes.items():
-            kwargs = model.call_kwargs(seed)
+            kwargs = model.call_kwargs(pipe, seed)
             start = time.perf_counter()
             output = pipe(**kwargs)
             elapsed = time.perf_counter() - start
@@ -90,6 +101,11 @@ def compare(model: ModelSpec, methods: list[tuple[str, list[str]]], repeats: int
             else:
                 timings[label].append(elapsed)
     baseline_latency = statistics.median(timings["baseline"])
+    classifier = None
+    if model.labels is not None:
+        from pipelines.reference import classifier as load_classifier
+
+        classifier = load_classifier()
     rows = []
     for label, pipe in pipes.items():
         latency = statistics.median(timings[label])
@@ -100,6 +116,7 @@ def compare(model: ModelSpec, methods: list[tuple[str, list[str]]], repeats: int
             "speedup": baseline_latency / latency,
             "psnr_db": psnr(outputs["baseline"], outputs[label]),
             "blocks_computed": share,
+            "class_accuracy": classifier.accuracy(outputs[label], model.labels) if classifier else None,
         })
     return rows
 
@@ -108,13 +125,15 @@ def format_table(rows: list[dict], model: ModelSpec, repeats: int) -> str:
     lines = [
         f"model: {model.name} ({'trained reference' if model.trained else 'random weights: plumbing only'}), "
         f"median of {repeats} interleaved runs",
-        f"{'method':<24} {'latency ms':>11} {'speedup':>8} {'PSNR dB':>8} {'blocks run':>11}",
+        f"{'method':<24} {'latency ms':>11} {'speedup':>8} {'PSNR dB':>8} {'blocks run':>11} {'class acc':>10}",
     ]
     for row in rows:
         share = "-" if row["blocks_computed"] is None else f"{row['blocks_computed']:.1%}"
         value = "inf" if math.isinf(row["psnr_db"]) else f"{row['psnr_db']:.2f}"
+        accuracy = "-" if row["class_accuracy"] is None else f"{row['class_accuracy']:.1%}"
         lines.append(
-            f"{row['method']:<24} {row['latency_ms']:>11.1f} {row['speedup']:>7.2f}x {value:>8} {share:>11}"
+            f"{row['method']:<24} {row['latency_ms']:>11.1f} {row['speedup']:>7.2f}x {value:>8} {share:>11} "
+            f"{accuracy:>10}"
         )
     if len(rows) == 1:
         lines.append("(no accelerator is registered yet: the table shows the baseline alone)")

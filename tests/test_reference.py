@@ -1,0 +1,153 @@
+"""The shipped reference models and the digit classifier: offline loading, seeding, quality floors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import accel
+from pipelines import reference
+from pipelines.classifier import crop_inkiest_window, to_digit_batch
+from pipelines.digits import moving_digit_clips, split
+from pipelines.pixel_space import FramePackingVAE
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return reference.classifier()
+
+
+@pytest.fixture(scope="module")
+def digits_dit():
+    return reference.load("digits-dit")
+
+
+@pytest.fixture(scope="module")
+def moving_digits(tmp_path_factory):
+    # moving-digits weights are not shipped yet (see pipelines/reference.py); the loader and the training
+    # script are exercised on a 2-step checkpoint written to a temporary folder.
+    from pipelines.training import train_moving_digits
+
+    folder = tmp_path_factory.mktemp("moving-digits") / "moving-digits"
+    assert train_moving_digits.main(["--steps", "2", "--batch-size", "2", "--out", str(folder)]) == 0
+    return reference.load(folder)
+
+
+def _run(name, pipe, labels, seed=0, **overrides):
+    output = pipe(**reference.call_kwargs(name, pipe, labels, seed=seed, **overrides))
+    return np.asarray(output.images if hasattr(output, "images") else output.frames)
+
+
+def test_classifier_accuracy_on_held_out_digits(classifier):
+    held_out = split()["held_out"]
+    assert classifier.accuracy(held_out.images, held_out.labels) >= 0.95
+    assert classifier.features(held_out.images[:5]).shape == (5, 64)
+
+
+def test_classifier_accepts_every_output_layout(classifier):
+    images = split()["held_out"].images[:6]
+    expected = classifier.predict(images)
+    for layout in (images[..., None], images[:, None], torch.from_numpy(images)):
+        np.testing.assert_array_equal(classifier.predict(layout), expected)
+    canvas = np.zeros((6, 16, 16), np.float32)
+    canvas[:, 5:13, 3:11] = images
+    np.testing.assert_array_equal(crop_inkiest_window(torch.from_numpy(canvas)[:, None])[:, 0].numpy(), images)
+    video = np.repeat(canvas[:, None, :, :, None], 3, axis=1)  # [N, F, H, W, 1]
+    assert classifier.predict(video).shape == (18,)
+    with pytest.raises(ValueError, match="at least 8x8"):
+        to_digit_batch(np.zeros((2, 4, 4)))
+
+
+def test_split_is_fixed_and_disjoint():
+    data = split()
+    assert len(data["train"].labels) == 1347 and len(data["held_out"].labels) == 450
+    assert np.bincount(data["held_out"].labels).min() >= 44
+    train_rows = {row.tobytes() for row in data["train"].images}
+    assert sum(row.tobytes() in train_rows for row in data["held_out"].images) <= 5  # load_digits has duplicates
+
+
+def test_moving_digit_clips_are_deterministic_and_bounce():
+    data = split()["train"]
+    clips, labels = moving_digit_clips(data, 4, frames=33, canvas=16, seed=3)
+    again, _ = moving_digit_clips(data, 4, frames=33, canvas=16, seed=3)
+    np.testing.assert_array_equal(clips, again)
+    assert clips.shape == (4, 33, 16, 16) and clips.min() >= 0 and clips.max() <= 1 and labels.shape == (4,)
+    ink = clips.sum(axis=(2, 3))
+    assert (ink > 0.8 * ink[:, :1]).all()  # the digit never leaves the canvas
+
+
+def test_frame_packing_vae_round_trips():
+    vae = FramePackingVAE()
+    video = torch.rand(2, 1, 33, 16, 16)
+    latents = vae.encode(video)
+    assert latents.shape == (2, 4, 9, 16, 16)
+    torch.testing.assert_close(vae.decode(latents).sample, video * 2 - 1)
+    with pytest.raises(ValueError, match="1 \\+ 4k frames"):
+        vae.encode(torch.rand(1, 1, 8, 16, 16))
+
+
+def test_digits_dit_loads_offline_and_is_seeded(digits_dit):
+    assert type(digits_dit).__name__ == "DiTPipeline" and len(digits_dit.transformer.transformer_blocks) >= 12
+    assert not digits_dit.transformer.training
+    first = _run("digits-dit", digits_dit, [3, 7], num_inference_steps=5)
+    assert first.shape == (2, 8, 8, 1) and 0 <= first.min() and first.max() <= 1
+    np.testing.assert_array_equal(_run("digits-dit", digits_dit, [3, 7], num_inference_steps=5), first)
+    assert not np.array_equal(_run("digits-dit", digits_dit, [3, 7], seed=1, num_inference_steps=5), first)
+    output = digits_dit(class_labels=[3], generator=torch.Generator().manual_seed(0), num_inference_steps=3,
+                        guidance_scale=1.5, output_type="np")
+    assert output.images.shape == (1, 8, 8, 1)
+
+
+def test_moving_digits_is_not_shipped_yet_and_says_how_to_train_it():
+    with pytest.raises(ValueError, match="train_moving_digits"):
+        reference.load("moving-digits")
+
+
+def test_moving_digits_checkpoint_loads_offline_and_is_seeded(moving_digits):
+    assert type(moving_digits).__name__ == "WanPipeline" and len(moving_digits.transformer.blocks) >= 8
+    first = _run("moving-digits", moving_digits, [4], num_inference_steps=3)
+    assert first.shape == (1, 33, 16, 16, 1)
+    np.testing.assert_array_equal(_run("moving-digits", moving_digits, [4], num_inference_steps=3), first)
+
+
+def test_reference_pipelines_wrap_and_unwrap_bit_identically(digits_dit, moving_digits):
+    for name, pipe, labels in (("digits-dit", digits_dit, [1, 2]), ("moving-digits", moving_digits, [5])):
+        baseline = _run(name, pipe, labels, num_inference_steps=3)
+        accel.wrap(pipe, [])
+        np.testing.assert_array_equal(_run(name, pipe, labels, num_inference_steps=3), baseline)
+        assert accel.summary(pipe).blocks_computed_share == 1.0
+        accel.unwrap(pipe)
+        np.testing.assert_array_equal(_run(name, pipe, labels, num_inference_steps=3), baseline)
+
+
+def test_moving_digits_token_layout(moving_digits):
+    from toy_accelerators import ProbeConfig
+
+    pipe = accel.wrap(moving_digits, ProbeConfig(intercept_attention=False))
+    try:
+        _run("moving-digits", pipe, [2], num_inference_steps=1)
+        layout = pipe._accel_context.scopes[0].probe_state.history[-1]["layouts"][0]
+        assert (layout.frames, layout.height, layout.width) == (9, 8, 8) and layout.image_tokens == 576
+    finally:
+        accel.unwrap(pipe)
+
+
+def test_bad_input(moving_digits):
+    with pytest.raises(ValueError, match="neither a reference model"):
+        reference.load("/nonexistent/folder")
+    with pytest.raises(ValueError, match="Unknown reference model"):
+        reference.call_kwargs("digits-vit", None, [1])
+    with pytest.raises(ValueError, match="digit classes 0..9"):
+        reference.class_prompt_embeds(moving_digits, [3, 12])
+    with pytest.raises(ValueError, match="no digit class embeddings"):
+        reference.class_prompt_embeds(reference.load("digits-dit"), [3])
+    with pytest.raises(ValueError, match="No classifier weights"):
+        reference.classifier("/nonexistent")
+
+
+@pytest.mark.slow
+def test_digits_dit_generates_the_requested_classes(digits_dit, classifier):
+    labels = [label for label in range(10) for _ in range(5)]
+    images = _run("digits-dit", digits_dit, labels, seed=123)
+    assert classifier.accuracy(images, labels) >= 0.9
