@@ -4,12 +4,14 @@
     accel.summary(pipe)                 # what was computed vs reused in the last call
     accel.unwrap(pipe)                  # bit-identical to never wrapped
 
-Accelerators register themselves in ``accel.registry``; model-family knowledge lives in ``pipelines.adapters``.
+Accelerators (one file each, registered on import): ``delta_dit`` (Δ-DiT). Model-family knowledge lives in
+``pipelines.adapters``.
 """
 
 from .api import is_wrapped, summary, unwrap, wrap
 from .attention import AttentionCall
 from .config import AccelConfig
+from .delta_dit import DeltaDiTConfig
 from .hooks import MethodScope, StepInfo
 from .registry import available, register_accelerator, unregister_accelerator
 from .summary import StepRecord, Summary
@@ -17,6 +19,7 @@ from .summary import StepRecord, Summary
 __all__ = [
     "AccelConfig",
     "AttentionCall",
+    "DeltaDiTConfig",
     "MethodScope",
     "StepInfo",
     "StepRecord",

@@ -410,10 +410,9 @@ class MethodScope:
     def remove(self) -> None:
         for module, name in reversed(self._hooks):
             _unregister(module, name)
-            self.context.attention_owners = {
-                key: owner for key, owner in self.context.attention_owners.items() if owner != self.name
-            }
         self._hooks.clear()
+        owners = self.context.attention_owners
+        self.context.attention_owners = {key: owner for key, owner in owners.items() if owner != self.name}
         for state in self.states:
             state.reset()
         self.states.clear()

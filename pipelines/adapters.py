@@ -51,16 +51,22 @@ class TokenLayout:
         return slice(start, start + self.image_tokens)
 
 
+BlockReturns = Literal["hidden", "context_hidden", "hidden_context"]
+
+
 @dataclass(frozen=True)
 class BlockGroup:
     """A run of transformer blocks matched by ``pattern`` (``*`` matches one dotted name segment).
 
-    ``branches`` maps a branch kind to the attribute that holds it inside one block.
+    ``branches`` maps a branch kind to the attribute that holds it inside one block. ``returns`` says what a block
+    returns: the image stream alone, or a (text/context stream, image stream) pair in either order. Blocks that
+    return a pair take ``hidden_states`` and ``encoder_hidden_states`` as their first two arguments.
     """
 
     pattern: str
     branches: dict[str, str]
-    dual_stream: bool = False  # the block updates image and text streams (MMDiT double blocks)
+    dual_stream: bool = False  # the block updates image and text streams with separate weights (MMDiT double)
+    returns: BlockReturns = "hidden"
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,27 @@ class BlockInfo:
     index: int  # position in the whole ordered block sequence
     branches: dict[str, tuple[str, torch.nn.Module]]  # kind -> (qualified name, module)
     dual_stream: bool
+    returns: BlockReturns = "hidden"
+
+    def streams_in(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(image stream, context stream or None) of this block's call arguments."""
+        hidden = _arg(args, kwargs, "hidden_states", 0)
+        if self.returns == "hidden":
+            return hidden, None
+        return hidden, _arg(args, kwargs, "encoder_hidden_states", 1)
+
+    def streams_out(self, output) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(image stream, context stream or None) of this block's output."""
+        if self.returns == "hidden":
+            return output, None
+        first, second = output
+        return (second, first) if self.returns == "context_hidden" else (first, second)
+
+    def make_output(self, hidden: torch.Tensor, context: torch.Tensor | None):
+        """A block output with the given streams, in this block's return layout."""
+        if self.returns == "hidden":
+            return hidden
+        return (context, hidden) if self.returns == "context_hidden" else (hidden, context)
 
     @property
     def attentions(self) -> dict[str, tuple[str, torch.nn.Module]]:
@@ -162,7 +189,10 @@ class FamilyAdapter:
                     branch = modules.get(f"{name}.{attr}")
                     if branch is not None:
                         branches[kind] = (f"{name}.{attr}", branch)
-                blocks.append(BlockInfo(name, modules[name], group.pattern, len(blocks), branches, group.dual_stream))
+                info = BlockInfo(
+                    name, modules[name], group.pattern, len(blocks), branches, group.dual_stream, group.returns
+                )
+                blocks.append(info)
         return blocks
 
     def modulation_layers(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -236,7 +266,10 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         denoiser_classes=("SD3Transformer2DModel",),
         pipeline_classes=("StableDiffusion3Pipeline",),
         block_groups=(
-            BlockGroup("transformer_blocks.*", {**_MMDIT_BRANCHES, "self_attn": "attn2"}, dual_stream=True),
+            BlockGroup(
+                "transformer_blocks.*", {**_MMDIT_BRANCHES, "self_attn": "attn2"}, dual_stream=True,
+                returns="context_hidden",
+            ),
         ),
         modulation=("time_text_embed", "time_text_embed.*", "transformer_blocks.*.norm1*", "norm_out", "norm_out.*"),
         token_layout=lambda model, args, kwargs: _image_layout(model, args, kwargs, text_position="last"),
@@ -249,8 +282,8 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         denoiser_classes=("FluxTransformer2DModel",),
         pipeline_classes=("FluxPipeline",),
         block_groups=(
-            BlockGroup("transformer_blocks.*", _MMDIT_BRANCHES, dual_stream=True),
-            BlockGroup("single_transformer_blocks.*", _SINGLE_STREAM_BRANCHES),
+            BlockGroup("transformer_blocks.*", _MMDIT_BRANCHES, dual_stream=True, returns="context_hidden"),
+            BlockGroup("single_transformer_blocks.*", _SINGLE_STREAM_BRANCHES, returns="context_hidden"),
         ),
         modulation=("time_text_embed", "time_text_embed.*", "*.norm1.linear", "*.norm1_context.linear",
                     "single_transformer_blocks.*.norm.linear", "norm_out.linear"),
@@ -273,7 +306,11 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         name="cogvideox",
         denoiser_classes=("CogVideoXTransformer3DModel",),
         pipeline_classes=("CogVideoXPipeline",),
-        block_groups=(BlockGroup("transformer_blocks.*", {"joint_attn": "attn1", "ff": "ff"}, dual_stream=True),),
+        block_groups=(
+            BlockGroup(
+                "transformer_blocks.*", {"joint_attn": "attn1", "ff": "ff"}, dual_stream=True, returns="hidden_context"
+            ),
+        ),
         modulation=("time_embedding", "time_embedding.*", "transformer_blocks.*.norm*.linear", "norm_out.linear"),
         token_layout=_video_layout(channels_first=False, text_position="first"),
         cfg="batched",
@@ -286,8 +323,8 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         denoiser_classes=("HunyuanVideoTransformer3DModel",),
         pipeline_classes=("HunyuanVideoPipeline",),
         block_groups=(
-            BlockGroup("transformer_blocks.*", _MMDIT_BRANCHES, dual_stream=True),
-            BlockGroup("single_transformer_blocks.*", _SINGLE_STREAM_BRANCHES),
+            BlockGroup("transformer_blocks.*", _MMDIT_BRANCHES, dual_stream=True, returns="hidden_context"),
+            BlockGroup("single_transformer_blocks.*", _SINGLE_STREAM_BRANCHES, returns="hidden_context"),
         ),
         modulation=("time_text_embed", "time_text_embed.*", "*.norm1.linear", "*.norm1_context.linear",
                     "single_transformer_blocks.*.norm.linear", "norm_out.linear"),

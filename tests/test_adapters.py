@@ -65,3 +65,32 @@ def test_token_layout_slices():
     cross = TokenLayout(2, 3, 4, text_tokens=5)
     assert first.image_tokens == 24 and first.joint_tokens == 29 and cross.joint_tokens == 24
     assert first.image_slice() == slice(5, 29) and last.image_slice() == slice(0, 24)
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_declared_block_streams_match_what_blocks_take_and_return(family):
+    pipe = tiny.build(family)
+    adapter = adapter_for(pipe)
+    seen = []
+    handles = []
+    for model in adapter.denoisers(pipe).values():
+        for block in adapter.blocks(model):
+            def record(module, args, kwargs, output, block=block):
+                seen.append((block, args, kwargs, output))
+
+            handles.append(block.module.register_forward_hook(record, with_kwargs=True))
+    pipe(**tiny.example_inputs(family, num_inference_steps=1))
+    for handle in handles:
+        handle.remove()
+    assert seen
+    for block, args, kwargs, output in seen:
+        hidden_in, context_in = block.streams_in(args, kwargs)
+        hidden_out, context_out = block.streams_out(output)
+        assert hidden_out.shape == hidden_in.shape, block.name
+        if block.returns == "hidden":
+            assert isinstance(output, torch.Tensor) and context_in is None and context_out is None
+        else:
+            assert context_in is not None and context_in.shape[0] == hidden_in.shape[0], block.name
+            assert context_out is None or context_out.shape == context_in.shape, block.name
+            rebuilt = block.make_output(hidden_out, context_out)
+            assert type(rebuilt) is type(output) and all(a is b for a, b in zip(rebuilt, output)), block.name
