@@ -52,7 +52,9 @@ def test_classifier_accepts_every_output_layout(classifier):
         np.testing.assert_array_equal(classifier.predict(layout), expected)
     canvas = np.zeros((6, 16, 16), np.float32)
     canvas[:, 5:13, 3:11] = images
-    np.testing.assert_array_equal(crop_inkiest_window(torch.from_numpy(canvas)[:, None])[:, 0].numpy(), images)
+    crops = crop_inkiest_window(torch.from_numpy(canvas)[:, None])[:, 0].numpy()
+    np.testing.assert_allclose(crops.sum(axis=(1, 2)), images.sum(axis=(1, 2)), rtol=1e-5)  # all the ink, no more
+    np.testing.assert_array_equal(classifier.predict(canvas), expected)
     video = np.repeat(canvas[:, None, :, :, None], 3, axis=1)  # [N, F, H, W, 1]
     assert classifier.predict(video).shape == (18,)
     with pytest.raises(ValueError, match="at least 8x8"):
@@ -62,9 +64,9 @@ def test_classifier_accepts_every_output_layout(classifier):
 def test_split_is_fixed_and_disjoint():
     data = split()
     assert len(data["train"].labels) == 1347 and len(data["held_out"].labels) == 450
-    assert np.bincount(data["held_out"].labels).min() >= 44
+    assert np.bincount(data["held_out"].labels).min() >= 40  # stratified: every class about 25%
     train_rows = {row.tobytes() for row in data["train"].images}
-    assert sum(row.tobytes() in train_rows for row in data["held_out"].images) <= 5  # load_digits has duplicates
+    assert not any(row.tobytes() in train_rows for row in data["held_out"].images)
 
 
 def test_moving_digit_clips_are_deterministic_and_bounce():
