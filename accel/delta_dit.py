@@ -17,8 +17,8 @@ Where this implementation departs from the paper, and why:
   lists as one sequence and carry the Δ of both streams; a stream a block drops (SD3's last block) stays dropped.
 * Δ is kept per denoiser (Wan 2.2's two experts) and per CFG branch; a cached step whose input shapes differ
   from those of the stored Δ (or that has no Δ yet) computes every block instead.
-* The U-Net is not supported: its transformer blocks are not one residual chain (resnets and resampling sit
-  between them).
+* Families whose blocks are not one residual chain (the U-Net: resnets and resampling sit between its
+  transformer blocks; ``FamilyAdapter.sequential_blocks``) are not supported.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import dataclasses
 import torch
 from diffusers.hooks import ModelHook
 
-from pipelines.adapters import FAMILY_NAMES, BlockInfo
+from pipelines.adapters import ADAPTERS, BlockInfo
 
 from .config import AccelConfig, check_float, check_int
 from .hooks import MethodScope
@@ -36,7 +36,7 @@ from .registry import register_accelerator
 
 _DELTA_DIT_HOOK = "block"
 
-FAMILIES = tuple(name for name in FAMILY_NAMES if name != "unet")
+FAMILIES = tuple(adapter.name for adapter in ADAPTERS if adapter.sequential_blocks)
 
 
 @dataclasses.dataclass

@@ -176,6 +176,9 @@ class FamilyAdapter:
     cfg_batch_order: tuple[str, str] | None = None  # batched CFG: which half of the batch is which
     video: bool = False
     denoiser_attrs: tuple[str, ...] = ("transformer", "transformer_2")
+    # Whether the blocks form one residual chain (each block's output is the next one's input). The U-Net's
+    # transformer blocks do not: resnets and resampling sit between them.
+    sequential_blocks: bool = True
     notes: str = ""
 
     def blocks(self, model: torch.nn.Module) -> list[BlockInfo]:
@@ -347,6 +350,7 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         cfg="batched",
         cfg_batch_order=("uncond", "cond"),
         denoiser_attrs=("unet",),
+        sequential_blocks=False,
         notes="SD 1.5 / SDXL: the 'blocks' are the BasicTransformerBlocks inside the U-Net's attention stages.",
     ),
 )

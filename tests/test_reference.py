@@ -87,6 +87,8 @@ def test_frame_packing_vae_round_trips():
     torch.testing.assert_close(vae.decode(latents).sample, video * 2 - 1)
     with pytest.raises(ValueError, match="1 \\+ 4k frames"):
         vae.encode(torch.rand(1, 1, 8, 16, 16))
+    with pytest.raises(ValueError, match="z_dim == channels"):
+        FramePackingVAE(z_dim=3)
 
 
 def test_digits_dit_loads_offline_and_is_seeded(digits_dit):
