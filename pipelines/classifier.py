@@ -6,7 +6,8 @@ its 64-dimensional penultimate activations, which feed torchmetrics' ``FrechetIn
 
 Both accept exactly what the reference pipelines output, as numpy or torch, values in [0, 1]:
 images [N, 8, 8], [N, 8, 8, 1] or [N, 1, 8, 8]; videos [N, F, H, W] or [N, F, H, W, 1] (every frame is classified:
-the 8x8 window with the most ink is cut out of each frame). Larger images are handled the same way.
+the 8x8 window with the most ink is cut out of each frame). Larger images are handled the same way. A 4-D array
+whose second or last axis is 1 or 3 is read as images (channels), otherwise as a video [N, F, H, W].
 """
 
 from __future__ import annotations
@@ -45,15 +46,15 @@ def to_digit_batch(images) -> torch.Tensor:
     """Any reference-model output (see the module docstring) -> [N, 1, 8, 8] float32 in [0, 1]."""
     tensor = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
     tensor = tensor.float()
-    if tensor.ndim == 5 or (tensor.ndim == 4 and tensor.shape[-1] == 1 and tensor.shape[1] > 1):
-        if tensor.shape[-1] == 1:
-            tensor = tensor[..., 0]
-        tensor = tensor.reshape(-1, 1, *tensor.shape[-2:])  # video: every frame is an image
-    elif tensor.ndim == 4 and tensor.shape[-1] in (1, 3) and tensor.shape[1] not in (1, 3):
+    if tensor.ndim == 5:  # video [N, F, H, W, C]
+        tensor = tensor.mean(dim=-1).reshape(-1, 1, *tensor.shape[2:4])
+    elif tensor.ndim == 4 and tensor.shape[-1] in (1, 3):  # images [N, H, W, C]
         tensor = tensor.mean(dim=-1, keepdim=True).permute(0, 3, 1, 2)
-    elif tensor.ndim == 4 and tensor.shape[1] == 3:
+    elif tensor.ndim == 4 and tensor.shape[1] in (1, 3):  # images [N, C, H, W]
         tensor = tensor.mean(dim=1, keepdim=True)
-    elif tensor.ndim == 3:
+    elif tensor.ndim == 4:  # video [N, F, H, W]
+        tensor = tensor.reshape(-1, 1, *tensor.shape[2:])
+    elif tensor.ndim == 3:  # images [N, H, W]
         tensor = tensor[:, None]
     if tensor.ndim != 4 or tensor.shape[1] != 1 or min(tensor.shape[-2:]) < 8:
         raise ValueError(

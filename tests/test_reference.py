@@ -55,8 +55,11 @@ def test_classifier_accepts_every_output_layout(classifier):
     crops = crop_inkiest_window(torch.from_numpy(canvas)[:, None])[:, 0].numpy()
     np.testing.assert_allclose(crops.sum(axis=(1, 2)), images.sum(axis=(1, 2)), rtol=1e-5)  # all the ink, no more
     np.testing.assert_array_equal(classifier.predict(canvas), expected)
-    video = np.repeat(canvas[:, None, :, :, None], 3, axis=1)  # [N, F, H, W, 1]
-    assert classifier.predict(video).shape == (18,)
+    video = np.repeat(canvas[:, None, :, :, None], 4, axis=1)  # [N, F, H, W, 1]
+    np.testing.assert_array_equal(classifier.predict(video), np.repeat(expected, 4))
+    np.testing.assert_array_equal(classifier.predict(video[..., 0]), np.repeat(expected, 4))  # [N, F, H, W]
+    labels = split()["held_out"].labels[:6]
+    assert classifier.accuracy(video[..., 0], labels) == classifier.accuracy(images, labels)
     with pytest.raises(ValueError, match="at least 8x8"):
         to_digit_batch(np.zeros((2, 4, 4)))
 
