@@ -1,15 +1,17 @@
 """accel: make diffusers image and video pipelines faster and smaller with one call.
 
     pipe = accel.wrap(pipe, "bac")      # a preset name, a config object, or a list of them to stack
+    schedule = accel.calibrate(pipe, "bac", inputs, num_inference_steps=20)  # methods with an offline pass
     accel.summary(pipe)                 # what was computed vs reused in the last call
     accel.unwrap(pipe)                  # bit-identical to never wrapped
 
-Accelerators (one file each, registered on import): ``delta_dit`` (Δ-DiT). Model-family knowledge lives in
-``pipelines.adapters``.
+Accelerators (one file each, registered on import): ``delta_dit`` (Δ-DiT), ``bac`` (BAC). Model-family knowledge
+lives in ``pipelines.adapters``.
 """
 
-from .api import is_wrapped, summary, unwrap, wrap
+from .api import calibrate, is_wrapped, summary, unwrap, wrap
 from .attention import AttentionCall
+from .bac import BACConfig, BACSchedule
 from .config import AccelConfig
 from .delta_dit import DeltaDiTConfig
 from .hooks import MethodScope, StepInfo
@@ -19,12 +21,15 @@ from .summary import StepRecord, Summary
 __all__ = [
     "AccelConfig",
     "AttentionCall",
+    "BACConfig",
+    "BACSchedule",
     "DeltaDiTConfig",
     "MethodScope",
     "StepInfo",
     "StepRecord",
     "Summary",
     "available",
+    "calibrate",
     "is_wrapped",
     "register_accelerator",
     "summary",

@@ -7,15 +7,17 @@ pipelines of the same class, in this thread or another, keep the original class,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pipelines.adapters import adapter_for
 
 from .config import AccelConfig
 from .hooks import MethodScope, PipelineContext
-from .registry import resolve, spec_for
+from .registry import AcceleratorSpec, resolve, spec_for
 from .summary import Summary
 
 _CONTEXT_ATTR = "_accel_context"
@@ -108,6 +110,64 @@ def wrap(pipe, methods: str | AccelConfig | list[str | AccelConfig], **overrides
         pipe.__dict__[_CONTEXT_ATTR] = context
         pipe.__class__ = _wrapped_class(type(pipe))
     return pipe
+
+
+def calibrate(pipe, method: str | AccelConfig, inputs, *, num_inference_steps: int, progress: bool = True,
+              **overrides: Any):
+    """Run a method's offline calibration on ``pipe`` and return its artifact (BAC: a ``BACSchedule``).
+
+    Args:
+        pipe: the pipeline to calibrate, unwrapped or wrapped with other methods (they stay applied while it runs).
+        method: a preset name or config of a method that calibrates (``"bac"``, ``"bac-fast"``, ``BACConfig(...)``).
+        inputs: a dict of call arguments for ``pipe`` or a list of them; each runs one pipeline call.
+        num_inference_steps: the step count the artifact is for.
+        progress: show a progress bar.
+        **overrides: config fields to change (``budget=0.3``).
+    """
+    _check_pipeline(pipe)
+    configs = resolve(method, overrides)
+    if len(configs) != 1:
+        raise ValueError("calibrate takes one method at a time.")
+    spec = spec_for(configs[0])
+    if spec.calibrate is None:
+        calibrating = sorted(s.name for s in _calibrating_specs())
+        raise ValueError(f"{spec.name!r} has no calibration; methods that calibrate: {', '.join(calibrating)}.")
+    return spec.calibrate(pipe, configs[0], inputs, num_inference_steps=num_inference_steps, progress=progress)
+
+
+def _calibrating_specs() -> list[AcceleratorSpec]:
+    from .registry import _SPECS
+
+    return [spec for spec in _SPECS.values() if spec.calibrate is not None]
+
+
+@contextlib.contextmanager
+def temporary_scope(pipe, name: str, install: Callable[[MethodScope], None]) -> Iterator[MethodScope]:
+    """A method scope on ``pipe`` for the length of a ``with`` block (calibration passes record through one).
+
+    ``install(scope)`` registers its hooks; on exit they are removed, and a pipeline that was not wrapped before
+    is unwrapped again.
+    """
+    _check_pipeline(pipe)
+    created = _context(pipe) is None
+    if created:
+        wrap(pipe, [])
+    context = _context(pipe)
+    spec = AcceleratorSpec(name, AccelConfig, lambda scope, config: None, name, None, {})
+    scope = MethodScope(context, spec, AccelConfig())
+    try:
+        with context._lock:
+            install(scope)
+            context.scopes.append(scope)
+            context.place_trackers_outermost()
+        yield scope
+    finally:
+        with context._lock:
+            scope.remove()
+            if scope in context.scopes:
+                context.scopes.remove(scope)
+        if created:
+            unwrap(pipe)
 
 
 def unwrap(pipe):

@@ -8,6 +8,7 @@ models) and the share of blocks computed.
 Every method gets its own pipeline instance with the same weights and is called with the same seeds; the runs
 are interleaved (baseline, method 1, method 2, baseline, ...) so machine drift hits every row alike, and the
 latency is the median over repeats after one warm-up call. Quality is PSNR against the baseline's output.
+Methods with an offline calibration (BAC) are calibrated on the same model with a seed no measured call uses.
 ``tiny:<family>`` models have random weights: their speed and PSNR figures say nothing about a real model.
 """
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 import accel
-from accel.registry import available
+from accel.registry import available, resolve, spec_for
 from eval.metrics import psnr
 
 DEFAULT_MODEL = "digits-dit"
@@ -84,10 +85,29 @@ def _output_array(output) -> np.ndarray:
     return np.asarray(output.images if hasattr(output, "images") else output.frames, dtype=np.float64)
 
 
+CALIBRATION_SEED = 90_000
+
+
+def build_wrapped(model: ModelSpec, names: list[str]):
+    """A fresh pipeline with ``names`` applied; methods with an offline pass (BAC) are calibrated first, on a seed
+    no measured call uses."""
+    pipe = model.build()
+    configs = []
+    for config in resolve(names):
+        if spec_for(config).calibrate is not None:
+            kwargs = model.call_kwargs(pipe, CALIBRATION_SEED)
+            steps = kwargs.pop("num_inference_steps")
+            config = config.replace(
+                schedule=accel.calibrate(pipe, config, [kwargs], num_inference_steps=steps, progress=False)
+            )
+        configs.append(config)
+    return accel.wrap(pipe, configs)
+
+
 def compare(model: ModelSpec, methods: list[tuple[str, list[str]]], repeats: int, seed: int = 0) -> list[dict]:
     pipes = {"baseline": accel.wrap(model.build(), [])}
     for label, names in methods:
-        pipes[label] = accel.wrap(model.build(), names)
+        pipes[label] = build_wrapped(model, names)
     timings: dict[str, list[float]] = {label: [] for label in pipes}
     outputs: dict[str, np.ndarray] = {}
     for repeat in range(repeats + 1):  # the first round is a warm-up
@@ -159,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"accel-run: {error}", file=sys.stderr)
         return 2
-    torch.set_grad_enabled(False)
-    rows = compare(model, methods, args.repeats)
+    with torch.no_grad():
+        rows = compare(model, methods, args.repeats)
     print(format_table(rows, model, args.repeats))
     return 0
 

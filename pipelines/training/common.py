@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from accel._io import atomic_write
+
 
 def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
@@ -81,10 +83,4 @@ def atomic_directory(target: Path):
 
 
 def write_json_atomic(path: Path, data) -> None:
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        json.dump(data, stream, indent=2, sort_keys=True)
-        stream.write("\n")
-    os.chmod(temporary, 0o644)
-    os.replace(temporary, path)
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

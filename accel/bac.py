@@ -1,0 +1,494 @@
+"""BAC: cache each block's branches before their AdaLN gate, on a calibrated per-branch update schedule.
+
+Paper: Ji et al., "BAC: Block-wise Adaptive Caching for Accelerating Diffusion Policy", arXiv 2506.13456.
+Spec: ../shared/design/METHODS.md ("BAC").
+
+What it does, in three lines: every branch of every block (self/joint attention, cross-attention, feed-forward,
+context feed-forward) is recomputed only on its own *update steps*; on the other steps the branch module returns
+its output from its last update, and the block applies the current step's gate, shift and residual to it.
+``accel.calibrate(pipe, "bac", inputs, num_inference_steps=T)`` chooses the update steps: it records every
+branch output of the uncached run, builds each branch's T x T cosine-similarity matrix, picks the M update steps
+that maximise the similarity between each cached feature and the features it stands in for (dynamic
+programming), then applies the Bubbling Union to the k most volatile branches.
+
+Where this implementation departs from the paper, and why:
+* The cache unit is the branch *module* (``attn1``, ``attn2``, ``ff``, ``ff_context``; Flux's single-stream
+  ``proj_mlp``). Every diffusers block multiplies a branch's output by its gate after the module returns, so
+  caching the module's output is caching before the gate. The branch's input modulation (norm, shift, scale) is
+  still computed; it is cheap next to the branch.
+* Similarity is averaged over calibration samples (per-sample cosine of the flattened branch output) and over
+  CFG branches; one schedule serves every CFG branch, each with its own cache.
+* Volatility, for ranking branches in the Bubbling Union, is the *relative* mean L1 change between consecutive
+  steps (mean |y_t+1 - y_t| / mean |y_t|), so branches of different scale compare; the paper uses the plain L1
+  change of its (single-scale) policy network.
+* Budget ``M = max(1, round(budget * T))`` updates per branch, step 0 always one of them. The Bubbling Union then
+  adds steps to the volatile branches, so the share of branches computed is a little above ``budget``;
+  ``accel.summary(pipe)`` reports the share actually computed.
+* Without a calibrated schedule for the call's step count, BAC uses M evenly spaced update steps and logs a
+  warning naming ``accel.calibrate``; ``accel.summary(pipe).extras["bac"]["schedule"]`` says which was used.
+* A branch whose input shape differs from that of its cached output (or that has none yet) computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.hooks import ModelHook
+
+from ._io import atomic_write
+from .config import AccelConfig, check_float, check_int
+from .hooks import MethodScope
+from .registry import register_accelerator
+
+logger = logging.getLogger(__name__)
+
+_BAC_HOOK = "branch"
+_RECORD_HOOK = "record"
+SCHEDULE_FORMAT = "accel.bac.schedule/1"
+FFN_KINDS = ("ff", "ff_context")
+
+
+@dataclasses.dataclass
+class BACConfig(AccelConfig):
+    """Configuration of BAC (arXiv 2506.13456).
+
+    Args:
+        budget: the share of the steps on which each branch is recomputed, ``M = max(1, round(budget * steps))``
+            (1.0 computes everything). Used by ``accel.calibrate`` and by the uncalibrated fallback.
+        top_k: how many of the most volatile branches get the Bubbling Union (0 turns it off).
+        schedule: a calibrated schedule: the path of its JSON file, its ``to_dict()``, or a ``BACSchedule``
+            (stored as its dict). ``None``: evenly spaced updates, with a warning.
+    """
+
+    method = "bac"
+    budget: float = 0.4
+    top_k: int = 4
+    schedule: str | dict | None = None
+
+    def validate(self) -> None:
+        check_float("budget", self.budget, minimum=0.0, maximum=1.0, open_min=True)
+        check_int("top_k", self.top_k, minimum=0)
+        if isinstance(self.schedule, BACSchedule):
+            self.schedule = self.schedule.to_dict()
+        if isinstance(self.schedule, os.PathLike):
+            self.schedule = os.fspath(self.schedule)
+        if self.schedule is not None and not isinstance(self.schedule, (str, dict)):
+            raise ValueError(
+                f"schedule={self.schedule!r} is not accepted; pass a BACSchedule, its to_dict(), the path of its JSON "
+                "file, or None."
+            )
+        if self.schedule is not None:
+            self.load_schedule()  # a missing or corrupt schedule fails here, before any pipeline is touched
+
+    def load_schedule(self) -> BACSchedule | None:
+        if self.schedule is None:
+            return None
+        if isinstance(self.schedule, dict):
+            return BACSchedule.from_dict(self.schedule)
+        return BACSchedule.load(self.schedule)
+
+
+# --------------------------------------------------------------------------------------------- schedule
+
+
+def _config_hash(config: Any) -> str:
+    public = {key: value for key, value in dict(config).items() if not key.startswith("_")}
+    text = json.dumps(public, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def describe_models(denoisers: dict[str, torch.nn.Module], scheduler) -> dict[str, Any]:
+    """What a schedule is valid for: each denoiser's class and config hash, and the scheduler's."""
+    return {
+        "denoisers": {name: {"class": type(model).__name__, "config_hash": _config_hash(model.config)}
+                      for name, model in denoisers.items()},
+        "scheduler": {"class": type(scheduler).__name__, "config_hash": _config_hash(scheduler.config)},
+    }
+
+
+@dataclasses.dataclass
+class BACSchedule:
+    """Which steps each branch is recomputed on, for one model, scheduler and step count.
+
+    ``updates`` maps a branch's qualified name (``"transformer.transformer_blocks.3.attn1"``) to its sorted update
+    steps. ``metadata`` records what the schedule was calibrated on (see ``accel.calibrate``).
+    """
+
+    num_inference_steps: int
+    updates: dict[str, list[int]]
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int) \
+                or self.num_inference_steps < 1:
+            raise ValueError(f"A BAC schedule needs num_inference_steps >= 1, got {self.num_inference_steps!r}.")
+        if not isinstance(self.updates, dict) or not self.updates:
+            raise ValueError("A BAC schedule needs a non-empty mapping of branch names to update steps.")
+        for name, steps in self.updates.items():
+            if not isinstance(steps, list) or not steps or any(
+                isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < self.num_inference_steps for s in steps
+            ):
+                last = self.num_inference_steps - 1
+                raise ValueError(f"BAC schedule entry {name!r} must be a non-empty list of steps in 0..{last}, "
+                                 f"got {steps!r}.")
+            self.updates[name] = sorted(set(steps))
+
+    @property
+    def computed_share(self) -> float:
+        """Share of (branch, step) pairs recomputed."""
+        return sum(map(len, self.updates.values())) / (len(self.updates) * self.num_inference_steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": SCHEDULE_FORMAT, "num_inference_steps": self.num_inference_steps,
+                "updates": {name: list(steps) for name, steps in self.updates.items()}, "metadata": self.metadata}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> BACSchedule:
+        if not isinstance(data, dict) or data.get("format") != SCHEDULE_FORMAT:
+            raise ValueError(f"Not a BAC schedule: expected a dict with format {SCHEDULE_FORMAT!r}.")
+        try:
+            return cls(data["num_inference_steps"], dict(data["updates"]), dict(data.get("metadata", {})))
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"Corrupt BAC schedule: {error!r}.") from None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the schedule as JSON, atomically (a temporary file renamed over ``path``)."""
+        return atomic_write(path, json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> BACSchedule:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"No BAC schedule at {path}; make one with accel.calibrate(pipe, 'bac', ...).save(path).")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not valid JSON ({error}); recalibrate with accel.calibrate.") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+
+    def check_matches(self, scope: MethodScope) -> None:
+        """Raise ``ValueError`` unless this schedule was calibrated on this pipeline's model and scheduler."""
+        expected = self.metadata.get("models")
+        actual = describe_models(scope.denoisers, scope.pipe.scheduler)
+        if expected is not None and expected != actual:
+            raise ValueError(
+                "This BAC schedule was calibrated on a different model or scheduler: "
+                f"{json.dumps(expected, sort_keys=True)} vs this pipeline's {json.dumps(actual, sort_keys=True)}. "
+                "Recalibrate with accel.calibrate(pipe, 'bac', inputs, num_inference_steps=...)."
+            )
+        names = set(branch_names(scope))
+        missing, extra = sorted(names - set(self.updates)), sorted(set(self.updates) - names)
+        if missing or extra:
+            raise ValueError(
+                f"This BAC schedule does not describe this pipeline's branches (missing {missing[:3]}, unknown "
+                f"{extra[:3]}); recalibrate with accel.calibrate."
+            )
+
+
+def branch_names(scope: MethodScope) -> dict[str, tuple[str, int, str, torch.nn.Module]]:
+    """Qualified branch name -> (denoiser, block index, branch kind, module), in execution order."""
+    names = {}
+    for denoiser, blocks in scope.blocks.items():
+        for block in blocks:
+            for kind, (name, module) in block.branches.items():
+                names[f"{denoiser}.{name}"] = (denoiser, block.index, kind, module)
+    return names
+
+
+def uniform_updates(num_steps: int, budget: float) -> list[int]:
+    """``M = max(1, round(budget * num_steps))`` evenly spaced update steps, starting at step 0."""
+    count = max(1, min(num_steps, round(budget * num_steps)))
+    return sorted({int(step) for step in np.floor(np.arange(count) * num_steps / count)})
+
+
+def optimal_updates(similarity: np.ndarray, count: int) -> list[int]:
+    """The ``count`` update steps (step 0 among them) that maximise the summed similarity between each update's
+    output and the outputs of the steps that reuse it, by dynamic programming in O(count * T^2).
+
+    ``dp[m, j]``: best value with m updates, the last at step j, counting the steps before j;
+    ``dp[m, j] = max_i dp[m-1, i] + phi(i, j)`` with ``phi(i, j) = sum_{i<k<j} S[i, k]``; the tail ``phi(j, T)``
+    closes the last segment.
+    """
+    steps = similarity.shape[0]
+    count = max(1, min(count, steps))
+    prefix = np.cumsum(similarity, axis=1)
+    diagonal = prefix[np.arange(steps), np.arange(steps)]
+
+    def segment(j: int) -> np.ndarray:  # phi(i, j) for every i < j
+        return prefix[:j, j - 1] - diagonal[:j]
+
+    best = np.full((count + 1, steps), -np.inf)
+    parent = np.zeros((count + 1, steps), dtype=int)
+    best[1, 0] = 0.0
+    for m in range(2, count + 1):
+        for j in range(m - 1, steps):
+            candidates = best[m - 1, :j] + segment(j)
+            parent[m, j] = int(np.argmax(candidates))
+            best[m, j] = candidates[parent[m, j]]
+    tails = np.array([best[count, j] + (prefix[j, steps - 1] - diagonal[j]) for j in range(steps)])
+    last = int(np.argmax(tails))
+    chosen = [last]
+    for m in range(count, 1, -1):
+        chosen.append(int(parent[m, chosen[-1]]))
+    return sorted(chosen)
+
+
+def bubbling_union(updates: dict[str, list[int]], volatility: dict[str, float],
+                   branches: dict[str, tuple[str, int, str, Any]], top_k: int) -> list[str]:
+    """For each of the ``top_k`` most volatile branches, add the update steps of every FFN branch of the same
+    denoiser at the same or a deeper block, so it is fresh whenever a downstream FFN recomputes. In place;
+    returns the branches it changed, most volatile first."""
+    ranked = sorted(volatility, key=lambda name: -volatility[name])[:top_k]
+    for name in ranked:
+        denoiser, index, _, _ = branches[name]
+        merged = set(updates[name])
+        for other, (other_denoiser, other_index, kind, _) in branches.items():
+            if other_denoiser == denoiser and kind in FFN_KINDS and other_index >= index:
+                merged |= set(updates[other])
+        updates[name] = sorted(merged)
+    return ranked
+
+
+# --------------------------------------------------------------------------------------------- caching
+
+
+class BACState:
+    """Per-call state: the update steps in force for this call and each branch's cached output."""
+
+    def reset(self) -> None:
+        self.updates: dict[str, frozenset[int]] | None = None
+        self.schedule_used: str | None = None
+        self.cache: dict[tuple, tuple] = {}  # (denoiser, CFG branch, branch name) -> (input shape, output)
+
+
+def _input_shape(args: tuple, kwargs: dict) -> tuple:
+    hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+    return tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else ()
+
+
+class BACBranchHook(ModelHook):
+    """On each branch module. The decision and the bookkeeping sit in ``torch.compiler.disable`` helpers."""
+
+    def __init__(self, scope: MethodScope, state: BACState, plan: BACPlan, denoiser: str, name: str) -> None:
+        super().__init__()
+        self.scope, self.state, self.plan, self.denoiser, self.name = scope, state, plan, denoiser, name
+
+    def new_forward(self, module, *args, **kwargs):
+        key, cached = self._lookup(args, kwargs)
+        if cached is not None:
+            return cached
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if key is not None:
+            self._store(key, args, kwargs, output)
+        return output
+
+    @torch.compiler.disable
+    def _lookup(self, args, kwargs):
+        """(cache key or None, cached output or None) for this branch and forward."""
+        info = self.scope.current if self.scope.is_active() else None
+        if info is None or info.denoiser != self.denoiser:
+            return None, None
+        updates = self.plan.updates_for_call(self.state, info.num_steps)
+        if updates is None:
+            return None, None
+        key = (self.denoiser, info.branch, self.name)
+        if info.step in updates[self.name]:
+            return key, None
+        stored = self.state.cache.get(key)
+        if stored is None or stored[0] != _input_shape(args, kwargs):
+            return key, None
+        return key, stored[1]
+
+    @torch.compiler.disable
+    def _store(self, key, args, kwargs, output) -> None:
+        self.state.cache[key] = (_input_shape(args, kwargs), output)
+
+
+class BACPlan:
+    """The update steps of a wrapped pipeline: the calibrated schedule for its step count, else evenly spaced."""
+
+    def __init__(self, scope: MethodScope, config: BACConfig, schedule: BACSchedule | None, names: list[str]) -> None:
+        self.scope, self.config, self.schedule, self.names = scope, config, schedule, names
+
+    @torch.compiler.disable
+    def updates_for_call(self, state: BACState, num_steps: int | None) -> dict[str, frozenset[int]] | None:
+        if state.updates is not None or num_steps is None:
+            return state.updates
+        if self.schedule is not None and self.schedule.num_inference_steps == num_steps:
+            state.updates = {name: frozenset(steps) for name, steps in self.schedule.updates.items()}
+            state.schedule_used = "calibrated"
+        else:
+            steps = frozenset(uniform_updates(num_steps, self.config.budget))
+            state.updates = {name: steps for name in self.names}
+            state.schedule_used = "uniform"
+            if self.schedule is not None:
+                logger.warning(
+                    "BAC: the schedule was calibrated for %d steps but this call runs %d; using %d evenly spaced "
+                    "updates per branch instead. Calibrate for %d steps with accel.calibrate(pipe, 'bac', inputs, "
+                    "num_inference_steps=%d).", self.schedule.num_inference_steps, num_steps, len(steps), num_steps,
+                    num_steps,
+                )
+        self.scope.extras.update(
+            schedule=state.schedule_used, num_inference_steps=num_steps,
+            branch_steps_computed_share=sum(map(len, state.updates.values())) / (len(state.updates) * num_steps),
+        )
+        return state.updates
+
+
+def apply_bac(scope: MethodScope, config: BACConfig) -> None:
+    """Install BAC on every branch of every block of the pipeline behind ``scope``."""
+    schedule = config.load_schedule()
+    branches = branch_names(scope)
+    if schedule is not None:
+        schedule.check_matches(scope)
+        scope.extras.update(calibrated_for_steps=schedule.num_inference_steps, calibration=schedule.metadata)
+    else:
+        logger.warning(
+            "BAC has no calibrated schedule: each branch updates on %.0f%% of the steps, evenly spaced. For the "
+            "adaptive schedule run schedule = accel.calibrate(pipe, 'bac', inputs, num_inference_steps=...) and "
+            "wrap with schedule=schedule.", 100 * config.budget,
+        )
+        scope.extras.update(schedule="uniform")
+    state = scope.add_state(BACState())
+    plan = BACPlan(scope, config, schedule, list(branches))
+    for name, (denoiser, _, _, module) in branches.items():
+        scope.register_hook(module, BACBranchHook(scope, state, plan, denoiser, name), f"{_BAC_HOOK}.{name}")
+
+
+# --------------------------------------------------------------------------------------------- calibration
+
+
+class _BranchRecorder:
+    """Per (branch, CFG branch): each step's output, one flattened fp16 row per sample."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+        self.pending: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+
+    def record(self, name: str, branch: str, step: int, output) -> None:
+        tensors = [output] if isinstance(output, torch.Tensor) else [t for t in output if isinstance(t, torch.Tensor)]
+        rows = torch.cat([t.detach().reshape(t.shape[0], -1).float() for t in tensors], dim=1).to(torch.float16)
+        self.pending.setdefault((name, branch), {})[step] = rows
+
+    def end_call(self) -> None:
+        """Append this call's samples (batch rows) to what earlier calls recorded."""
+        for key, steps in self.pending.items():
+            stored = self.outputs.setdefault(key, {})
+            for step, rows in steps.items():
+                stored[step] = torch.cat([stored[step], rows]) if step in stored else rows
+        self.pending = {}
+
+    def statistics(self, name: str, num_steps: int) -> tuple[list[int], np.ndarray, float]:
+        """(steps the branch ran on, similarity matrix over them, relative L1 volatility), over CFG branches."""
+        per_branch = [steps for (other, _), steps in self.outputs.items() if other == name]
+        steps = sorted(set().union(*per_branch)) if per_branch else []
+        similarity, volatility = np.zeros((len(steps), len(steps))), 0.0
+        for recorded in per_branch:
+            stack = torch.stack([recorded[s].float() for s in steps])  # [T, N, D]
+            unit = torch.nn.functional.normalize(stack, dim=2)
+            similarity += torch.einsum("ind,jnd->ij", unit, unit).numpy() / unit.shape[1]
+            if len(steps) > 1:
+                change = (stack[1:] - stack[:-1]).abs().mean(dim=(1, 2))
+                volatility += float((change / stack[:-1].abs().mean(dim=(1, 2)).clamp_min(1e-12)).mean())
+        count = max(1, len(per_branch))
+        return steps, similarity / count, volatility / count
+
+
+class _RecordHook(ModelHook):
+    def __init__(self, scope: MethodScope, recorder: _BranchRecorder, denoiser: str, name: str) -> None:
+        super().__init__()
+        self.scope, self.recorder, self.denoiser, self.name = scope, recorder, denoiser, name
+
+    def post_forward(self, module, output):
+        info = self.scope.current if self.scope.is_active() else None
+        if info is not None and info.denoiser == self.denoiser:
+            self.recorder.record(self.name, info.branch, info.step, output)
+        return output
+
+
+def _check_inputs(inputs, num_inference_steps) -> list[dict]:
+    if isinstance(inputs, dict):
+        inputs = [inputs]
+    inputs = list(inputs) if isinstance(inputs, (list, tuple)) else None
+    if not inputs or not all(isinstance(kwargs, dict) for kwargs in inputs):
+        raise ValueError("inputs must be a dict of pipeline call arguments or a non-empty list of them.")
+    if any("num_inference_steps" in kwargs for kwargs in inputs):
+        raise ValueError("Pass num_inference_steps to calibrate itself, not inside inputs.")
+    check_int("num_inference_steps", num_inference_steps, minimum=1)
+    return inputs
+
+
+def calibrate_bac(pipe, config: BACConfig, inputs: Iterable[dict], *, num_inference_steps: int,
+                  progress: bool = True) -> BACSchedule:
+    """Run the pipeline uncached on ``inputs`` and build the BAC schedule (see ``accel.calibrate``)."""
+    from tqdm.auto import tqdm
+
+    from .api import temporary_scope
+
+    inputs = _check_inputs(inputs, num_inference_steps)
+    recorder = _BranchRecorder()
+    branches: dict[str, tuple] = {}
+
+    def install(scope: MethodScope) -> None:
+        if any(other.name == BACConfig.method for other in scope.context.scopes):
+            raise ValueError("This pipeline is already wrapped with BAC; calibrate it unwrapped (accel.unwrap).")
+        branches.update(branch_names(scope))
+        for name, (denoiser, _, _, module) in branches.items():
+            scope.register_hook(module, _RecordHook(scope, recorder, denoiser, name), f"{_RECORD_HOOK}.{name}")
+
+    with temporary_scope(pipe, "bac-calibration", install) as scope:
+        models = describe_models(scope.denoisers, pipe.scheduler)
+        for kwargs in tqdm(inputs, desc="BAC calibration", disable=not progress):
+            pipe(**kwargs, num_inference_steps=num_inference_steps)
+            recorder.end_call()
+
+    count = max(1, min(num_inference_steps, round(config.budget * num_inference_steps)))
+    updates, volatility = {}, {}
+    for name in branches:
+        steps, similarity, volatility[name] = recorder.statistics(name, num_inference_steps)
+        if not steps:  # a branch that never ran (an expert outside its steps): never needed, keep step 0
+            updates[name] = [0]
+            continue
+        updates[name] = [steps[i] for i in optimal_updates(similarity, count)]
+    bubbled = bubbling_union(updates, volatility, branches, config.top_k)
+    first = next(iter(recorder.outputs.values()), {})
+    samples = next(iter(first.values())).shape[0] if first else 0
+    metadata = {
+        "models": models,
+        "num_inference_steps": num_inference_steps,
+        "budget": config.budget,
+        "updates_per_branch": count,
+        "top_k": config.top_k,
+        "metric": "cosine similarity of flattened branch outputs, mean over samples and CFG branches",
+        "volatility": "relative mean L1 change between consecutive steps",
+        "bubbled_branches": bubbled,
+        "calibration_calls": len(inputs),
+        "samples_per_cfg_branch": samples,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return BACSchedule(num_inference_steps, updates, metadata)
+
+
+register_accelerator(
+    BACConfig,
+    apply_bac,
+    description="BAC: recompute each block branch only on its calibrated update steps, reuse it before the gate",
+    presets={
+        "bac-quality": lambda: BACConfig(budget=0.5),
+        "bac-fast": lambda: BACConfig(budget=0.3),
+    },
+    calibrate=calibrate_bac,
+)

@@ -1,0 +1,232 @@
+"""BAC: the tester mixin on every family, exactness, the schedule (DP, Bubbling Union, JSON), calibration."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from accelerator_tester import AcceleratorTesterMixin, run
+from toy_accelerators import ProbeConfig
+
+import accel
+from accel.bac import BACConfig, BACSchedule, bubbling_union, optimal_updates, uniform_updates
+from pipelines import tiny
+
+SINGLE_DENOISER = tuple(f for f in tiny.FAMILIES if f != "wan2.2")
+
+
+def calibrated(family: str, steps: int = 6, **config):
+    pipe = tiny.build(family)
+    inputs = tiny.example_inputs(family, num_inference_steps=steps)
+    del inputs["num_inference_steps"]
+    return pipe, accel.calibrate(pipe, BACConfig(**config), [inputs], num_inference_steps=steps, progress=False)
+
+
+class TestBAC(AcceleratorTesterMixin):
+    families = tiny.FAMILIES
+
+    def make_config(self):
+        return BACConfig(budget=0.5)  # uncalibrated: evenly spaced updates, step 2 of 3 reused
+
+    def test_budget_one_is_bit_identical_to_the_baseline(self, family):
+        baseline = run(tiny.build(family), family, num_inference_steps=4)
+        pipe = accel.wrap(tiny.build(family), BACConfig(budget=1.0))
+        np.testing.assert_array_equal(run(pipe, family, num_inference_steps=4), baseline)
+        assert accel.summary(pipe).branches_computed_share == 1.0
+
+
+@pytest.mark.parametrize("family", SINGLE_DENOISER)
+def test_summary_counts_match_the_calibrated_schedule(family):
+    pipe, schedule = calibrated(family)
+    accel.wrap(pipe, "bac", schedule=schedule)
+    output = run(pipe, family, num_inference_steps=6)
+    summary = accel.summary(pipe)
+    assert summary.extras["bac"]["schedule"] == "calibrated"
+    for record in summary.steps:
+        expected = sum(record.step in steps for steps in schedule.updates.values())
+        assert record.branches_computed == record.forwards * expected, record
+    assert summary.branches_computed_share < 1.0
+    assert not np.array_equal(output, run(tiny.build(family), family, num_inference_steps=6))
+
+
+def test_two_experts_each_get_their_own_steps():
+    pipe, schedule = calibrated("wan2.2")
+    experts = {name.split(".")[0]: steps for name, steps in schedule.updates.items()}
+    assert set(experts) == {"transformer", "transformer_2"}
+    # Each expert runs on its own part of the schedule, so its first active step is always an update.
+    first = {name: min(steps) for name, steps in schedule.updates.items()}
+    assert {v for k, v in first.items() if k.startswith("transformer.")} == {0}
+    assert min(v for k, v in first.items() if k.startswith("transformer_2.")) > 0
+    accel.wrap(pipe, "bac", schedule=schedule)
+    run(pipe, "wan2.2", num_inference_steps=6)
+    assert accel.summary(pipe).branches_computed_share < 1.0
+
+
+def _segment_value(similarity: np.ndarray, updates: list[int]) -> float:
+    bounds = [*updates, len(similarity)]
+    return sum(similarity[start, k] for start, end in zip(bounds, bounds[1:]) for k in range(start + 1, end))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dynamic_programming_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(8, 5)).cumsum(axis=0)
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    for count in range(1, 9):
+        chosen = optimal_updates(similarity, count)
+        assert chosen[0] == 0 and len(chosen) == count
+        best = max(_segment_value(similarity, [0, *rest]) for rest in itertools.combinations(range(1, 8), count - 1))
+        assert _segment_value(similarity, chosen) == pytest.approx(best)
+
+
+def test_dynamic_programming_updates_where_features_change():
+    # Steps 0-3 and 4-7 are two plateaus: with two updates, the second one goes where the change is.
+    similarity = np.full((8, 8), 0.1)
+    similarity[:4, :4] = similarity[4:, 4:] = 1.0
+    assert optimal_updates(similarity, 2) == [0, 4]
+
+
+def test_uniform_updates():
+    assert uniform_updates(20, 0.4) == [0, 2, 5, 7, 10, 12, 15, 17]
+    assert uniform_updates(3, 0.5) == [0, 1]
+    assert uniform_updates(5, 1.0) == [0, 1, 2, 3, 4]
+    assert uniform_updates(10, 0.01) == [0]
+
+
+def test_bubbling_union_refreshes_volatile_branches_with_deeper_ffns():
+    branches = {
+        "t.b0.attn": ("t", 0, "self_attn", None), "t.b0.ff": ("t", 0, "ff", None),
+        "t.b1.attn": ("t", 1, "self_attn", None), "t.b1.ff": ("t", 1, "ff", None),
+        "u.b0.ff": ("u", 0, "ff", None),
+    }
+    updates = {"t.b0.attn": [0], "t.b0.ff": [0, 2], "t.b1.attn": [0, 3], "t.b1.ff": [0, 4], "u.b0.ff": [0, 5]}
+    volatility = {"t.b0.attn": 0.1, "t.b0.ff": 0.0, "t.b1.attn": 0.9, "t.b1.ff": 0.0, "u.b0.ff": 0.0}
+    assert bubbling_union(updates, volatility, branches, top_k=1) == ["t.b1.attn"]
+    assert updates["t.b1.attn"] == [0, 3, 4]  # + the FFN of its own block, not the shallower one nor the other model
+    bubbling_union(updates, volatility, branches, top_k=2)
+    assert updates["t.b0.attn"] == [0, 2, 4]
+    assert updates["t.b0.ff"] == [0, 2]  # not among the top k: untouched
+
+
+def test_schedule_json_round_trip_and_metadata(tmp_path):
+    pipe, schedule = calibrated("dit", budget=0.5, top_k=2)
+    path = schedule.save(tmp_path / "dit.bac.json")
+    loaded = BACSchedule.load(path)
+    assert loaded == schedule
+    meta = loaded.metadata
+    assert meta["models"]["denoisers"]["transformer"]["class"] == "DiTTransformer2DModel"
+    assert meta["models"]["scheduler"]["class"] == type(pipe.scheduler).__name__
+    assert (meta["num_inference_steps"], meta["updates_per_branch"], meta["top_k"]) == (6, 3, 2)
+    assert "cosine" in meta["metric"] and len(meta["bubbled_branches"]) == 2
+    config = BACConfig(schedule=str(path))
+    assert BACConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    as_dict = BACConfig(schedule=schedule)
+    assert as_dict.schedule == schedule.to_dict() and BACConfig.from_dict(as_dict.to_dict()) == as_dict
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def test_corrupt_or_mismatched_schedules_raise(tmp_path):
+    _, schedule = calibrated("dit")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        BACConfig(schedule=str(tmp_path / "bad.json"))
+    with pytest.raises(ValueError, match="No BAC schedule"):
+        BACConfig(schedule=str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="format"):
+        BACConfig(schedule={"updates": {}})
+    broken = schedule.to_dict()
+    broken["updates"]["transformer.transformer_blocks.0.attn1"] = [0, 99]
+    with pytest.raises(ValueError, match="steps in 0..5"):
+        BACConfig(schedule=broken)
+    with pytest.raises(ValueError, match="not accepted"):
+        BACConfig(schedule=3)
+    other = tiny.build("dit")
+    other.transformer.register_to_config(norm_eps=1e-3)  # a different model config
+    with pytest.raises(ValueError, match="different model"):
+        accel.wrap(other, "bac", schedule=schedule)
+    assert not accel.is_wrapped(other)
+    with pytest.raises(ValueError, match="different model"):
+        accel.wrap(tiny.build("pixart-alpha"), "bac", schedule=schedule)
+
+
+@pytest.mark.parametrize("changes, match", [({"budget": 0.0}, "greater than 0.0"), ({"budget": 1.5}, "at most 1.0"),
+                                            ({"top_k": -1}, "at least 0"), ({"top_k": 1.5}, "integer")])
+def test_bad_config_values(changes, match):
+    with pytest.raises(ValueError, match=match):
+        BACConfig(**changes)
+
+
+def test_uncalibrated_and_step_mismatch_are_visible(caplog):
+    with caplog.at_level(logging.WARNING, logger="accel.bac"):
+        pipe = accel.wrap(tiny.build("dit"), "bac")
+    assert "no calibrated schedule" in caplog.text and "accel.calibrate" in caplog.text
+    run(pipe, "dit", num_inference_steps=5)
+    assert accel.summary(pipe).extras["bac"]["schedule"] == "uniform"
+
+    plain, schedule = calibrated("dit", steps=6)
+    accel.wrap(plain, "bac", schedule=schedule)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="accel.bac"):
+        run(plain, "dit", num_inference_steps=4)
+    assert "calibrated for 6 steps but this call runs 4" in caplog.text
+    assert accel.summary(plain).extras["bac"]["schedule"] == "uniform"
+    run(plain, "dit", num_inference_steps=6)
+    assert accel.summary(plain).extras["bac"]["schedule"] == "calibrated"
+
+
+def test_presets():
+    names = {entry["name"]: entry for entry in accel.available()}["bac"]["presets"]
+    assert set(names) == {"bac", "bac-fast", "bac-quality"}
+    from accel.registry import resolve
+
+    assert [c.budget for c in resolve(["bac-fast"])] == [0.3]
+
+
+def test_calibrate_bad_input_and_cleanup():
+    pipe = tiny.build("dit")
+    inputs = tiny.example_inputs("dit")
+    del inputs["num_inference_steps"]
+    with pytest.raises(ValueError, match="non-empty list"):
+        accel.calibrate(pipe, "bac", [], num_inference_steps=3)
+    with pytest.raises(ValueError, match="non-empty list"):
+        accel.calibrate(pipe, "bac", ["a cat"], num_inference_steps=3)
+    with pytest.raises(ValueError, match="not inside inputs"):
+        accel.calibrate(pipe, "bac", [{**inputs, "num_inference_steps": 3}], num_inference_steps=3)
+    with pytest.raises(ValueError, match="has no calibration"):
+        accel.calibrate(pipe, "delta-dit", [inputs], num_inference_steps=3)
+    with pytest.raises(ValueError, match="Unknown accelerator"):
+        accel.calibrate(pipe, "bak", [inputs], num_inference_steps=3)
+    assert not accel.is_wrapped(pipe)
+    # A pipeline wrapped with another method keeps it; one wrapped with BAC must be unwrapped first.
+    accel.wrap(pipe, ProbeConfig())
+    accel.calibrate(pipe, "bac", inputs, num_inference_steps=3, progress=False)
+    assert accel.is_wrapped(pipe) and [m["method"] for m in accel.summary(pipe).methods] == ["test-probe"]
+    accel.unwrap(pipe)
+    accel.wrap(pipe, "bac")
+    with pytest.raises(ValueError, match="already wrapped with BAC"):
+        accel.calibrate(pipe, "bac", inputs, num_inference_steps=3)
+    assert [m["method"] for m in accel.summary(pipe).methods] == ["bac"]
+
+
+def test_torch_compile_still_runs():
+    pipe, schedule = calibrated("dit", steps=4)
+    accel.wrap(pipe, "bac", schedule=schedule)
+    expected = run(pipe, "dit", num_inference_steps=4)
+    pipe.transformer = torch.compile(pipe.transformer, backend="eager")
+    np.testing.assert_allclose(run(pipe, "dit", num_inference_steps=4), expected, atol=1e-5)
+    assert accel.summary(pipe).branches_computed_share < 1.0
+
+
+def test_stacks_with_delta_dit():
+    # Δ-DiT skips one of the two blocks on odd steps; BAC reuses every branch on step 3 of 4.
+    pipe = accel.wrap(tiny.build("dit"), [accel.DeltaDiTConfig(cached_fraction=0.5), BACConfig(budget=0.75)])
+    run(pipe, "dit", num_inference_steps=4)
+    summary = accel.summary(pipe)
+    assert summary.blocks_computed_share < 1.0 and summary.branches_computed_share < summary.blocks_computed_share
+    accel.unwrap(pipe)
+    np.testing.assert_array_equal(run(pipe, "dit"), run(tiny.build("dit"), "dit"))
