@@ -1,2 +1,5 @@
-"""The Gradio side-by-side demo (baseline vs accelerated). Nothing is implemented here yet; the demo issue fills
-this package."""
+"""The Gradio side-by-side demo: baseline vs accelerated (``accel-demo``; ``demo.build_demo(...)`` builds the app)."""
+
+from .app import build_demo
+
+__all__ = ["build_demo"]
