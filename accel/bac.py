@@ -270,6 +270,7 @@ class BACState:
 
     def reset(self) -> None:
         self.updates: dict[str, frozenset[int]] | None = None
+        self.stores: dict[str, frozenset[int]] = {}  # update steps whose output a later step reuses
         self.schedule_used: str | None = None
         self.cache: dict[tuple, tuple] = {}  # (denoiser, CFG branch, branch name) -> (input shape, output)
 
@@ -306,7 +307,8 @@ class BACBranchHook(ModelHook):
             return None, None
         key = (self.denoiser, info.branch, self.name)
         if info.step in updates[self.name]:
-            return key, None
+            # Keep the output only if a later step reuses it: holding tensors nobody reads costs memory and time.
+            return (key if info.step in self.state.stores[self.name] else None), None
         stored = self.state.cache.get(key)
         if stored is None or stored[0] != _input_shape(args, kwargs):
             return key, None
@@ -341,11 +343,19 @@ class BACPlan:
                     "num_inference_steps=%d).", self.schedule.num_inference_steps, num_steps, len(steps), num_steps,
                     num_steps,
                 )
+        state.stores = {name: frozenset(_steps_reused_after(sorted(steps), num_steps))
+                        for name, steps in state.updates.items()}
         self.scope.extras.update(
             schedule=state.schedule_used, num_inference_steps=num_steps,
             branch_steps_computed_share=sum(map(len, state.updates.values())) / (len(state.updates) * num_steps),
         )
         return state.updates
+
+
+def _steps_reused_after(updates: list[int], num_steps: int) -> list[int]:
+    """The update steps followed by at least one non-update step before the next update (or the end)."""
+    following = [*updates[1:], num_steps]
+    return [step for step, next_update in zip(updates, following) if next_update > step + 1]
 
 
 def apply_bac(scope: MethodScope, config: BACConfig) -> None:

@@ -137,7 +137,10 @@ class DeltaDiTBlockHook(ModelHook):
             return ("pass", streams) if state.skipping.get(branch_key, False) else ("compute", None)
         if skipped:  # a cached step, but this block is outside the reused range
             return "compute", None
-        # A full step: measure the residual of both ranges.
+        if self.config.interval == 1 or self.config.cached_blocks(self.depth) == 0 or \
+                info.num_steps is None or info.step + 1 >= info.num_steps:
+            return "compute", None  # no cached step follows: nothing to measure
+        # A full step before a cached one: measure the residual of both ranges.
         for name, blocks in self.ranges.items():
             if blocks and index == blocks.start:
                 state.range_inputs[(*branch_key, name)] = self.block.streams_in(args, kwargs)

@@ -1,0 +1,307 @@
+"""Caching benchmark: Δ-DiT and BAC side by side with diffusers' cache hooks and cache-dit, on trained models.
+
+    python benchmarks/caching.py                                  # digits-dit at 20 and 50 steps, moving-digits
+    python benchmarks/caching.py --model digits-dit --steps 20 --samples 100 --out /tmp/quick
+
+For each model and step count every row gets its own pipeline instance with the same weights. Rows: the
+baseline; accel with nothing skipped (hook overhead); Δ-DiT settings; BAC calibrated at several budgets; the
+peers of ``benchmarks/peers.py``. Every row generates the same samples from the same seeds, batch by batch, the
+rows interleaved within each batch (their order rotating from batch to batch) so machine drift hits every row
+alike. Columns:
+
+* speedup: median over batches of (baseline seconds / row seconds) for the same batch;
+* branches run: the share of branch computations (attention, feed-forward) that executed, *measured* by
+  counting calls into the first linear layer of every branch, the same way for our methods and the peers;
+* PSNR (over all pixels) and SSIM (torchmetrics, 7x7 Gaussian window: the digits are 8x8) against the
+  baseline's output for the same seeds;
+* FID in the digit classifier's feature space (torchmetrics) against the held-out digits, and class accuracy
+  (per frame for video).
+
+BAC schedules and MagCache ratios are calibrated on inputs (labels and seeds) disjoint from the measured ones.
+Writes ``caching.json``, ``caching.md`` and ``caching-pareto.png`` to ``--out`` (default docs/benchmarks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+import accel  # noqa: E402
+from accel._io import atomic_write  # noqa: E402
+from accel.bac import BACConfig  # noqa: E402
+from accel.delta_dit import DeltaDiTConfig  # noqa: E402
+from eval.metrics import digit_fid, psnr  # noqa: E402
+from pipelines import reference  # noqa: E402
+from pipelines.digits import split  # noqa: E402
+
+CALIBRATION_SEED = 90_000
+
+
+@dataclass
+class Row:
+    name: str
+    family: str  # the curve it belongs to in the Pareto plot
+    setup: Callable  # (pipe, calibration_kwargs) -> None; applies the method in place
+    ours: bool = False
+    seconds: list[float] = field(default_factory=list)
+    outputs: list[np.ndarray] = field(default_factory=list)
+    branch_calls: int = 0
+    branch_total: int = 0
+
+
+def our_rows(steps: int) -> list[Row]:
+    def wrap(*configs):
+        return lambda pipe, calibration: accel.wrap(pipe, list(configs))
+
+    def bac(budget: float):
+        def setup(pipe, calibration):
+            schedule = accel.calibrate(pipe, BACConfig(budget=budget), calibration, num_inference_steps=steps,
+                                       progress=False)
+            accel.wrap(pipe, BACConfig(budget=budget, schedule=schedule))
+        return setup
+
+    rows = [
+        Row("accel, nothing skipped", "overhead", wrap(BACConfig(budget=1.0), DeltaDiTConfig(interval=1)), True),
+        Row("Δ-DiT interval 2, 75% blocks", "Δ-DiT (ours)", wrap(DeltaDiTConfig()), True),
+        Row("Δ-DiT interval 3, 75% blocks", "Δ-DiT (ours)", wrap(DeltaDiTConfig(interval=3)), True),
+        *[Row(f"BAC budget {b}", "BAC (ours)", bac(b), True) for b in (0.3, 0.2, 0.15)],
+    ]
+    return rows if steps <= 20 else [row for row in rows if row.name != "Δ-DiT interval 2, 75% blocks"]
+
+
+def peer_rows(steps: int) -> tuple[list[Row], dict[str, str]]:
+    import peers
+
+    rows, skipped = [], {}
+    # One row per peer family at its best configuration (peers.py); at 50 steps only the settings that reach
+    # the speedups our rows target, to fit the 2-core time budget.
+    names = ["fbc-0.1", "fbc-0.2", "taylorseer-blocks", "magcache", "fastercache", "pab", "dbcache-0.08",
+             "dbcache-0.2"]
+    if steps > 20:
+        names = ["fbc-0.2", "taylorseer-blocks", "magcache", "dbcache-0.2"]
+    for name in names:
+        reason = peers.peer_status(name)
+        if reason is not None:
+            skipped[name] = reason
+            continue
+
+        def setup(pipe, calibration, name=name):
+            peers.apply_peer(pipe, name, calibration_kwargs={**calibration[0], "num_inference_steps": steps})
+        rows.append(Row(name, _peer_family(name), setup))
+    return rows, skipped
+
+
+def _peer_family(name: str) -> str:
+    prefixes = {"fbc": "FirstBlockCache", "taylorseer": "TaylorSeer", "magcache": "MagCache",
+                "fastercache": "FasterCache", "pab": "PAB", "dbcache": "cache-dit DBCache"}
+    return next((family for prefix, family in prefixes.items() if name.startswith(prefix)), name)
+
+
+def _first_linear(module: torch.nn.Module) -> torch.nn.Module:
+    return next(m for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+def count_branch_calls(pipe, row: Row) -> None:
+    """Count calls into the first linear layer of every branch: a skipped branch never reaches it."""
+    from pipelines.adapters import adapter_for
+
+    adapter = adapter_for(pipe)
+    for attr in adapter.denoiser_attrs:
+        model = getattr(pipe, attr, None)
+        if model is None:
+            continue
+        for block in adapter.blocks(model):
+            for _, branch in block.branches.values():
+                def hook(module, args, row=row):
+                    row.branch_calls += 1
+                _first_linear(branch).register_forward_pre_hook(hook)
+    row.branch_total = sum(len(b.branches) for attr in adapter.denoiser_attrs if getattr(pipe, attr, None) is not None
+                           for b in adapter.blocks(getattr(pipe, attr)))
+
+
+def output_array(output) -> np.ndarray:
+    return np.asarray(output.images if hasattr(output, "images") else output.frames, dtype=np.float32)
+
+
+def ssim(reference_images: np.ndarray, images: np.ndarray) -> float:
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    def frames(array):
+        array = torch.from_numpy(np.asarray(array, np.float32))
+        return array.reshape(-1, *array.shape[-3:]).permute(0, 3, 1, 2)  # [N(*F), C, H, W]
+
+    return float(structural_similarity_index_measure(frames(images), frames(reference_images), data_range=1.0,
+                                                     kernel_size=7))
+
+
+def run_setting(model: str, steps: int, samples: int, batch: int, include_peers: bool) -> dict:
+    labels = [i % 10 for i in range(samples)]
+    calibration = [reference.call_kwargs(model, reference.load(model), [(3 * i + 1) % 10 for i in range(10)],
+                                         seed=CALIBRATION_SEED + i, num_inference_steps=steps) for i in range(2)]
+    for kwargs in calibration:
+        del kwargs["num_inference_steps"]
+    rows = [Row("baseline", "baseline", lambda pipe, calibration: None), *our_rows(steps)]
+    skipped: dict[str, str] = {}
+    if include_peers:
+        more, skipped = peer_rows(steps)
+        rows += more
+    pipes = {}
+    for row in tqdm(rows, desc=f"{model} {steps} steps: set up"):
+        pipe = reference.load(model)
+        row.setup(pipe, [dict(kwargs) for kwargs in calibration])
+        pipes[row.name] = pipe
+        pipe(**reference.call_kwargs(model, pipe, [0, 1], seed=CALIBRATION_SEED - 1, num_inference_steps=steps))
+        count_branch_calls(pipe, row)  # after the warm-up call: counts the measured calls only
+    batches = [labels[start : start + batch] for start in range(0, samples, batch)]
+    progress = tqdm(total=len(batches) * len(rows), desc=f"{model} {steps} steps: generate")
+    for index, batch_labels in enumerate(batches):
+        shift = index % len(rows)
+        for row in rows[shift:] + rows[:shift]:
+            pipe = pipes[row.name]
+            kwargs = reference.call_kwargs(model, pipe, batch_labels, seed=1000 + index, num_inference_steps=steps)
+            started = time.perf_counter()
+            output = pipe(**kwargs)
+            row.seconds.append(time.perf_counter() - started)
+            row.outputs.append(output_array(output))
+            progress.update()
+    progress.close()
+
+    classifier = reference.classifier()
+    held_out = split()["held_out"].images
+    baseline = rows[0]
+    base_images = np.concatenate(baseline.outputs)
+    forwards = len(batches) * steps * (2 if model == "moving-digits" else 1)
+    results = []
+    for row in tqdm(rows, desc="metrics"):
+        images = np.concatenate(row.outputs)
+        entry = {
+            "name": row.name, "family": row.family, "ours": row.ours,
+            "seconds_per_sample": sum(row.seconds) / samples,
+            "speedup": statistics.median(b / r for b, r in zip(baseline.seconds, row.seconds)),
+            "branches_run": row.branch_calls / (row.branch_total * forwards),
+            "psnr_db": psnr(base_images, images),
+            "ssim": ssim(base_images, images),
+            "fid": digit_fid(classifier, images, held_out),
+            "class_accuracy": classifier.accuracy(images, labels),
+        }
+        if row.ours:
+            summary = accel.summary(pipes[row.name])
+            entry["summary_branches_computed"] = summary.branches_computed_share
+            entry["summary_blocks_computed"] = summary.blocks_computed_share
+        results.append(entry)
+    return {"model": model, "steps": steps, "samples": samples, "batch": batch, "rows": results,
+            "peers_not_run": skipped, "guidance_scale": reference.DEFAULT_CALL[model]["guidance_scale"]}
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "∞"
+    return format(value, spec)
+
+
+def markdown(settings: list[dict], machine: dict) -> str:
+    lines = ["# Caching benchmark", "",
+             f"Measured {machine['date']} on {machine['machine']} ({machine['threads']} threads, CPU), torch "
+             f"{machine['torch']}, diffusers {machine['diffusers']}. Rerun: `{machine['command']}`.", "",
+             "Speedup: median over batches of the baseline's seconds / the row's seconds for the same batch (rows "
+             "interleaved). Branches run: share of attention / feed-forward computations that executed, counted "
+             "the same way for every row. PSNR / SSIM: against the baseline's output for the same seeds. FID: "
+             "digit-classifier features vs the 450 held-out digits. Class accuracy: digit classifier (per frame "
+             "for video).", ""]
+    for setting in settings:
+        lines += [f"## {setting['model']}, {setting['steps']} steps, guidance {setting['guidance_scale']}, "
+                  f"{setting['samples']} samples", "",
+                  "| method | speedup | branches run | PSNR dB | SSIM | FID | class acc | s / sample |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in setting["rows"]:
+            name = f"**{row['name']}**" if row["ours"] else row["name"]
+            lines.append(
+                f"| {name} | {row['speedup']:.2f}× | {row['branches_run']:.1%} | {_fmt(row['psnr_db'], '.2f')} | "
+                f"{row['ssim']:.4f} | {row['fid']:.2f} | {row['class_accuracy']:.1%} | "
+                f"{row['seconds_per_sample']:.3f} |"
+            )
+        for name, reason in setting["peers_not_run"].items():
+            lines.append(f"\n*{name}* not run: {reason}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def pareto_plot(settings: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
+    for axis, setting in zip(axes[0], settings):
+        families: dict[str, list[dict]] = {}
+        for row in setting["rows"]:
+            if row["family"] not in ("baseline", "overhead"):
+                families.setdefault(row["family"], []).append(row)
+        for family, rows in families.items():
+            rows = sorted(rows, key=lambda r: r["speedup"])
+            style = "-o" if rows[0]["ours"] else "--s"
+            axis.plot([r["speedup"] for r in rows], [min(r["psnr_db"], 60) for r in rows], style, label=family)
+        axis.set_title(f"{setting['model']}, {setting['steps']} steps")
+        axis.set_xlabel("end-to-end speedup (×)")
+        axis.set_ylabel("PSNR vs uncached (dB)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    atomic_write(path, buffer.getvalue())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", action="append", choices=reference.MODELS,
+                        help="repeatable; default: digits-dit and moving-digits")
+    parser.add_argument("--steps", type=int, nargs="+", default=None,
+                        help="step counts (default: 20 and 50 for digits-dit, the default for moving-digits)")
+    parser.add_argument("--samples", type=int, default=None, help="default 500 images / 50 clips")
+    parser.add_argument("--batch", type=int, default=None, help="default 100 images / 10 clips")
+    parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    settings = []
+    for model in args.model or ["digits-dit", "moving-digits"]:
+        default_steps = [20, 50] if model == "digits-dit" else [reference.DEFAULT_CALL[model]["num_inference_steps"]]
+        samples = args.samples or (500 if model == "digits-dit" else 50)
+        batch = args.batch or (100 if model == "digits-dit" else 10)
+        for steps in args.steps or default_steps:
+            settings.append(run_setting(model, steps, samples, batch, not args.no_peers))
+    import diffusers
+
+    machine = {"machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "diffusers": diffusers.__version__, "date": time.strftime("%Y-%m-%d"),
+               "command": " ".join(["python benchmarks/caching.py", *(argv if argv is not None else sys.argv[1:])])}
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out / "caching.json", json.dumps({"machine": machine, "settings": settings}, indent=1))
+    atomic_write(args.out / "caching.md", markdown(settings, machine))
+    pareto_plot(settings, args.out / "caching-pareto.png")
+    print(markdown(settings, machine))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""Hook overhead: digits-dit with accel applied but nothing skipped, against the plain pipeline.
+
+    python benchmarks/hook_overhead.py [--repeats 5] [--batch 50] [--steps 20]
+
+Rows (each its own pipeline instance, same seeds, interleaved with the order rotating every repeat, one warm-up
+call each): plain; ``accel.wrap(pipe, [])`` (step tracking and counters only); BAC with budget 1.0; Δ-DiT with
+interval 1; both stacked. Prints the median over repeats of plain seconds / row seconds for the same repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import accel  # noqa: E402
+from accel.bac import BACConfig  # noqa: E402
+from accel.delta_dit import DeltaDiTConfig  # noqa: E402
+from pipelines import reference  # noqa: E402
+
+ROWS = {
+    "plain": None,
+    "accel.wrap(pipe, [])": [],
+    "BAC budget 1.0": [BACConfig(budget=1.0)],
+    "Δ-DiT interval 1": [DeltaDiTConfig(interval=1)],
+    "BAC 1.0 + Δ-DiT interval 1": [BACConfig(budget=1.0), DeltaDiTConfig(interval=1)],
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args(argv)
+    labels = [i % 10 for i in range(args.batch)]
+    pipes = {}
+    for name, configs in ROWS.items():
+        pipe = reference.load("digits-dit")
+        pipes[name] = pipe if configs is None else accel.wrap(pipe, configs)
+    seconds: dict[str, list[float]] = {name: [] for name in ROWS}
+    names = list(ROWS)
+    with torch.no_grad():
+        for repeat in range(args.repeats + 1):
+            order = names[repeat % len(names):] + names[: repeat % len(names)]
+            for name in order:
+                kwargs = reference.call_kwargs("digits-dit", pipes[name], labels, seed=repeat,
+                                               num_inference_steps=args.steps)
+                started = time.perf_counter()
+                pipes[name](**kwargs)
+                if repeat:  # the first round warms up
+                    seconds[name].append(time.perf_counter() - started)
+    print(f"digits-dit, batch {args.batch}, {args.steps} steps, median of {args.repeats} interleaved repeats")
+    for name in names:
+        ratio = statistics.median(p / r for p, r in zip(seconds["plain"], seconds[name]))
+        print(f"{name:<28} {statistics.median(seconds[name]):7.3f} s   speed vs plain {ratio:.3f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
