@@ -37,6 +37,18 @@ def test_comparison_runs_both_pipelines_from_the_same_seed(backend):
     assert any(m.get("interval") == 3 for pipe in backend._wrapped.values() for m in accel.summary(pipe).methods)
 
 
+def test_video_models_show_two_animations():
+    backend = DemoBackend(["tiny:wan"])
+    result = run_comparison(backend, "tiny:wan", "a red bicycle", 0, 4, 4.0, ["bac-fast"], {})
+    assert result["video"] and result["baseline"].endswith(".gif") and result["accelerated"].endswith(".gif")
+    from PIL import Image
+
+    with Image.open(result["accelerated"]) as animation:
+        assert animation.n_frames > 1
+    with pytest.raises(ValueError, match="prompt must be"):
+        run_comparison(backend, "tiny:wan", " ", 0, 4, 4.0, ["bac"], {})
+
+
 @pytest.mark.parametrize("args, match", [
     (("digits-vit", 3, 0, 10, 1.5, ["delta-dit"]), "Unknown model"),
     (("digits-dit", 3, 0, 0, 1.5, ["delta-dit"]), "Steps must be"),

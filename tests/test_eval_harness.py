@@ -142,6 +142,18 @@ def test_prompts_files_and_video(tmp_path):
     assert harness.read_prompts(js) == ["a", "b"]
 
 
+def test_a_local_pipeline_folder(tmp_path):
+    from pipelines import tiny
+
+    folder = tmp_path / "my-dit"
+    tiny.build("dit").save_pretrained(folder)
+    out = tmp_path / "local"
+    assert harness.main(["--model", str(folder), "--methods", "baseline,bac", "--num-images", "2", "--batch-size",
+                         "2", "--steps", "3", "--no-flops", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [row["method"] for row in rows] == ["baseline", "bac"] and rows[1]["branches_computed"] < 1.0
+
+
 def test_reference_model_metrics(tmp_path):
     out = tmp_path / "digits"
     assert harness.main(["--model", "digits-dit", "--methods", "baseline,delta-dit", "--num-images", "70",
@@ -165,6 +177,11 @@ def test_reference_model_metrics(tmp_path):
     (["--num-images", "0"], "at least 1"),
     (["--classes", "3,12"], "class ids in 0..9"),
     (["--out", "FILE/sub"], "Cannot write to the output folder"),
+    (["--fid", "inception"], "--inception-weights PATH"),
+    (["--fid", "inception", "--inception-weights", "FILE"], "--fid-reference FOLDER"),
+    (["--clip-weights", "FILE"], "needs a prompt-conditioned model"),
+    (["--model", "tiny:sd15", "--methods", "bac", "--prompts", "PROMPTS", "--clip-weights", "MISSING"],
+     "does not exist"),
 ])
 def test_bad_input_fails_before_generating(tmp_path, capsys, extra, match):
     files = {"PROMPTS": ("ok.txt", "a cat\n"), "MISSING": ("missing.txt", None), "EMPTY": ("empty.txt", "\n \n"),
