@@ -77,13 +77,15 @@ def block_sparse_attention(q, k, v, kv_block_index, kv_block_count, block_size: 
 
         out, lse = block_sparse_attention_triton(q, k, v, kv_block_index, kv_block_count, block_size, scale)
     else:
-        out, lse = block_sparse_attention_torch(q, k, v, kv_block_index, kv_block_count, block_size, scale)
+        out, lse = block_sparse_attention_torch(q, k, v, kv_block_index, kv_block_count, block_size, scale,
+                                                with_lse=return_lse)
     return (out, lse) if return_lse else out
 
 
 def block_sparse_attention_torch(q, k, v, kv_block_index, kv_block_count, block_size: int, scale: float,
-                                 chunk_elements: int = 2**25):
-    """The PyTorch path: exact, with the selected blocks gathered per chunk of query blocks."""
+                                 chunk_elements: int = 2**25, with_lse: bool = True):
+    """The PyTorch path: exact, with the selected blocks gathered per chunk of query blocks. Without ``with_lse``
+    the gathered blocks go through SDPA (the fused kernel), and the returned LSE is ``None``."""
     batch, heads, q_len, dim = q.shape
     k_len, v_dim = k.shape[2], v.shape[3]
     q_blocks, k_blocks = math.ceil(q_len / block_size), math.ceil(k_len / block_size)
@@ -115,6 +117,13 @@ def block_sparse_attention_torch(q, k, v, kv_block_index, kv_block_count, block_
         keys = kb[heads_here, blocks].reshape(stop - start, max_blocks * block_size, dim)
         values = vb[heads_here, blocks].reshape(stop - start, max_blocks * block_size, v_dim)
         allowed = (slots[None] < flat_count[start:stop, None])[..., None] & key_valid[blocks]  # [R, N, block]
+        if not with_lse:
+            mask = allowed.reshape(stop - start, 1, 1, -1)
+            attended = torch.nn.functional.scaled_dot_product_attention(
+                flat_q[start:stop, None], keys[:, None], values[:, None], attn_mask=mask, scale=scale)[:, 0]
+            empty = (flat_count[start:stop] == 0).view(-1, 1, 1)
+            flat_out[start:stop] = attended.masked_fill(empty, 0)
+            continue
         scores = torch.baddbmm(torch.zeros((), dtype=compute, device=q.device), flat_q[start:stop],
                                keys.transpose(1, 2), alpha=scale)
         scores = scores.masked_fill(~allowed.reshape(stop - start, 1, -1), -math.inf)
@@ -123,7 +132,7 @@ def block_sparse_attention_torch(q, k, v, kv_block_index, kv_block_count, block_
         flat_out[start:stop] = torch.bmm(weights, values)
         flat_lse[start:stop] = row_lse.float()
     out = out.reshape(batch, heads, q_blocks * block_size, v_dim)[:, :, :q_len].to(q.dtype)
-    lse = lse.reshape(batch, heads, q_blocks * block_size)[:, :, :q_len]
+    lse = lse.reshape(batch, heads, q_blocks * block_size)[:, :, :q_len] if with_lse else None
     return out, lse
 
 

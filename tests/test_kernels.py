@@ -66,6 +66,9 @@ def test_torch_path_matches_the_dense_reference(seed, dtype):
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
     assert (out[0, 0, :block] == 0).all() and torch.isinf(lse[0, 0, :block]).all()  # the empty row
     assert not torch.isnan(out).any()
+    without_lse = kernels.block_sparse_attention(q, k, v, index, count, block_size=block)  # the SDPA route
+    torch.testing.assert_close(without_lse.double(), ref_out, atol=tolerance, rtol=tolerance)
+    assert (without_lse[0, 0, :block] == 0).all() and not torch.isnan(without_lse).any()
 
 
 def test_full_selection_equals_dense_sdpa_and_chunking_changes_nothing():
