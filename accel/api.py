@@ -21,30 +21,41 @@ from .registry import AcceleratorSpec, resolve, spec_for
 from .summary import Summary
 
 _CONTEXT_ATTR = "_accel_context"
-_WRAPPED_CLASSES: dict[type, type] = {}
+_WRAPPED_CLASSES: dict[tuple[type, str], type] = {}
 _CLASS_LOCK = threading.Lock()
 
 
-def _wrapped_class(cls: type) -> type:
-    if "_accel_base_class" in cls.__dict__:
+def call_wrapping_class(cls: type, attr: str) -> type:
+    """A subclass of ``cls`` (same name, module, docstring and ``__call__`` signature) whose ``__call__`` runs the
+    original inside ``self.__dict__[attr].pipeline_call()`` when the instance holds that attribute.
+
+    Switching one instance's ``__class__`` to it changes that instance only; switch back to
+    ``type(pipe)._accel_base_class`` to undo. accel's own wrapper uses it, and so can other per-instance patches
+    (the benchmark's peers), each with its own ``attr``.
+    """
+    if cls.__dict__.get("_accel_call_attr") == attr:
         return cls
     with _CLASS_LOCK:
-        wrapped = _WRAPPED_CLASSES.get(cls)
+        wrapped = _WRAPPED_CLASSES.get((cls, attr))
         if wrapped is None:
             original_call = cls.__call__
 
             def __call__(self, *args, **kwargs):
-                context = self.__dict__.get(_CONTEXT_ATTR)
-                if context is None:
+                owner = self.__dict__.get(attr)
+                if owner is None:
                     return original_call(self, *args, **kwargs)
-                with context.pipeline_call():
+                with owner.pipeline_call():
                     return original_call(self, *args, **kwargs)
 
             functools.update_wrapper(__call__, original_call)
             namespace = {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
-                         "__doc__": cls.__doc__, "_accel_base_class": cls}
-            wrapped = _WRAPPED_CLASSES[cls] = type(cls.__name__, (cls,), namespace)
+                         "__doc__": cls.__doc__, "_accel_base_class": cls, "_accel_call_attr": attr}
+            wrapped = _WRAPPED_CLASSES[(cls, attr)] = type(cls.__name__, (cls,), namespace)
         return wrapped
+
+
+def _wrapped_class(cls: type) -> type:
+    return call_wrapping_class(cls, _CONTEXT_ATTR)
 
 
 def _context(pipe) -> PipelineContext | None:
@@ -182,7 +193,8 @@ def unwrap(pipe):
     with context._lock:
         context.uninstall()
         del pipe.__dict__[_CONTEXT_ATTR]
-        pipe.__class__ = type(pipe).__dict__.get("_accel_base_class", type(pipe))
+        if type(pipe).__dict__.get("_accel_call_attr") == _CONTEXT_ATTR:
+            pipe.__class__ = type(pipe).__dict__["_accel_base_class"]
     return pipe
 
 

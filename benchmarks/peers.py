@@ -105,7 +105,6 @@ import inspect
 import io
 import logging
 import re
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -130,10 +129,11 @@ from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK, _MAG_CACHE_LEADER_B
 from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
 from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
 
+from accel.api import call_wrapping_class
 from pipelines.adapters import ATTENTION_BRANCHES, FamilyAdapter, adapter_for
 
 _CONTEXT_HOOK = "benchmarks.peers.context"
-_RESET_ATTR = "_benchmarks_peers_reset"  # on a pipeline instance: the function its __call__ runs on entry and exit
+_RESET_ATTR = "_benchmarks_peers_reset"  # on a pipeline instance: what its __call__ runs around every call
 _BATCHED_BRANCH = "batched"  # the cache_context name of a forward that carries the whole (CFG-batched) batch
 _CACHE_DIT_LOGGER = "CACHE_DIT"
 _CACHE_DIT_API = ("DBCacheConfig", "enable_cache", "disable_cache", "refresh_context", "BlockAdapterRegister")
@@ -180,35 +180,25 @@ def _run_of(pipe, calibration_kwargs: dict[str, Any] | None) -> _Run:
 # ------------------------------------------------------------------------------------------ per-call reset
 
 
-_PEER_CLASSES: dict[type, type] = {}
-_CLASS_LOCK = threading.Lock()
+class _ResetAroundCalls:
+    """What ``accel.api.call_wrapping_class`` runs around every call of a pipeline with a peer applied."""
+
+    def __init__(self, reset: Callable[[], None]) -> None:
+        self.reset = reset
+
+    @contextlib.contextmanager
+    def pipeline_call(self):
+        self.reset()
+        try:
+            yield
+        finally:
+            self.reset()
 
 
 def _peer_class(cls: type) -> type:
-    """A subclass of ``cls`` (same name, module, signature) whose ``__call__`` runs the instance's reset function
-    on entry and in ``finally``. Only the instance whose ``__class__`` is switched to it is affected."""
-    if "_peers_base_class" in cls.__dict__:
-        return cls
-    with _CLASS_LOCK:
-        subclass = _PEER_CLASSES.get(cls)
-        if subclass is None:
-            original_call = cls.__call__
-
-            def __call__(self, *args, **kwargs):
-                reset = self.__dict__.get(_RESET_ATTR)
-                if reset is None:
-                    return original_call(self, *args, **kwargs)
-                reset()
-                try:
-                    return original_call(self, *args, **kwargs)
-                finally:
-                    reset()
-
-            functools.update_wrapper(__call__, original_call)
-            namespace = {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
-                         "__doc__": cls.__doc__, "_peers_base_class": cls}
-            subclass = _PEER_CLASSES[cls] = type(cls.__name__, (cls,), namespace)
-        return subclass
+    """A subclass of ``cls`` (same name, module, signature) whose ``__call__`` resets the instance's hooks on entry
+    and in ``finally``; only the instance whose ``__class__`` is switched to it is affected."""
+    return call_wrapping_class(cls, _RESET_ATTR)
 
 
 # ------------------------------------------------------------------------------------------ the context hook
@@ -378,7 +368,7 @@ def _install(pipe, context_hook: _PeerContextHook, enable: Callable[[], None], d
         enable()
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(context_hook, _CONTEXT_HOOK)
         _invalidate_registries(transformer)
-        pipe.__dict__[_RESET_ATTR] = functools.partial(_reset_hooks, transformer)
+        pipe.__dict__[_RESET_ATTR] = _ResetAroundCalls(functools.partial(_reset_hooks, transformer))
         pipe.__class__ = _peer_class(original_class)
     except BaseException:
         remove()

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from pipelines.adapters import ready_for_inference
+
 
 @dataclass
 class ModelHandle:
@@ -44,14 +46,6 @@ class ModelHandle:
         return kwargs
 
 
-def _finish(pipe):
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def load_model(name: str) -> ModelHandle:
     from pipelines import reference
 
@@ -74,7 +68,7 @@ def load_model(name: str) -> ModelHandle:
         if family == "hunyuan-video":
             raise ValueError("tiny:hunyuan-video takes prompt_embeds only; the eval harness needs prompts.")
         conditioning = "class" if family == "dit" else "prompt"
-        return ModelHandle(name, lambda: _finish(tiny.build(family)), conditioning, family in tiny.VIDEO_FAMILIES,
+        return ModelHandle(name, lambda: tiny.build(family), conditioning, family in tiny.VIDEO_FAMILIES,
                            example["num_inference_steps"], example.get("guidance_scale", 4.0),
                            10 if conditioning == "class" else None, False, extra)
     folder = Path(name)
@@ -92,7 +86,7 @@ def load_model(name: str) -> ModelHandle:
     video = any(word in class_name for word in ("Wan", "CogVideo", "HunyuanVideo", "Video"))
 
     def build():
-        return _finish(DiffusionPipeline.from_pretrained(folder, local_files_only=True))
+        return ready_for_inference(DiffusionPipeline.from_pretrained(folder, local_files_only=True))
 
     return ModelHandle(str(folder), build, conditioning, video, 28, 4.5 if conditioning == "prompt" else 1.5,
                        1000 if conditioning == "class" else None, False, {})

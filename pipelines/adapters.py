@@ -216,6 +216,16 @@ class FamilyAdapter:
         return found
 
 
+def ready_for_inference(pipe):
+    """Every torch module of ``pipe`` in eval mode (diffusers builds models from configs in train mode) and the
+    progress bar off; returns ``pipe``."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _match(pattern: str, modules: dict[str, torch.nn.Module]) -> list[str]:
     """Module names matching ``pattern`` segment by segment, in module (execution) order."""
     parts = pattern.split(".")

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from .adapters import ready_for_inference
 from .classifier import DigitClassifier
 from .digits import CLASS_NAMES
 from .pixel_space import FramePackingVAE, PixelSpaceVAE
@@ -81,11 +82,7 @@ def load(name_or_path: str | Path = "digits-dit", *, dtype: torch.dtype = torch.
         pipe.digit_class_embeddings = load_file(folder / "class_embeddings.safetensors")["table"].to(dtype)
     else:
         raise ValueError(f"{folder} holds a {transformer_class}; reference folders hold a DiT or Wan transformer.")
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return ready_for_inference(pipe)
 
 
 def class_prompt_embeds(pipe, labels) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .adapters import ready_for_inference
 from .tokenizers import CLIP_VOCAB_SIZE, clip_tokenizer, t5_tokenizer, t5_vocab_size
 
 _TEXT_DIM = 32  # hidden size of every tiny text encoder
@@ -24,14 +25,6 @@ _TEXT_DIM = 32  # hidden size of every tiny text encoder
 
 def _seeded(seed: int = 0) -> None:
     torch.manual_seed(seed)
-
-
-def _ready(pipe):
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _t5_encoder(d_model: int = _TEXT_DIM):
@@ -280,7 +273,7 @@ def build(family: str, seed: int = 0):
     """
     _check_family(family)
     _seeded(seed)
-    return _ready(_BUILDERS[family]())
+    return ready_for_inference(_BUILDERS[family]())
 
 
 def example_inputs(
