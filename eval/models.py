@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from pipelines.adapters import ready_for_inference
+from pipelines.adapters import adapter_for, adapter_for_pipeline_class, ready_for_inference
 
 
 @dataclass
@@ -67,7 +67,7 @@ def load_model(name: str) -> ModelHandle:
                               "class_labels", "prompt_embeds", "negative_prompt_embeds")}
         if family == "hunyuan-video":
             raise ValueError("tiny:hunyuan-video takes prompt_embeds only; the eval harness needs prompts.")
-        conditioning = "class" if family == "dit" else "prompt"
+        conditioning = adapter_for(tiny.build(family)).conditioning
         return ModelHandle(name, lambda: tiny.build(family), conditioning, family in tiny.VIDEO_FAMILIES,
                            example["num_inference_steps"], example.get("guidance_scale", 4.0),
                            10 if conditioning == "class" else None, False, extra)
@@ -82,8 +82,8 @@ def load_model(name: str) -> ModelHandle:
     from diffusers import DiffusionPipeline
 
     class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
-    conditioning = "class" if class_name == "DiTPipeline" else "prompt"
-    video = any(word in class_name for word in ("Wan", "CogVideo", "HunyuanVideo", "Video"))
+    adapter = adapter_for_pipeline_class(class_name)  # a clear error for a pipeline accel does not support
+    conditioning, video = adapter.conditioning, adapter.video
 
     def build():
         return ready_for_inference(DiffusionPipeline.from_pretrained(folder, local_files_only=True))

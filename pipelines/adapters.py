@@ -175,6 +175,7 @@ class FamilyAdapter:
     cfg: Literal["batched", "separate"]
     cfg_batch_order: tuple[str, str] | None = None  # batched CFG: which half of the batch is which
     video: bool = False
+    conditioning: Literal["prompt", "class"] = "prompt"  # what the pipeline is called with
     denoiser_attrs: tuple[str, ...] = ("transformer", "transformer_2")
     # Whether the blocks form one residual chain (each block's output is the next one's input). The U-Net's
     # transformer blocks do not: resnets and resampling sit between them.
@@ -251,6 +252,7 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         token_layout=_image_layout,
         cfg="batched",
         cfg_batch_order=("cond", "uncond"),
+        conditioning="class",
         notes="Each block's AdaLayerNormZero holds its own timestep + class embedder.",
     ),
     FamilyAdapter(
@@ -397,6 +399,15 @@ def adapter_for(pipe) -> FamilyAdapter:
         f"{type(pipe).__name__} has no `transformer` or `unet` component; accel wraps diffusers pipelines whose "
         f"denoiser is one of: {', '.join(supported_denoiser_classes())}."
     )
+
+
+def adapter_for_pipeline_class(class_name: str) -> FamilyAdapter:
+    """The adapter for a pipeline class name (as in a saved pipeline's ``model_index.json``)."""
+    for adapter in ADAPTERS:
+        if class_name in adapter.pipeline_classes:
+            return adapter
+    known = sorted({name for adapter in ADAPTERS for name in adapter.pipeline_classes})
+    raise ValueError(f"accel has no adapter for the pipeline class {class_name!r}. Supported: {', '.join(known)}.")
 
 
 def get_adapter(name: str) -> FamilyAdapter:

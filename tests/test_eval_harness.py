@@ -198,3 +198,11 @@ def test_bad_input_fails_before_generating(tmp_path, capsys, extra, match):
     assert harness.main(args + extra) == 2
     assert match in capsys.readouterr().err
     assert not list((tmp_path / "out").glob("*/*.png"))
+
+
+def test_an_unsupported_local_pipeline_is_a_clear_error(tmp_path, capsys):
+    folder = tmp_path / "other"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    assert harness.main(["--model", str(folder), "--methods", "baseline", "--out", str(tmp_path / "out")]) == 2
+    assert "no adapter for the pipeline class 'KandinskyPipeline'" in capsys.readouterr().err
