@@ -9,7 +9,7 @@ Accelerators (one file each, registered on import): ``delta_dit`` (Δ-DiT), ``ba
 lives in ``pipelines.adapters``.
 """
 
-from .api import calibrate, is_wrapped, summary, unwrap, wrap
+from .api import calibrate, is_wrapped, summary, unwrap, wrap, wrap_calibrated
 from .attention import AttentionCall
 from .bac import BACConfig, BACSchedule
 from .config import AccelConfig
@@ -36,6 +36,7 @@ __all__ = [
     "unregister_accelerator",
     "unwrap",
     "wrap",
+    "wrap_calibrated",
 ]
 
 __version__ = "0.1.0"

@@ -146,6 +146,22 @@ def calibrate(pipe, method: str | AccelConfig, inputs, *, num_inference_steps: i
     return spec.calibrate(pipe, configs[0], inputs, num_inference_steps=num_inference_steps, progress=progress)
 
 
+def wrap_calibrated(pipe, methods, calibration_inputs, *, num_inference_steps: int, **overrides: Any):
+    """``wrap`` after calibrating every chosen method that has an offline pass (BAC) on ``pipe`` with
+    ``calibration_inputs`` (call kwargs without the steps, or a list of them) for ``num_inference_steps``.
+
+    Methods without calibration are applied as given. Use inputs (seeds) that the measured calls never use.
+    """
+    configs = []
+    for config in resolve(methods, overrides):
+        if spec_for(config).calibrate is not None:
+            artifact = calibrate(pipe, config, calibration_inputs, num_inference_steps=num_inference_steps,
+                                 progress=False)
+            config = config.replace(schedule=artifact)
+        configs.append(config)
+    return wrap(pipe, configs)
+
+
 def _calibrating_specs() -> list[AcceleratorSpec]:
     from .registry import _SPECS
 

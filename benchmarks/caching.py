@@ -71,9 +71,7 @@ def our_rows(steps: int) -> list[Row]:
 
     def bac(budget: float):
         def setup(pipe, calibration):
-            schedule = accel.calibrate(pipe, BACConfig(budget=budget), calibration, num_inference_steps=steps,
-                                       progress=False)
-            accel.wrap(pipe, BACConfig(budget=budget, schedule=schedule))
+            accel.wrap_calibrated(pipe, BACConfig(budget=budget), calibration, num_inference_steps=steps)
         return setup
 
     rows = [

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 import accel
-from accel.registry import available, resolve, spec_for
+from accel.registry import available, resolve
 from eval.metrics import psnr
 from eval.models import ModelHandle, load_model, output_array
 
@@ -61,17 +61,11 @@ class DemoBackend:
             if key not in self._wrapped:
                 handle = self.handles[model]
                 pipe = handle.build()
-                ready = []
-                for config in configs:
-                    if spec_for(config).calibrate is not None:
-                        conditions = list(range(10)) if handle.conditioning == "class" else ["a photo"]
-                        seeds = [CALIBRATION_SEED + i for i in range(len(conditions))]
-                        kwargs = handle.call_kwargs(pipe, conditions, seeds, steps, guidance)
-                        del kwargs["num_inference_steps"]
-                        schedule = accel.calibrate(pipe, config, [kwargs], num_inference_steps=steps, progress=False)
-                        config = config.replace(schedule=schedule)
-                    ready.append(config)
-                self._wrapped[key] = accel.wrap(pipe, ready)
+                conditions = list(range(10)) if handle.conditioning == "class" else ["a photo"]
+                seeds = [CALIBRATION_SEED + i for i in range(len(conditions))]
+                kwargs = handle.call_kwargs(pipe, conditions, seeds, steps, guidance)
+                del kwargs["num_inference_steps"]
+                self._wrapped[key] = accel.wrap_calibrated(pipe, configs, kwargs, num_inference_steps=steps)
             return self._wrapped[key]
 
 

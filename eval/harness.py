@@ -278,16 +278,10 @@ def build_method(model: ModelHandle, method: str, settings: EvalSettings, calibr
     pipe = model.build()
     steps = settings.steps or model.steps
     guidance = settings.guidance_scale if settings.guidance_scale is not None else model.guidance_scale
-    configs = []
-    for config in method_configs(method):
-        if spec_for(config).calibrate is not None:
-            seeds = [settings.seed + CALIBRATION_SEED_OFFSET + i for i in range(len(calibration_conditions))]
-            kwargs = model.call_kwargs(pipe, calibration_conditions, seeds, steps, guidance)
-            del kwargs["num_inference_steps"]
-            config = config.replace(schedule=accel.calibrate(pipe, config, [kwargs], num_inference_steps=steps,
-                                                             progress=False))
-        configs.append(config)
-    return accel.wrap(pipe, configs)
+    seeds = [settings.seed + CALIBRATION_SEED_OFFSET + i for i in range(len(calibration_conditions))]
+    kwargs = model.call_kwargs(pipe, calibration_conditions, seeds, steps, guidance)
+    del kwargs["num_inference_steps"]
+    return accel.wrap_calibrated(pipe, method_configs(method), kwargs, num_inference_steps=steps)
 
 
 def count_flops(pipe, model: ModelHandle, condition, settings: EvalSettings) -> float | None:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import accel
-from accel.registry import available, resolve, spec_for
+from accel.registry import available
 from eval.metrics import psnr
 
 DEFAULT_MODEL = "digits-dit"
@@ -92,16 +92,9 @@ def build_wrapped(model: ModelSpec, names: list[str]):
     """A fresh pipeline with ``names`` applied; methods with an offline pass (BAC) are calibrated first, on a seed
     no measured call uses."""
     pipe = model.build()
-    configs = []
-    for config in resolve(names):
-        if spec_for(config).calibrate is not None:
-            kwargs = model.call_kwargs(pipe, CALIBRATION_SEED)
-            steps = kwargs.pop("num_inference_steps")
-            config = config.replace(
-                schedule=accel.calibrate(pipe, config, [kwargs], num_inference_steps=steps, progress=False)
-            )
-        configs.append(config)
-    return accel.wrap(pipe, configs)
+    kwargs = model.call_kwargs(pipe, CALIBRATION_SEED)
+    steps = kwargs.pop("num_inference_steps")
+    return accel.wrap_calibrated(pipe, names, kwargs, num_inference_steps=steps)
 
 
 def compare(model: ModelSpec, methods: list[tuple[str, list[str]]], repeats: int, seed: int = 0) -> list[dict]:

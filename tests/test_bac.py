@@ -230,3 +230,15 @@ def test_stacks_with_delta_dit():
     assert summary.blocks_computed_share < 1.0 and summary.branches_computed_share < summary.blocks_computed_share
     accel.unwrap(pipe)
     np.testing.assert_array_equal(run(pipe, "dit"), run(tiny.build("dit"), "dit"))
+
+
+def test_wrap_calibrated_calibrates_only_what_needs_it():
+    inputs = tiny.example_inputs("dit", num_inference_steps=6, seed=9)
+    del inputs["num_inference_steps"]
+    pipe = accel.wrap_calibrated(tiny.build("dit"), ["delta-dit", "bac-fast"], inputs, num_inference_steps=6)
+    run(pipe, "dit", num_inference_steps=6)
+    summary = accel.summary(pipe)
+    assert [m["method"] for m in summary.methods] == ["delta-dit", "bac"]
+    assert summary.methods[1]["budget"] == 0.3 and summary.extras["bac"]["schedule"] == "calibrated"
+    with pytest.raises(ValueError, match="Unknown accelerator"):
+        accel.wrap_calibrated(tiny.build("dit"), ["bak"], inputs, num_inference_steps=6)
