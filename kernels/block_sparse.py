@@ -13,7 +13,8 @@ gone in Triton 3.9). Tested under ``TRITON_INTERPRET=1`` on tiny shapes (fp32 an
 in the interpreter) against a dense masked reference; measured on an H200 by ``benchmarks/sparse_attention_gpu.py``.
 
 PyTorch path: exact; the selected key/value blocks of a chunk of query blocks are gathered into one padded batch
-and attended with a masked matmul + logsumexp, so the cost follows the density, not the sequence length squared.
+and attended by torch's fused CPU flash kernel (which also gives the LSE), padding masked through an extra head
+column rather than an attention mask, so the cost follows the density, not the sequence length squared.
 """
 
 from __future__ import annotations
@@ -82,67 +83,92 @@ def block_sparse_attention(q, k, v, kv_block_index, kv_block_count, block_size: 
     return (out, lse) if return_lse else out
 
 
+_MASKED_KEY_BIAS = -1e9  # scale * this underflows exp() to exactly 0 in fp32
+
+
+def _fused_cpu_attention():
+    """torch's fused CPU flash-attention op that also returns the LSE, if this build has it."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def block_sparse_attention_torch(q, k, v, kv_block_index, kv_block_count, block_size: int, scale: float,
                                  chunk_elements: int = 2**25, with_lse: bool = True):
-    """The PyTorch path: exact, with the selected blocks gathered per chunk of query blocks. Without ``with_lse``
-    the gathered blocks go through SDPA (the fused kernel), and the returned LSE is ``None``."""
+    """The PyTorch path: exact, with the selected key/value blocks gathered per chunk of query blocks into one
+    padded batch and attended by torch's fused (flash) CPU kernel, which also returns the LSE.
+
+    No attention mask is needed, so the fused kernel always applies: q, k, v get one extra column; a query's is 1,
+    a real key's is 0 and that of a padded key (the ragged last block, or the all-padding null block that unused
+    slots point to) is -1e9, so its score underflows to exactly zero weight. Values of padded keys are 0. Without the
+    fused op (or off the CPU) the same tensors go through SDPA, and the LSE, if asked for, through an unfused pass.
+    """
     batch, heads, q_len, dim = q.shape
     k_len, v_dim = k.shape[2], v.shape[3]
+    rows_bh = batch * heads
     q_blocks, k_blocks = math.ceil(q_len / block_size), math.ceil(k_len / block_size)
-    pad_q, pad_k = q_blocks * block_size - q_len, k_blocks * block_size - k_len
-    compute = torch.float32 if q.dtype != torch.float32 else q.dtype
-    qb = torch.nn.functional.pad(q.to(compute), (0, 0, 0, pad_q)).reshape(batch * heads, q_blocks, block_size, dim)
-    kb = torch.nn.functional.pad(k.to(compute), (0, 0, 0, pad_k)).reshape(batch * heads, k_blocks, block_size, dim)
-    vb = torch.nn.functional.pad(v.to(compute), (0, 0, 0, pad_k)).reshape(batch * heads, k_blocks, block_size, v_dim)
-    key_valid = (torch.arange(k_blocks * block_size, device=q.device) < k_len).reshape(k_blocks, block_size)
-    index = kv_block_index.reshape(batch * heads, q_blocks, -1).long()
-    count = kv_block_count.reshape(batch * heads, q_blocks).long()
+    width = max(dim, v_dim) + 1  # the fused kernel wants one head size for q, k and v
+    compute = torch.float32
+    qa = torch.zeros(rows_bh, q_blocks * block_size, width, dtype=compute, device=q.device)
+    qa[:, :q_len, :dim] = q.reshape(rows_bh, q_len, dim)
+    qa[:, :, -1] = 1.0
+    ka = torch.zeros(rows_bh, (k_blocks + 1) * block_size, width, dtype=compute, device=q.device)
+    ka[:, :k_len, :dim] = k.reshape(rows_bh, k_len, dim)
+    ka[:, k_len:, -1] = _MASKED_KEY_BIAS  # ragged padding and the null block k_blocks
+    va = torch.zeros(rows_bh, (k_blocks + 1) * block_size, width, dtype=compute, device=q.device)
+    va[:, :k_len, :v_dim] = v.reshape(rows_bh, k_len, v_dim)
+    ka, va = ka.view(rows_bh, k_blocks + 1, block_size, width), va.view(rows_bh, k_blocks + 1, block_size, width)
+
+    count = kv_block_count.reshape(rows_bh, q_blocks).long()
     max_blocks = max(1, int(count.max())) if count.numel() else 1
-    index = index[..., :max_blocks]
-    out = torch.zeros(batch * heads, q_blocks, block_size, v_dim, dtype=compute, device=q.device)
-    lse = torch.full((batch * heads, q_blocks, block_size), -math.inf, dtype=torch.float32, device=q.device)
-    rows = batch * heads * q_blocks
-    per_row = block_size * max_blocks * block_size * 3
-    step = max(1, chunk_elements // max(1, per_row))
-    flat_q = qb.reshape(rows, block_size, dim)
+    index = kv_block_index.reshape(rows_bh, q_blocks, -1)[..., :max_blocks].long()
+    if index.shape[-1] < max_blocks:
+        index = torch.nn.functional.pad(index, (0, max_blocks - index.shape[-1]))
+    used = torch.arange(max_blocks, device=q.device) < count[..., None]
+    index = torch.where(used, index.clamp(0, k_blocks - 1), k_blocks)  # unused slots -> the null block
+
+    rows = rows_bh * q_blocks
+    flat_q = qa.view(rows, block_size, width)
     flat_index = index.reshape(rows, max_blocks)
-    flat_count = count.reshape(rows)
-    head_of_row = torch.arange(batch * heads, device=q.device).repeat_interleave(q_blocks)
-    flat_out, flat_lse = out.reshape(rows, block_size, v_dim), lse.reshape(rows, block_size)
-    slots = torch.arange(max_blocks, device=q.device)
+    head_of_row = torch.arange(rows_bh, device=q.device).repeat_interleave(q_blocks)
+    out = torch.empty(rows, block_size, width, dtype=compute, device=q.device)
+    lse = torch.empty(rows, block_size, dtype=torch.float32, device=q.device)
+    fused = _fused_cpu_attention() if q.device.type == "cpu" else None
+    step = max(1, chunk_elements // (2 * max_blocks * block_size * width))
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        blocks = flat_index[start:stop].clamp(0, k_blocks - 1)  # [R, N]; unused slots are masked below
+        blocks = flat_index[start:stop]
         heads_here = head_of_row[start:stop, None].expand_as(blocks)
-        keys = kb[heads_here, blocks].reshape(stop - start, max_blocks * block_size, dim)
-        values = vb[heads_here, blocks].reshape(stop - start, max_blocks * block_size, v_dim)
-        allowed = (slots[None] < flat_count[start:stop, None])[..., None] & key_valid[blocks]  # [R, N, block]
-        if not with_lse:
-            mask = allowed.reshape(stop - start, 1, 1, -1)
-            attended = torch.nn.functional.scaled_dot_product_attention(
-                flat_q[start:stop, None], keys[:, None], values[:, None], attn_mask=mask, scale=scale)[:, 0]
-            empty = (flat_count[start:stop] == 0).view(-1, 1, 1)
-            flat_out[start:stop] = attended.masked_fill(empty, 0)
-            continue
-        scores = torch.baddbmm(torch.zeros((), dtype=compute, device=q.device), flat_q[start:stop],
-                               keys.transpose(1, 2), alpha=scale)
-        scores = scores.masked_fill(~allowed.reshape(stop - start, 1, -1), -math.inf)
-        row_lse = torch.logsumexp(scores, dim=-1)  # -inf where nothing is allowed
-        weights = torch.exp(scores - row_lse.masked_fill(torch.isinf(row_lse), 0)[..., None])
-        flat_out[start:stop] = torch.bmm(weights, values)
-        flat_lse[start:stop] = row_lse.float()
+        keys = ka[heads_here, blocks].reshape(stop - start, 1, max_blocks * block_size, width)
+        values = va[heads_here, blocks].reshape(stop - start, 1, max_blocks * block_size, width)
+        queries = flat_q[start:stop, None]
+        if fused is not None:
+            chunk_out, chunk_lse = fused(queries, keys, values, 0.0, False, scale=scale)
+            lse[start:stop] = chunk_lse[:, 0]
+        else:
+            chunk_out = torch.nn.functional.scaled_dot_product_attention(queries, keys, values, scale=scale)
+            if with_lse:
+                scores = torch.matmul(queries, keys.transpose(-1, -2)) * scale
+                lse[start:stop] = torch.logsumexp(scores, dim=-1)[:, 0]
+        out[start:stop] = chunk_out[:, 0]
+    empty = (count == 0).reshape(rows, 1)
+    out = out[..., :v_dim].masked_fill(empty[..., None], 0)
     out = out.reshape(batch, heads, q_blocks * block_size, v_dim)[:, :, :q_len].to(q.dtype)
-    lse = lse.reshape(batch, heads, q_blocks * block_size)[:, :, :q_len] if with_lse else None
-    return out, lse
+    if not with_lse:
+        return out, None
+    lse = lse.masked_fill(empty, -math.inf)
+    return out, lse.reshape(batch, heads, q_blocks * block_size)[:, :, :q_len]
 
 
-def attention_with_lse(q, k, v, scale: float | None = None):
-    """Dense attention and its fp32 LSE [B, H, S] (the first search step of AdaSpa needs both)."""
+def attention_with_lse(q, k, v, scale: float | None = None, chunk: int = 1024):
+    """Dense attention and its fp32 LSE [B, H, S] (the first search step of AdaSpa needs both), computed over
+    chunks of ``chunk`` query rows so memory stays O(chunk x S)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    lse = torch.logsumexp(scores, dim=-1)
-    out = torch.matmul(torch.exp(scores - lse[..., None]), v.float())
-    return out.to(q.dtype), lse
+    outputs, lses = [], []
+    for start in range(0, q.shape[2], chunk):
+        scores = torch.matmul(q[:, :, start : start + chunk].float(), k.float().transpose(-1, -2)) * scale
+        lse = torch.logsumexp(scores, dim=-1)
+        outputs.append(torch.matmul(torch.exp(scores - lse[..., None]), v.float()))
+        lses.append(lse)
+    return torch.cat(outputs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
 
 
 def block_mass(q, k, lse, block_size: int = 64, scale: float | None = None, chunk: int = 1024):
