@@ -5,10 +5,12 @@
     accel.summary(pipe)                 # what was computed vs reused in the last call
     accel.unwrap(pipe)                  # bit-identical to never wrapped
 
-Accelerators (one file each, registered on import): ``delta_dit`` (Δ-DiT), ``bac`` (BAC). Model-family knowledge
+Accelerators (one file each, registered on import): ``delta_dit`` (Δ-DiT), ``bac`` (BAC), ``adaspa`` (AdaSpa) and
+``vmoba`` (VMoBA) block-sparse attention. Model-family knowledge
 lives in ``pipelines.adapters``.
 """
 
+from .adaspa import AdaSpaConfig
 from .api import calibrate, is_wrapped, summary, unwrap, wrap, wrap_calibrated
 from .attention import AttentionCall
 from .bac import BACConfig, BACSchedule
@@ -17,9 +19,11 @@ from .delta_dit import DeltaDiTConfig
 from .hooks import MethodScope, StepInfo
 from .registry import available, register_accelerator, unregister_accelerator
 from .summary import StepRecord, Summary
+from .vmoba import VMoBAConfig
 
 __all__ = [
     "AccelConfig",
+    "AdaSpaConfig",
     "AttentionCall",
     "BACConfig",
     "BACSchedule",
@@ -28,6 +32,7 @@ __all__ = [
     "StepInfo",
     "StepRecord",
     "Summary",
+    "VMoBAConfig",
     "available",
     "calibrate",
     "is_wrapped",

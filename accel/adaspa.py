@@ -1,0 +1,213 @@
+"""AdaSpa: block-sparse self-attention whose blocks are chosen by their true attention mass, searched once and
+refreshed rarely.
+
+Paper: Xia et al., "Training-free and Adaptive Sparse Attention for Efficient Long Video Generation",
+arXiv 2502.21079. Spec: ../shared/design/METHODS.md ("AdaSpa"). No public code exists; this follows the paper.
+
+What it does, in three lines: the first ``warmup`` share of the steps run dense. At the first search step the
+attention runs dense while also returning each row's LSE; a block-mass pass then gives every (query block, key
+block) its exact attention mass, and each query-block row keeps its ``k`` heaviest key blocks (row-wise top-k, so
+every row keeps the same number). All later steps use that selection through ``kernels.block_sparse_attention``;
+at each ``research`` step the selection is searched again in one pass, from the current q, k and the LSE cached at
+the first search.
+
+Head-adaptive sparsity, as in the paper: with target sparsity ``s`` (share of key blocks dropped), ``n`` heads
+whose recall at ``s`` exceeds 0.8 are counted; the ``n`` highest-recall heads drop ``(1 + s) / 2``, the ``n``
+lowest drop ``(3s - 1) / 2``, the rest ``s``, so the mean stays ``s``. Below ``s = 1/3`` that low-group share
+would be negative, so every head keeps ``s`` there.
+
+Where this implementation departs from the paper, and why:
+* Blocks are the kernel's ``block_size`` tokens of the image sequence in its own (frame, row, column) order; the
+  paper uses 64 x 64 blocks the same way.
+* Text tokens of joint attention are always kept in both directions (text rows attend everything; image rows
+  attend all text tokens besides their selected image blocks); cross-attention is never touched.
+* State is per call, keyed by (denoiser, attention module, CFG branch); a call whose batch or length differs from
+  the searched one searches again. Calls with an attention mask run dense (HunyuanVideo's padded text).
+* ``n`` is capped at half the heads, so the two groups never overlap; below ``s = 1/3`` heads are not adapted.
+* The recall reported at a re-search is measured against the stale LSE of the first search, renormalised per row
+  (the paper does not measure it); the first search's recall is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from kernels import block_mass
+
+from pipelines.adapters import ADAPTERS
+
+from . import _block_sparse as sparse
+from .attention import AttentionCall
+from .config import AccelConfig, check_float, check_int
+from .hooks import MethodScope
+from .registry import register_accelerator
+
+RECALL_BAR = 0.8  # heads whose recall at the target sparsity exceeds this count towards n
+
+# The DiT families: a U-Net attends at several resolutions, none of which the token layout describes.
+FAMILIES = tuple(adapter.name for adapter in ADAPTERS if adapter.sequential_blocks)
+
+
+@dataclasses.dataclass
+class AdaSpaConfig(AccelConfig):
+    """Configuration of AdaSpa (arXiv 2502.21079).
+
+    Args:
+        sparsity: target share of key blocks each query-block row drops (0.7 keeps 30%).
+        warmup: share of the steps run dense before the first search.
+        research: shares of the steps at which the selection is searched again (from the cached LSE).
+        block_size: query and key block size of the kernel, in tokens (power of two >= 16).
+        head_adaptive: give high-recall heads more sparsity and low-recall heads less (mean unchanged).
+    """
+
+    method = "adaspa"
+    sparsity: float = 0.7
+    warmup: float = 0.2
+    research: tuple[float, ...] = (0.6,)
+    block_size: int = 64
+    head_adaptive: bool = True
+
+    def validate(self) -> None:
+        check_float("sparsity", self.sparsity, minimum=0.0, maximum=1.0)
+        check_float("warmup", self.warmup, minimum=0.0, maximum=1.0)
+        if not isinstance(self.research, (tuple, list)):
+            raise ValueError(f"research must be a tuple of step shares in [0, 1], got {self.research!r}.")
+        for share in self.research:
+            check_float("research step", share, minimum=0.0, maximum=1.0)
+        self.research = tuple(self.research)  # JSON gives a list back
+        check_int("block_size", self.block_size, minimum=16)
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}.")
+        if not isinstance(self.head_adaptive, bool):
+            raise ValueError(f"head_adaptive must be True or False, got {self.head_adaptive!r}.")
+
+
+def head_sparsities(recalls: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Per-head sparsity from per-head recall at ``sparsity`` (the paper's head-adaptive rule)."""
+    heads = recalls.numel()
+    n = min(int((recalls > RECALL_BAR).sum()), heads // 2)
+    result = torch.full((heads,), sparsity, dtype=torch.float64)
+    if n and sparsity >= 1 / 3:  # below 1/3 the low group would need negative sparsity: keep every head at s
+        ranked = torch.argsort(recalls.double().cpu(), descending=True)
+        result[ranked[:n]] = (1 + sparsity) / 2
+        result[ranked[heads - n :]] = max(0.0, (3 * sparsity - 1) / 2)
+    return result
+
+
+def blocks_kept(sparsity: torch.Tensor | float, key_blocks: int) -> torch.Tensor:
+    kept = torch.ceil((1 - torch.as_tensor(sparsity, dtype=torch.float64)) * key_blocks - 1e-6)
+    return kept.clamp(1, key_blocks).long()
+
+
+class AdaSpaState(sparse.CallReport):
+    """Per-call state: the latest selection and cached LSE of every (denoiser, layer, branch), and the report."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.searches: dict[tuple, dict] = {}
+
+
+class AdaSpaAttention:
+    """The replacement for the SDPA call of one self/joint attention module."""
+
+    def __init__(self, scope: MethodScope, state: AdaSpaState, config: AdaSpaConfig, denoiser: str, name: str):
+        self.scope, self.state, self.config = scope, state, config
+        self.denoiser, self.name = denoiser, name
+
+    def __call__(self, call: AttentionCall) -> torch.Tensor:
+        info, split = call.step, sparse.token_split(call)
+        if info is None or info.denoiser != self.denoiser or split is None or not info.num_steps:
+            return self._dense(call)
+        steps, config = info.num_steps, self.config
+        first_search = round(config.warmup * steps)
+        if info.step < first_search:
+            return self._dense(call)
+        key = (self.denoiser, self.name, info.branch)
+        searched = self.state.searches.get(key)
+        shape = (tuple(call.query.shape), split)
+        if searched is None or searched["shape"] != shape:
+            return self._first_search(call, split, key, shape)
+        if info.step in {round(share * steps) for share in config.research} and info.step != searched["step"]:
+            self._research(call, split, key, searched)
+        return self._sparse(call, split, searched)
+
+    def _dense(self, call: AttentionCall) -> torch.Tensor:
+        self.scope.record_attention_density(1.0)
+        return call.dense()
+
+    def _first_search(self, call, split, key, shape) -> torch.Tensor:
+        """Dense attention with LSE, block mass, per-head sparsity, row-wise top-k."""
+        output, lse = sparse.dense_with_lse(call)
+        image_lse = lse[:, :, split.image]
+        q_image, k_image, _ = sparse.image_parts(call, split)
+        mass = block_mass(q_image, k_image, image_lse, self.config.block_size, scale=call.scale)
+        text_mass = (1 - mass.sum(-1)).clamp_min(0) if split.text is not None else None
+        heads, key_blocks = mass.shape[1], mass.shape[-1]
+        target = torch.full((heads,), self.config.sparsity, dtype=torch.float64)
+        if self.config.head_adaptive:
+            index, count = sparse.top_k_selection(mass, blocks_kept(target, key_blocks))
+            at_target = sparse.recall(mass, sparse.mask_from_selection(index, count, key_blocks), text_mass)
+            target = head_sparsities(at_target, self.config.sparsity)
+        keep = blocks_kept(target, key_blocks)
+        index, count = sparse.top_k_selection(mass, keep)
+        kept = sparse.recall(mass, sparse.mask_from_selection(index, count, key_blocks), text_mass)
+        self.state.searches[key] = searched = {
+            "shape": shape, "step": call.step.step, "keep": keep, "lse": image_lse, "text_mass": text_mass,
+            "index": index, "count": count,
+            "density": sparse.selection_density(split, index, count, self.config.block_size, call.query.shape[2]),
+        }
+        self._report(call, searched, kept, exact=True)
+        self.scope.record_attention_density(1.0)  # the search step itself runs dense
+        return output
+
+    def _research(self, call, split, key, searched) -> None:
+        """One pass from the current q, k and the cached LSE: new top-k with the same per-head budgets."""
+        q_image, k_image, _ = sparse.image_parts(call, split)
+        mass = block_mass(q_image, k_image, searched["lse"], self.config.block_size, scale=call.scale)
+        index, count = sparse.top_k_selection(mass, searched["keep"])
+        normalised = mass / mass.sum(-1, keepdim=True).clamp_min(1e-12)  # the LSE is stale: renormalise rows
+        text_mass = searched["text_mass"]
+        if text_mass is not None:  # keep the text's share of each row as measured at the first search
+            normalised = normalised * (1 - text_mass)[..., None]
+        kept = sparse.recall(normalised, sparse.mask_from_selection(index, count, mass.shape[-1]), text_mass)
+        searched.update(step=call.step.step, index=index, count=count,
+                        density=sparse.selection_density(split, index, count, self.config.block_size,
+                                                         call.query.shape[2]))
+        self._report(call, searched, kept, exact=False)
+
+    def _sparse(self, call, split, searched) -> torch.Tensor:
+        self.scope.record_attention_density(searched["density"])
+        return sparse.sparse_attention(call, split, searched["index"], searched["count"], self.config.block_size)
+
+    def _report(self, call, searched, kept: torch.Tensor, *, exact: bool) -> None:
+        key_blocks = math.ceil(sparse.token_split(call).image_tokens / self.config.block_size)
+        layer = self.state.report.setdefault("layers", {}).setdefault(self.name, [])
+        layer.append({
+            "step": call.step.step, "branch": call.step.branch, "exact": exact,
+            "density_per_head": [round(float(k) / key_blocks, 4) for k in searched["keep"]],
+            "recall_per_head": [round(float(r), 4) for r in kept],
+            "attention_density": round(searched["density"], 4),
+        })
+
+
+def apply_adaspa(scope: MethodScope, config: AdaSpaConfig) -> None:
+    """Intercept every self- and joint-attention module of every denoiser; cross-attention stays dense."""
+    state = scope.add_state(AdaSpaState(scope.extras))
+    for denoiser, blocks in scope.blocks.items():
+        for block in blocks:
+            for kind, (name, module) in block.attentions.items():
+                if kind in ("self_attn", "joint_attn"):
+                    scope.intercept_attention(module, AdaSpaAttention(scope, state, config, denoiser, name),
+                                              kind=kind, name=name)
+
+
+register_accelerator(
+    AdaSpaConfig,
+    apply_adaspa,
+    description="AdaSpa: block-sparse self-attention from an exact attention-mass search, head-adaptive sparsity",
+    families=FAMILIES,
+    presets={"adaspa-fast": lambda: AdaSpaConfig(sparsity=0.8), "adaspa-quality": lambda: AdaSpaConfig(sparsity=0.5)},
+)

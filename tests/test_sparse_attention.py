@@ -1,0 +1,297 @@
+"""AdaSpa and VMoBA: the tester mixin on every DiT family, the shared sparse-attention plumbing against a dense
+masked reference, each method's selection rules, its schedule, and what ``accel.summary`` reports."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerator_tester import AcceleratorTesterMixin
+
+import accel
+from accel import _block_sparse as sparse
+from accel.adaspa import AdaSpaAttention, AdaSpaConfig, blocks_kept, head_sparsities
+from accel.attention import AttentionCall
+from accel.hooks import StepInfo
+from accel.vmoba import VMoBAConfig, make_partition, vmoba_selection
+from pipelines import tiny
+from pipelines.adapters import TokenLayout
+
+FAMILIES = tuple(f for f in tiny.FAMILIES if f not in ("sd15", "sdxl"))
+
+
+class TestAdaSpa(AcceleratorTesterMixin):
+    families = FAMILIES
+
+    def make_config(self):
+        return AdaSpaConfig(sparsity=0.5, block_size=16)
+
+
+class TestVMoBA(AcceleratorTesterMixin):
+    families = FAMILIES
+
+    def make_config(self):
+        return VMoBAConfig(block_size=16, measure_recall=True)
+
+
+# ------------------------------------------------------------------------------------------- synthetic calls
+def make_call(layout: TokenLayout, kind: str, *, step: int = 5, num_steps: int = 10, batch: int = 1, heads: int = 2,
+              dim: int = 16, seed: int = 0, attn_mask=None) -> AttentionCall:
+    generator = torch.Generator().manual_seed(seed)
+    length = layout.joint_tokens if kind == "joint_attn" else layout.image_tokens
+    q, k, v = (torch.randn(batch, heads, length, dim, generator=generator) for _ in range(3))
+    info = StepInfo(step=step, num_steps=num_steps, branch="cond", call_in_step=0, denoiser="transformer",
+                    _layout_fn=lambda: layout)
+    return AttentionCall(q, k, v, attn_mask, 0.0, False, None, False, module_name="blocks.0.attn1", kind=kind,
+                         index=0, step=info)
+
+
+def dense_reference(call: AttentionCall, split, index, count, block_size, order=None) -> torch.Tensor:
+    """Dense SDPA with a boolean mask that allows exactly what the selection promises."""
+    batch, heads, length, _ = call.query.shape
+    image = torch.arange(length)[split.image]
+    permuted = image[order] if order is not None else image  # token at each permuted position
+    key_blocks = math.ceil(len(image) / block_size)
+    allowed = torch.ones(batch, heads, length, length, dtype=torch.bool)
+    allowed[:, :, image[:, None], image[None, :]] = False
+    for b in range(batch):
+        for h in range(heads):
+            for m in range(index.shape[2]):
+                rows = permuted[m * block_size : (m + 1) * block_size]
+                for slot in range(int(count[b, h, m])):
+                    block = int(index[b, h, m, slot])
+                    assert 0 <= block < key_blocks
+                    cols = permuted[block * block_size : (block + 1) * block_size]
+                    allowed[b, h, rows[:, None], cols[None, :]] = True
+    return F.scaled_dot_product_attention(call.query, call.key, call.value, attn_mask=allowed)
+
+
+def random_selection(batch, heads, query_blocks, key_blocks, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(batch, heads, query_blocks, key_blocks, generator=generator) < 0.4
+    mask[..., 0] = True
+    return sparse.selection_from_mask(mask)
+
+
+VIDEO = TokenLayout(frames=3, height=4, width=6)  # 72 image tokens: 5 blocks of 16, the last ragged
+
+
+@pytest.mark.parametrize("text_position", [None, "first", "last"])
+def test_sparse_attention_matches_a_dense_masked_reference(text_position):
+    layout = TokenLayout(3, 4, 6, text_tokens=7 if text_position else 0, text_position=text_position)
+    call = make_call(layout, "joint_attn" if text_position else "self_attn", batch=2)
+    split = sparse.token_split(call)
+    assert (split.text is not None) == bool(text_position)
+    index, count = random_selection(2, 2, 5, 5)
+    expected = dense_reference(call, split, index, count, 16)
+    actual = sparse.sparse_attention(call, split, index, count, 16)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    order = torch.randperm(72, generator=torch.Generator().manual_seed(3))
+    expected = dense_reference(call, split, index, count, 16, order)
+    torch.testing.assert_close(sparse.sparse_attention(call, split, index, count, 16, order=order), expected,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_selection_density_counts_text_and_ragged_blocks():
+    layout = TokenLayout(3, 4, 6, text_tokens=8, text_position="first")
+    call = make_call(layout, "joint_attn")
+    split = sparse.token_split(call)
+    index, count = sparse.selection_from_mask(torch.ones(1, 2, 5, 5, dtype=torch.bool))
+    assert sparse.selection_density(split, index, count, 16, 80) == pytest.approx(1.0)
+    only_first = torch.zeros(1, 2, 5, 5, dtype=torch.bool)
+    only_first[..., 0] = True
+    index, count = sparse.selection_from_mask(only_first)
+    expected = (72 * 16 + 72 * 8 + 8 * 80) / 80**2
+    assert sparse.selection_density(split, index, count, 16, 80) == pytest.approx(expected)
+
+
+def test_calls_that_cannot_be_sparsified_stay_dense():
+    assert sparse.token_split(make_call(VIDEO, "self_attn", attn_mask=torch.ones(72, 72, dtype=torch.bool))) is None
+    assert sparse.token_split(make_call(VIDEO, "cross_attn")) is None
+    wrong = make_call(TokenLayout(2, 4, 6), "self_attn")
+    wrong.step = make_call(VIDEO, "self_attn").step  # the layout says 72 tokens, the call has 48
+    assert sparse.token_split(wrong) is None
+
+
+# ------------------------------------------------------------------------------------------- AdaSpa
+def test_head_adaptive_sparsity_follows_the_paper_rule():
+    recalls = torch.tensor([0.95, 0.5, 0.9, 0.3])
+    result = head_sparsities(recalls, 0.6)  # n = 2: heads 0, 2 drop (1 + s)/2, heads 1, 3 drop (3s - 1)/2
+    torch.testing.assert_close(result, torch.tensor([0.8, 0.4, 0.8, 0.4], dtype=torch.float64))
+    assert float(result.mean()) == pytest.approx(0.6)
+    capped = head_sparsities(torch.tensor([0.9, 0.95, 0.99, 0.85]), 0.5)  # n capped at half the heads
+    assert sorted(capped.tolist()) == pytest.approx([0.25, 0.25, 0.75, 0.75])
+    assert head_sparsities(recalls, 0.2).tolist() == [0.2] * 4  # below 1/3: no adaptation
+    assert blocks_kept(torch.tensor([0.0, 0.7, 1.0]), 10).tolist() == [10, 3, 1]
+
+
+def test_top_k_selection_keeps_the_heaviest_blocks_of_every_row():
+    mass = torch.rand(1, 2, 4, 6, generator=torch.Generator().manual_seed(0))
+    index, count = sparse.top_k_selection(mass, torch.tensor([2, 4]))
+    assert count[0, 0].tolist() == [2] * 4 and count[0, 1].tolist() == [4] * 4
+    for h, keep in ((0, 2), (1, 4)):
+        for row in range(4):
+            chosen = sorted(index[0, h, row, :keep].tolist())
+            assert chosen == sorted(torch.topk(mass[0, h, row], keep).indices.tolist())
+            assert index[0, h, row, :keep].tolist() == chosen  # ascending
+
+
+class _Recorder:
+    """A stand-in scope for driving a replacement directly."""
+
+    def __init__(self):
+        self.densities = []
+
+    def record_attention_density(self, density):
+        self.densities.append(density)
+
+
+def test_adaspa_schedule_dense_search_sparse_research():
+    config = AdaSpaConfig(sparsity=0.6, warmup=0.2, research=(0.6,), block_size=16)
+    state = sparse.CallReport({})
+    state.searches = {}
+    scope = _Recorder()
+    attention = AdaSpaAttention(scope, state, config, "transformer", "blocks.0.attn1")
+    outputs = []
+    for step in range(10):
+        call = make_call(VIDEO, "self_attn", step=step, num_steps=10, seed=step)
+        outputs.append((call, attention(call)))
+    assert scope.densities[:3] == [1.0, 1.0, 1.0]  # two warm-up steps, then the (dense) search step
+    assert all(d < 1.0 for d in scope.densities[3:])
+    entries = state.report["layers"]["blocks.0.attn1"]
+    assert [(e["step"], e["exact"]) for e in entries] == [(2, True), (6, False)]
+    for entry in entries:
+        assert all(0.0 <= r <= 1.0 + 1e-6 for r in entry["recall_per_head"])
+        assert np.mean(entry["density_per_head"]) == pytest.approx(0.4, abs=0.11)
+    for call, output in outputs[:3]:
+        torch.testing.assert_close(output, call.dense(), atol=1e-5, rtol=1e-5)
+    call, output = outputs[4]  # a sparse step: exactly the block-sparse attention of the stored selection
+    searched = state.searches[("transformer", "blocks.0.attn1", "cond")]
+    assert searched["step"] == 6
+    assert not torch.allclose(output, call.dense(), atol=1e-3)
+
+
+def test_adaspa_at_zero_sparsity_equals_dense():
+    config = AdaSpaConfig(sparsity=0.0, block_size=16)
+    state = sparse.CallReport({})
+    state.searches = {}
+    attention = AdaSpaAttention(_Recorder(), state, config, "transformer", "blocks.0.attn1")
+    for step in range(5):
+        call = make_call(TokenLayout(3, 4, 6, text_tokens=5, text_position="last"), "joint_attn", step=step,
+                         num_steps=5, seed=step)
+        torch.testing.assert_close(attention(call), call.dense(), atol=1e-5, rtol=1e-5)
+    first = state.report["layers"]["blocks.0.attn1"][0]
+    assert first["recall_per_head"] == pytest.approx([1.0, 1.0], abs=1e-5)
+
+
+def test_recall_is_the_exact_mass_kept():
+    from kernels import block_mass
+
+    call = make_call(VIDEO, "self_attn")
+    _, lse = sparse.dense_with_lse(call)
+    mass = block_mass(call.query, call.key, lse, 16)
+    torch.testing.assert_close(mass.sum(-1), torch.ones(1, 2, 5), atol=1e-5, rtol=0)
+    index, count = sparse.top_k_selection(mass, torch.tensor([2, 2]))
+    selected = sparse.mask_from_selection(index, count, 5)  # [1, 2, 5, 5]
+    probabilities = torch.softmax(call.query @ call.key.transpose(-1, -2) / 4, dim=-1)[0]  # [2, 72, 72]
+    block = torch.arange(72) // 16
+    allowed = selected[0][:, block][:, :, block]  # [2, 72, 72]: row token's block selects key token's block
+    kept_per_row = (probabilities * allowed).sum(-1)  # [2, 72]
+    per_block = torch.zeros(2, 5).index_add_(1, block, kept_per_row) / torch.bincount(block).float()
+    torch.testing.assert_close(sparse.recall(mass, selected), per_block.mean(-1), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------- VMoBA
+def test_partitions_cover_every_token_once_and_pick_the_kernel_block():
+    temporal = make_partition("temporal", 9, 8, 8, (8, 1, 1), 64)
+    assert sorted(temporal.order.tolist()) == list(range(576))
+    assert temporal.sizes.tolist() == [128] + [64] * 7 and temporal.kernel_block == 64
+    spatial = make_partition("spatial", 9, 8, 8, (1, 4, 4), 64)
+    assert spatial.sizes.tolist() == [36] * 16 and spatial.kernel_block == 16  # 36 is no multiple of 16: superset
+    tokens = spatial.order.view(16, 36)
+    rows, cols = (tokens % 64) // 8, tokens % 8
+    assert ((rows // 2).unique(dim=1).shape[1], (cols // 2).unique(dim=1).shape[1]) == (1, 1)  # one 2x2 tile each
+    assert VMoBAConfig().splits("temporal", 1, 8, 8) == (1, 8, 1)  # images: runs of rows
+    assert VMoBAConfig(cube_blocks=(4, 16, 16)).splits("spatiotemporal", 2, 4, 4) == (2, 4, 4)  # capped
+
+
+def test_vmoba_selection_matches_a_token_by_token_reference():
+    partition = make_partition("temporal", 4, 4, 4, (4, 1, 1), 16)  # 4 blocks of 16 = 4 kernel blocks
+    generator = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 64, 8, generator=generator), torch.randn(1, 2, 64, 8, generator=generator)
+    threshold = 0.3
+    selected = vmoba_selection(q, k, partition, threshold)
+    for h in range(2):
+        means = torch.stack([k[0, h, j * 16 : (j + 1) * 16].mean(0) for j in range(4)])
+        scores = q[0, h] @ means.T
+        normalised = (scores - scores.min()) / (scores.max() - scores.min())
+        values = sorted(((float(normalised[t, j]), t, j) for t in range(64) for j in range(4)), reverse=True)
+        total, running, chosen = float(normalised.sum()), 0.0, set()
+        for value, t, j in values:
+            if running >= threshold * total:
+                break
+            chosen.add((t, j))
+            running += value
+        chosen |= {(t, t // 16) for t in range(64)}  # own block
+        expected = torch.zeros(4, 4, dtype=torch.bool)
+        for t, j in chosen:
+            expected[t // 16, j] = True
+        assert torch.equal(selected[0, h], expected)
+
+
+def test_vmoba_at_full_threshold_equals_dense_and_layers_cycle_partitions():
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    from pipelines.adapters import ready_for_inference
+    from pipelines.training.train_moving_digits import RECIPE, make_vae, sampling_scheduler
+
+    def build():
+        torch.manual_seed(0)
+        model = WanTransformer3DModel(**{**RECIPE.transformer_config(), "num_layers": 3})
+        return ready_for_inference(WanPipeline(tokenizer=None, text_encoder=None, transformer=model,
+                                               vae=make_vae(), scheduler=sampling_scheduler()))
+
+    embeds = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds), num_inference_steps=4,
+                  guidance_scale=3.0, height=16, width=16, num_frames=17, output_type="np")
+    baseline = build()(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+    pipe = accel.wrap(build(), VMoBAConfig(threshold=1.0, measure_recall=True))
+    output = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+    np.testing.assert_allclose(output, baseline, atol=1e-4)
+    summary = accel.summary(pipe)
+    layers = summary.extras["vmoba"]["layers"]
+    assert [entries[0]["partition"] for entries in layers.values()] == ["temporal", "spatial", "spatiotemporal"]
+    assert all(e["recall_per_head"] == pytest.approx([1.0] * 4, abs=1e-4) for e in layers["blocks.0.attn1"])
+    assert [r.attention_density for r in summary.steps if r.step == 0] == [1.0, 1.0]  # dense first steps
+    sparse_pipe = accel.wrap(build(), VMoBAConfig(threshold=0.1, measure_recall=True))
+    sparse_pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+    sparse_summary = accel.summary(sparse_pipe)
+    assert sparse_summary.attention_density < 1.0
+    entries = [e for layer in sparse_summary.extras["vmoba"]["layers"].values() for e in layer]
+    assert all(0 < e["attention_density"] <= 1 and max(e["recall_per_head"]) <= 1 + 1e-5 for e in entries)
+    accel.unwrap(sparse_pipe)
+    np.testing.assert_array_equal(sparse_pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames,
+                                  build()(**kwargs, generator=torch.Generator().manual_seed(0)).frames)
+
+
+@pytest.mark.parametrize("bad", [
+    (AdaSpaConfig, {"sparsity": 1.5}), (AdaSpaConfig, {"block_size": 48}), (AdaSpaConfig, {"research": "0.6"}),
+    (AdaSpaConfig, {"research": (1.2,)}), (AdaSpaConfig, {"head_adaptive": "yes"}), (AdaSpaConfig, {"warmup": -0.1}),
+    (VMoBAConfig, {"threshold": 0.0}), (VMoBAConfig, {"spatial_blocks": (0, 2)}),
+    (VMoBAConfig, {"cube_blocks": (2, 2)}),
+    (VMoBAConfig, {"block_size": 8}), (VMoBAConfig, {"temporal_blocks": 0}), (VMoBAConfig, {"measure_recall": 1}),
+])
+def test_bad_configs_raise_value_error(bad):
+    config_class, fields = bad
+    with pytest.raises(ValueError, match=next(iter(fields))):
+        config_class(**fields)
+
+
+def test_presets_and_config_round_trip():
+    for name in ("adaspa", "adaspa-fast", "adaspa-quality", "vmoba", "vmoba-quality"):
+        (config,) = accel.registry.resolve(name)
+        assert type(config).from_dict(json.loads(json.dumps(config.to_dict()))) == config
