@@ -92,7 +92,7 @@ def _fused_cpu_attention():
 
 
 def block_sparse_attention_torch(q, k, v, kv_block_index, kv_block_count, block_size: int, scale: float,
-                                 chunk_elements: int = 2**25, with_lse: bool = True):
+                                 chunk_elements: int = 2**21, with_lse: bool = True, width_multiple: int = 8):
     """The PyTorch path: exact, with the selected key/value blocks gathered per chunk of query blocks into one
     padded batch and attended by torch's fused (flash) CPU kernel, which also returns the LSE.
 
@@ -105,7 +105,8 @@ def block_sparse_attention_torch(q, k, v, kv_block_index, kv_block_count, block_
     k_len, v_dim = k.shape[2], v.shape[3]
     rows_bh = batch * heads
     q_blocks, k_blocks = math.ceil(q_len / block_size), math.ceil(k_len / block_size)
-    width = max(dim, v_dim) + 1  # the fused kernel wants one head size for q, k and v
+    # the fused kernel wants one head size for q, k and v; a multiple of 8 keeps its inner loops vectorised
+    width = -(-(max(dim, v_dim) + 1) // width_multiple) * width_multiple
     compute = torch.float32
     qa = torch.zeros(rows_bh, q_blocks * block_size, width, dtype=compute, device=q.device)
     qa[:, :q_len, :dim] = q.reshape(rows_bh, q_len, dim)
