@@ -30,7 +30,7 @@ def moving_digits(tmp_path_factory):
     from pipelines.training import train_moving_digits
 
     folder = tmp_path_factory.mktemp("moving-digits") / "moving-digits"
-    assert train_moving_digits.main(["--steps", "2", "--batch-size", "2", "--image-batch-size", "2",
+    assert train_moving_digits.main(["--steps", "2", "--set", "clips_per_step=2", "--set", "frames_per_step=2",
                                      "--eval-every", "0", "--out", str(folder)]) == 0
     return reference.load(folder)
 
@@ -110,6 +110,27 @@ def test_digits_dit_loads_offline_and_is_seeded(digits_dit):
 def test_moving_digits_is_not_shipped_yet_and_says_how_to_train_it():
     with pytest.raises(ValueError, match="train_moving_digits"):
         reference.load("moving-digits")
+
+
+def test_moving_digits_recipe_overrides_are_checked():
+    from pipelines.training import train_moving_digits as training
+
+    assert training.parse_overrides(["lr=1e-3", "patch=1", "timestep_sampling=logit-normal"]) == {
+        "lr": 1e-3, "patch": 1, "timestep_sampling": "logit-normal"}
+    assert training.Recipe(patch=1, temporal_factor=4).tokens_per_clip() == 5 * 16 * 16
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        training.parse_overrides(["lr"])
+    with pytest.raises(ValueError, match="learning_rate"):
+        training.parse_overrides(["learning_rate=1"])
+    with pytest.raises(ValueError, match="takes a float"):
+        training.parse_overrides(["lr=fast"])
+    with pytest.raises(ValueError, match="multiple of 16"):
+        training.Recipe(canvas=12)
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        training.Recipe(timestep_sampling="cosine")
+    for argv in (["--steps", "0"], ["--set", "layers=many"], ["--set", "frames=18"]):
+        with pytest.raises(SystemExit):
+            training.main([*argv, "--no-save"])
 
 
 def test_moving_digits_checkpoint_loads_offline_and_is_seeded(moving_digits):

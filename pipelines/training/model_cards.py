@@ -104,21 +104,28 @@ Measured on {metrics.get('measured_on', {}).get('date')} with torch {metrics.get
 
 def moving_digits_card(folder: Path) -> str:
     metrics, training = _load(folder, "metrics.json"), _load(folder, "training.json")
-    settings = metrics.get("settings", {})
+    settings, recipe = metrics.get("settings", {}), training.get("recipe", {})
+    frames, canvas, factor, patch = (recipe.get(k, 0) or 1 for k in ("frames", "canvas", "temporal_factor", "patch"))
+    latent_frames, side = 1 + (frames - 1) // factor, canvas // patch
+    tokens = latent_frames * side * side
+    curve = ", ".join(f"step {step}: " + " / ".join(f"{_pct(acc)} (guidance {g})" for g, acc in scores.items())
+                      for step, scores in training.get("per_frame_accuracy_during_training", {}).items())
     return f"""# moving-digits
 
-A class-conditional video diffusion transformer: 33-frame 16x16 clips of one handwritten digit moving and
-bouncing off the walls. Trained in this repository; loaded offline with `pipelines.reference.load("moving-digits")`,
-which returns a diffusers `WanPipeline`. Condition it with `pipelines.reference.class_prompt_embeds(pipe, labels)`.
+A class-conditional video diffusion transformer: {frames}-frame {canvas}x{canvas} clips of one handwritten digit
+moving and bouncing off the walls. Trained in this repository; loaded offline with
+`pipelines.reference.load("moving-digits")`, which returns a diffusers `WanPipeline`. Condition it with
+`pipelines.reference.class_prompt_embeds(pipe, labels)` (or `pipelines.reference.call_kwargs`).
 
 ## Model
-- `WanTransformer3DModel`: 8 blocks, 4 heads x 32 (hidden 128), FFN 512, patch (1, 2, 2), RMS q/k norm,
-  cross-attention to 4 learned tokens per class (`class_embeddings.safetensors`, row 10 = null class).
-- Latents: `FramePackingVAE` (no weights) keeps frame 0 and folds each following group of 4 frames into the
-  channels of one latent frame, as Wan's VAE groups time: 33 frames -> 9 latent frames x 4 channels x 16 x 16,
-  9 x 8 x 8 = 576 tokens per clip, i.e. 9 key blocks of 64 tokens (one per latent frame) for sparse attention.
-- Sampler: `FlowMatchEulerDiscreteScheduler`, shift 2.0. Defaults: {settings.get('num_inference_steps')} steps,
-  guidance {settings.get('guidance_scale')}.
+- `WanTransformer3DModel`: {recipe.get('layers')} blocks, {recipe.get('heads')} heads x {recipe.get('head_dim')},
+  FFN {recipe.get('ffn')}, patch (1, {patch}, {patch}), RMS q/k norm, cross-attention to 4 learned tokens per class
+  (`class_embeddings.safetensors`, row 10 = the null class used for guidance).
+- Latents: `FramePackingVAE` (no weights) keeps frame 0 and folds each following group of {factor} frames into the
+  channels of one latent frame, as Wan's VAE groups time: {frames} frames -> {latent_frames} latent frames x
+  {side} x {side} = {tokens} tokens per clip ({tokens // 64} key blocks of 64 for sparse attention).
+- Sampler: `FlowMatchEulerDiscreteScheduler`, shift {recipe.get('sampling_shift')}. Defaults:
+  {settings.get('num_inference_steps')} steps, guidance {settings.get('guidance_scale')}.
 
 ## Data
 Clips made by `pipelines.digits.moving_digit_clips` from the train split of scikit-learn's digits: one digit,
@@ -126,10 +133,11 @@ random start and velocity (0.3 .. 0.9 px/frame per axis), bouncing; a fresh dete
 
 ## Training
 `python -m pipelines.training.train_moving_digits` (seed {training.get('seed', 0)}): {training.get('steps')} steps,
-batch {training.get('batch_size')}, rectified-flow objective, AdamW {training.get('lr')}, EMA {training.get('ema')}, 10% null-class
-dropout.
-Final smoothed loss {training.get('final_smoothed_loss')}. Wall clock {training.get('minutes')} minutes on 2 CPU
-cores; at the fastest rate in the log {_uncontended_minutes(folder, training.get('steps'))} minutes.
+each on {recipe.get('clips_per_step')} clip(s) and {recipe.get('frames_per_step')} single frames (joint image-video
+training); rectified flow, noise levels {recipe.get('timestep_sampling')}; AdamW {recipe.get('lr')}, EMA
+{recipe.get('ema')}, {_pct(recipe.get('label_dropout', 0))} null-class dropout. Final smoothed loss
+{training.get('final_smoothed_loss')}; {training.get('minutes')} minutes on 2 CPU cores.
+Per-frame class accuracy of the EMA model during training (10 clips each): {curve or '-'}.
 Log: `../moving-digits.train.log`.
 
 ## Measured (`python -m pipelines.training.evaluate moving-digits`)
@@ -145,6 +153,8 @@ most ink is cut out of each frame):
 | seconds per clip (2 CPU threads) | {metrics.get('seconds_per_clip', float('nan')):.2f} |
 
 ![frames](../../../docs/moving-digits-strip.png)
+
+![clips](../../../docs/moving-digits.gif)
 """
 
 

@@ -1,7 +1,13 @@
 """Train ``moving-digits``: a class-conditional video transformer on clips of one digit bouncing on a canvas
 (under 40 minutes on 2 cores).
 
-    python -m pipelines.training.train_moving_digits [--steps N] [--out pipelines/reference_models/moving-digits]
+    python -m pipelines.training.train_moving_digits [--steps N] [--set NAME=VALUE ...] [--out FOLDER]
+
+Everything that defines a run apart from the seed and the step count is one ``Recipe`` (its defaults below);
+``--set lr=1e-3 --set patch=1`` changes fields for a recipe search, ``--max-minutes`` stops early, ``--history``
+writes the evaluation curve, ``--no-save`` keeps the weights in memory only. ``train()`` is the same loop for
+other callers and runs on any device; its random draws come from a CPU generator, so a step is the same
+computation on the same batches everywhere.
 
 Data: ``pipelines.digits.moving_digit_clips`` over the train split, 17 frames of 16x16 pixels, a fresh
 deterministic batch every step (seeded by the step index). Latents: ``FramePackingVAE`` with a temporal factor
@@ -18,22 +24,31 @@ Objective: rectified flow (x_t = (1 - s) x0 + s noise, target noise - x0, timest
 FlowMatchEulerDiscreteScheduler samples (shift 2); s is uniform mapped through that shift, so training visits
 noise levels as the sampler does, favouring the high-noise steps where a digit's class is decided.
 AdamW 8e-4 with a 100-step warm-up, gradient clipping 1.0, EMA 0.998. Every ``--eval-every`` steps the EMA model
-generates one clip per class through ``WanPipeline`` and the log reports per-frame class accuracy. EMA weights
-are written in fp16, atomically.
+generates clips of every class through ``WanPipeline`` and the log reports per-frame class accuracy at each
+``--eval-guidance``. EMA weights are written in fp16, atomically.
 
-Earlier recipes, kept for the record (logs of neither are shipped): clips alone (33 frames packed 4 to a latent
-frame, 8 clips a step, lr 4e-4, 1,700 steps) gave speckled blobs, 13-16% per-frame class accuracy; 8 clips + 48
-frames a step with logit-normal noise levels and lr 4e-4 reached only 25% after 750 steps (1.5 s a step), too slow
-for the 40-minute budget. This recipe (1.05 s a step) was at 17% after 800 steps when it was stopped: it misses the
-80% bar too, and the weights are not shipped (see ``pipelines.reference``). On single frames alone (64 a step,
-lr 8e-4) the model still draws speckled blobs after 400 steps (5% class accuracy), so the limit is how slowly this
-Wan configuration learns the digits at all, not the video part.
+No recipe tried so far reaches the 80% per-frame class accuracy bar inside 40 minutes, so the weights are not
+shipped (see ``pipelines.reference``). Per-frame accuracy of the EMA model (10 clips, guidance 3 / 5) by step:
+
+* clips alone (33 frames packed 4 to a latent frame, 8 clips a step, lr 4e-4, 1,700 steps): speckled blobs, 13-16%;
+* 8 clips + 48 frames a step, logit-normal noise levels, lr 4e-4 (1.5 s a step): 25% at step 750;
+* the defaults (0.83-1.05 s a step): 17% at step 800 with EMA 0.998; with ``ema=0.995``: 5% / 5% at step 300,
+  13% / 17% at 600, 22% / 27% at 900 (stopped);
+* ``patch=1 temporal_factor=4 clips_per_step=1 frames_per_step=16 ema=0.995`` (per-pixel tokens as in digits-dit;
+  1,280 tokens per clip; 1.05 s a step): 11% / 11% at 300, 17% / 18% at 600, 17% / 16% at 900, 17% / 18% at 1,200;
+* single frames alone, 64 a step: speckled blobs after 400 steps (5%).
+
+Stronger guidance helps early (27% at 5 vs 22% at 3), a sign that the class signal through cross-attention to the
+learned table is what the model is slowest to pick up; a diffusers DiT conditioned through AdaLN on the same
+single frames reached 15-25% within 100-300 steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,17 +63,76 @@ from pipelines.pixel_space import FramePackingVAE
 from pipelines.training.common import EMA, atomic_directory, get_logger, seed_everything, write_json_atomic
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "reference_models" / "moving-digits"
-FRAMES, CANVAS, TEMPORAL_FACTOR, CLASS_TOKENS, TEXT_DIM, NULL_CLASS = 17, 16, 2, 4, 64, 10
-TRANSFORMER_CONFIG = dict(
-    patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=TEMPORAL_FACTOR,
-    out_channels=TEMPORAL_FACTOR, text_dim=TEXT_DIM, freq_dim=64, ffn_dim=512, num_layers=8, cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64,
-)
-RECIPE = dict(
-    lr=8e-4, warmup_steps=100, ema=0.998, label_dropout=0.1, image_batch_size=48, timestep_sampling="shifted-uniform"
-)
-SAMPLING_SHIFT = 2.0
-EVAL_CALL = dict(num_inference_steps=20, guidance_scale=3.0, height=CANVAS, width=CANVAS, num_frames=FRAMES)
+CLASS_TOKENS, TEXT_DIM, NULL_CLASS = 4, 64, 10
+TIMESTEP_SAMPLINGS = ("shifted-uniform", "logit-normal")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that defines a moving-digits training run, apart from the seed and the number of steps."""
+
+    canvas: int = 16
+    frames: int = 17
+    temporal_factor: int = 2  # frames folded into one latent frame (FramePackingVAE)
+    patch: int = 2  # spatial patch of the transformer
+    layers: int = 8
+    heads: int = 4
+    head_dim: int = 32
+    ffn: int = 512
+    lr: float = 8e-4
+    warmup_steps: int = 100
+    ema: float = 0.998
+    label_dropout: float = 0.1
+    clips_per_step: int = 4
+    frames_per_step: int = 48  # single frames ("one-latent-frame videos") per step; 0: clips only
+    timestep_sampling: str = "shifted-uniform"
+    sampling_shift: float = 2.0
+    guidance_scale: float = 3.0  # the default call's guidance
+    num_inference_steps: int = 20
+
+    def __post_init__(self) -> None:
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {self.timestep_sampling!r}")
+        if (self.frames - 1) % self.temporal_factor or self.canvas % 16 or 16 % self.patch:
+            raise ValueError("frames must be 1 + k * temporal_factor, canvas a multiple of 16 (WanPipeline's rule) "
+                             "and patch a divisor of 16")
+        if self.clips_per_step < 1 or self.frames_per_step < 0:
+            raise ValueError("clips_per_step must be at least 1 and frames_per_step 0 or more")
+
+    def transformer_config(self) -> dict:
+        return dict(
+            patch_size=(1, self.patch, self.patch), num_attention_heads=self.heads, attention_head_dim=self.head_dim,
+            in_channels=self.temporal_factor, out_channels=self.temporal_factor, text_dim=TEXT_DIM, freq_dim=64,
+            ffn_dim=self.ffn, num_layers=self.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+            eps=1e-6, rope_max_seq_len=64,
+        )
+
+    def tokens_per_clip(self) -> int:
+        return (1 + (self.frames - 1) // self.temporal_factor) * (self.canvas // self.patch) ** 2
+
+    def call(self) -> dict:
+        """The pipeline call the model card is measured with (``pipelines.reference.DEFAULT_CALL``)."""
+        return dict(num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+                    height=self.canvas, width=self.canvas, num_frames=self.frames)
+
+
+RECIPE = Recipe()
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["lr=1e-3", "layers=12"]`` -> typed Recipe overrides; unknown names or bad values raise ValueError."""
+    fields = {field.name: field.type for field in dataclasses.fields(Recipe)}
+    overrides = {}
+    for pair in pairs:
+        name, separator, value = pair.partition("=")
+        if not separator or name not in fields:
+            raise ValueError(f"Recipe overrides are NAME=VALUE with NAME one of {', '.join(fields)}; got {pair!r}.")
+        kind = {"int": int, "float": float, "str": str}[fields[name]]
+        try:
+            overrides[name] = kind(value)
+        except ValueError as error:
+            raise ValueError(f"{name} takes a {fields[name]}, got {value!r}") from error
+    return overrides
 
 
 class ClassConditioning(torch.nn.Module):
@@ -72,80 +146,89 @@ class ClassConditioning(torch.nn.Module):
         return self.table[labels]
 
 
-def make_vae() -> FramePackingVAE:
-    return FramePackingVAE(channels=1, scale_factor_temporal=TEMPORAL_FACTOR, z_dim=TEMPORAL_FACTOR,
-                           latents_mean=(0.0,) * TEMPORAL_FACTOR, latents_std=(1.0,) * TEMPORAL_FACTOR)
+def make_vae(recipe: Recipe = RECIPE) -> FramePackingVAE:
+    factor = recipe.temporal_factor
+    return FramePackingVAE(channels=1, scale_factor_temporal=factor, z_dim=factor,
+                           latents_mean=(0.0,) * factor, latents_std=(1.0,) * factor)
 
 
-def sampling_scheduler() -> FlowMatchEulerDiscreteScheduler:
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SAMPLING_SHIFT)
+def sampling_scheduler(recipe: Recipe = RECIPE) -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=recipe.sampling_shift)
 
 
-def flow_matching_loss(model, conditioning, clean, labels, generator) -> torch.Tensor:
+def noise_levels(recipe: Recipe, count: int, generator: torch.Generator) -> torch.Tensor:
+    if recipe.timestep_sampling == "logit-normal":
+        return torch.sigmoid(torch.randn(count, generator=generator))
+    # uniform t mapped through the sampler's shift: noise levels visited as the sampler visits them, which favours
+    # the high-noise steps where the digit's class and position are decided
+    uniform = torch.rand(count, generator=generator)
+    return recipe.sampling_shift * uniform / (1 + (recipe.sampling_shift - 1) * uniform)
+
+
+def flow_matching_loss(recipe, model, conditioning, clean, labels, generator) -> torch.Tensor:
+    """Rectified flow: x_s = (1 - s) x0 + s noise, target noise - x0, timestep 1000 s. Random draws come from a CPU
+    generator, so a run is the same sequence of batches on any device."""
+    device = clean.device
     labels = labels.clone()
-    labels[torch.rand(len(labels), generator=generator) < RECIPE["label_dropout"]] = NULL_CLASS
-    noise = torch.randn(clean.shape, generator=generator)
-    # Noise levels drawn as the sampler visits them: uniform t mapped through the scheduler's shift, which favours
-    # the high-noise steps where the digit's class and position are decided.
-    uniform = torch.rand(len(labels), generator=generator)
-    sigma = SAMPLING_SHIFT * uniform / (1 + (SAMPLING_SHIFT - 1) * uniform)
+    labels[torch.rand(len(labels), generator=generator) < recipe.label_dropout] = NULL_CLASS
+    noise = torch.randn(clean.shape, generator=generator).to(device)
+    sigma = noise_levels(recipe, len(labels), generator).to(device)
     noisy = (1 - sigma.view(-1, 1, 1, 1, 1)) * clean + sigma.view(-1, 1, 1, 1, 1) * noise
-    prediction = model(noisy, timestep=sigma * 1000, encoder_hidden_states=conditioning(labels)).sample
+    prediction = model(noisy, timestep=sigma * 1000, encoder_hidden_states=conditioning(labels.to(device))).sample
     return F.mse_loss(prediction, noise - clean)
 
 
 @torch.no_grad()
-def per_frame_accuracy(model, table: torch.Tensor, vae: FramePackingVAE, seed: int = 0) -> float:
-    """One generated clip per class through WanPipeline, scored frame by frame by the digit classifier."""
+def per_frame_accuracy(recipe: Recipe, model, table: torch.Tensor, *, clips_per_class: int = 1, seed: int = 0,
+                       guidance_scale: float | None = None) -> float:
+    """Clips of every class generated through WanPipeline, scored frame by frame by the digit classifier."""
     from pipelines.reference import classifier
 
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=model, vae=vae, scheduler=sampling_scheduler())
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=model, vae=make_vae(recipe).to(table.device),
+                       scheduler=sampling_scheduler(recipe))
     pipe.set_progress_bar_config(disable=True)
-    labels = torch.arange(10)
+    labels = torch.arange(10).repeat_interleave(clips_per_class).to(table.device)
+    call = recipe.call()
+    if guidance_scale is not None:
+        call["guidance_scale"] = guidance_scale
     frames = pipe(prompt_embeds=table[labels], negative_prompt_embeds=table[torch.full_like(labels, NULL_CLASS)],
-                  generator=torch.Generator().manual_seed(seed), output_type="np", **EVAL_CALL).frames
-    return classifier().accuracy(np.asarray(frames), labels.numpy())
+                  generator=torch.Generator().manual_seed(seed), output_type="np", **call).frames
+    return classifier().accuracy(np.asarray(frames), labels.cpu().numpy())
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=4, help="clips per step")
-    parser.add_argument("--image-batch-size", type=int, default=RECIPE["image_batch_size"],
-                        help="single frames per step (0: clips only)")
-    parser.add_argument("--eval-every", type=int, default=400, help="0: no evaluation during training")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for name in ("steps", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.image_batch_size < 0 or args.eval_every < 0:
-        parser.error("--image-batch-size and --eval-every must be 0 or more")
-    logger = get_logger("train_moving_digits", args.out.with_name(args.out.name + ".train.log"))
-    generator = seed_everything(args.seed)
-    train = split()["train"]
-    vae = make_vae()
-    model = WanTransformer3DModel(**TRANSFORMER_CONFIG).train()
-    conditioning = ClassConditioning()
+def train(recipe: Recipe, steps: int, *, seed: int = 0, device: str = "cpu", eval_every: int = 0,
+          eval_clips_per_class: int = 1, eval_guidances: tuple[float, ...] = (), max_minutes: float | None = None,
+          logger=None, progress: bool = True):
+    """Train for ``steps`` (or until ``max_minutes``); returns (EMA transformer, EMA class table, history).
+
+    history: {"steps", "minutes", "smoothed_loss", "evaluations": {step: {guidance: per-frame accuracy}}}.
+    """
+    log = logger.info if logger is not None else (lambda *args: None)
+    generator = seed_everything(seed)
+    train_split = split()["train"]
+    vae = make_vae(recipe)
+    model = WanTransformer3DModel(**recipe.transformer_config()).to(device).train()
+    conditioning = ClassConditioning().to(device)
     parameters = [*model.parameters(), *conditioning.parameters()]
-    ema_model, ema_conditioning = EMA(model, RECIPE["ema"]), EMA(conditioning, RECIPE["ema"])
-    optimizer = torch.optim.AdamW(parameters, lr=RECIPE["lr"], weight_decay=0.0)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / RECIPE["warmup_steps"]))
-    millions = sum(p.numel() for p in parameters) / 1e6
-    logger.info("moving-digits: %.2fM parameters, %d steps, %d clips + %d frames per step, seed %d",
-                millions, args.steps, args.batch_size, args.image_batch_size, args.seed)
-    started, running, evaluations = time.time(), 0.0, {}
-    for step in tqdm(range(1, args.steps + 1), desc="moving-digits"):
-        data_seed = args.seed * 1_000_003 + step
-        clips, labels = moving_digit_clips(train, args.batch_size, frames=FRAMES, canvas=CANVAS, seed=data_seed)
-        loss = flow_matching_loss(model, conditioning, vae.encode(torch.from_numpy(clips)[:, None]),
-                                  torch.from_numpy(labels), generator)
-        if args.image_batch_size:
-            frames, frame_labels = moving_digit_clips(train, args.image_batch_size, frames=1, canvas=CANVAS,
-                                                      seed=(data_seed, 1))
-            loss = loss + flow_matching_loss(model, conditioning, vae.encode(torch.from_numpy(frames)[:, None]),
-                                             torch.from_numpy(frame_labels), generator)
+    ema_model, ema_conditioning = EMA(model, recipe.ema), EMA(conditioning, recipe.ema)
+    optimizer = torch.optim.AdamW(parameters, lr=recipe.lr, weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / recipe.warmup_steps))
+    log("moving-digits: %.2fM parameters, %d tokens per clip, up to %d steps, seed %d, recipe %s",
+        sum(p.numel() for p in parameters) / 1e6, recipe.tokens_per_clip(), steps, seed, dataclasses.asdict(recipe))
+    guidances = eval_guidances or (recipe.guidance_scale,)
+    started, running, evaluations, step = time.time(), 0.0, {}, 0
+
+    def batch(count: int, frames: int, data_seed) -> tuple[torch.Tensor, torch.Tensor]:
+        clips, labels = moving_digit_clips(train_split, count, frames=frames, canvas=recipe.canvas, seed=data_seed)
+        return vae.encode(torch.from_numpy(clips)[:, None]).to(device), torch.from_numpy(labels)
+
+    for step in tqdm(range(1, steps + 1), desc="moving-digits", disable=not progress):
+        data_seed = seed * 1_000_003 + step
+        loss = flow_matching_loss(recipe, model, conditioning, *batch(recipe.clips_per_step, recipe.frames, data_seed),
+                                  generator)
+        if recipe.frames_per_step:
+            loss = loss + flow_matching_loss(recipe, model, conditioning,
+                                             *batch(recipe.frames_per_step, 1, (data_seed, 1)), generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -154,27 +237,77 @@ def main(argv=None) -> int:
         ema_model.update(model)
         ema_conditioning.update(conditioning)
         running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
-        if step % 100 == 0 or step == args.steps:
-            logger.info("step %d loss %.4f (smoothed) elapsed %.1f min", step, running, (time.time() - started) / 60)
-        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            evaluations[step] = per_frame_accuracy(ema_model.model, ema_conditioning.model.table.detach(), vae)
-            logger.info("step %d EMA model: per-frame class accuracy %.3f (10 clips)", step, evaluations[step])
+        minutes = (time.time() - started) / 60
+        out_of_time = max_minutes is not None and minutes >= max_minutes
+        if step % 100 == 0 or step == steps or out_of_time:
+            log("step %d loss %.4f (smoothed) elapsed %.1f min", step, running, minutes)
+        if eval_every and (step % eval_every == 0 or step == steps or out_of_time):
+            table = ema_conditioning.model.table.detach()
+            evaluations[step] = {
+                guidance: per_frame_accuracy(recipe, ema_model.model, table, guidance_scale=guidance,
+                                             clips_per_class=eval_clips_per_class)
+                for guidance in guidances
+            }
+            scores = ", ".join(f"{acc:.3f} at guidance {g}" for g, acc in evaluations[step].items())
+            log("step %d EMA model: per-frame class accuracy %s (%d clips)", step, scores, 10 * eval_clips_per_class)
+        if out_of_time:
+            break
+    history = {"steps": step, "minutes": round((time.time() - started) / 60, 2), "smoothed_loss": running,
+               "evaluations": evaluations}
+    return ema_model.model, ema_conditioning.model.table.detach(), history
 
-    minutes = (time.time() - started) / 60
-    with atomic_directory(args.out) as folder:
-        ema_model.model.to(torch.float16).save_pretrained(folder / "transformer", safe_serialization=True)
-        sampling_scheduler().save_pretrained(folder / "scheduler")
-        vae.save_config(folder / "vae")
-        table = ema_conditioning.model.table.detach().to(torch.float16).contiguous()
-        save_file({"table": table}, folder / "class_embeddings.safetensors")
-        write_json_atomic(folder / "training.json", {
-            "steps": args.steps, "batch_size": args.batch_size, "image_batch_size": args.image_batch_size,
-            "seed": args.seed, **{k: v for k, v in RECIPE.items() if k != "image_batch_size"},
-            "frames": FRAMES, "canvas": CANVAS, "temporal_factor": TEMPORAL_FACTOR,
-            "minutes": round(minutes, 1), "torch": torch.__version__, "final_smoothed_loss": round(running, 5),
-            "per_frame_accuracy_during_training": {str(k): round(v, 3) for k, v in evaluations.items()},
+
+def save(folder: Path, recipe: Recipe, model, table: torch.Tensor, history: dict, seed: int) -> None:
+    with atomic_directory(folder) as staging:
+        model.to("cpu", torch.float16).save_pretrained(staging / "transformer", safe_serialization=True)
+        sampling_scheduler(recipe).save_pretrained(staging / "scheduler")
+        make_vae(recipe).save_config(staging / "vae")
+        save_file({"table": table.cpu().to(torch.float16).contiguous()}, staging / "class_embeddings.safetensors")
+        write_json_atomic(staging / "training.json", {
+            "recipe": dataclasses.asdict(recipe), "seed": seed, "steps": history["steps"],
+            "minutes": round(history["minutes"], 1), "torch": torch.__version__,
+            "final_smoothed_loss": round(history["smoothed_loss"], 5),
+            "per_frame_accuracy_during_training": {
+                str(step): {str(g): round(acc, 3) for g, acc in scores.items()}
+                for step, scores in history["evaluations"].items()
+            },
         })
-    logger.info("saved %s after %.1f minutes", args.out, (time.time() - started) / 60)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a Recipe field (repeatable), e.g. --set lr=1e-3")
+    parser.add_argument("--eval-every", type=int, default=400, help="0: no evaluation during training")
+    parser.add_argument("--eval-clips-per-class", type=int, default=1)
+    parser.add_argument("--eval-guidance", type=float, action="append", default=[],
+                        help="guidance scales to evaluate at (repeatable; default: the recipe's)")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop early after this long")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--history", type=Path, default=None, help="also write the training history JSON here")
+    parser.add_argument("--no-save", action="store_true", help="train and evaluate only (recipe search)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.eval_every < 0 or args.eval_clips_per_class < 1:
+        parser.error("--steps and --eval-clips-per-class must be at least 1, --eval-every 0 or more")
+    try:
+        recipe = dataclasses.replace(RECIPE, **parse_overrides(args.overrides))
+    except (ValueError, TypeError) as error:
+        parser.error(str(error))
+    log_file = None if args.no_save else args.out.with_name(args.out.name + ".train.log")
+    logger = get_logger("train_moving_digits", log_file)
+    model, table, history = train(recipe, args.steps, seed=args.seed, device=args.device, eval_every=args.eval_every,
+                                  eval_clips_per_class=args.eval_clips_per_class,
+                                  eval_guidances=tuple(args.eval_guidance), max_minutes=args.max_minutes,
+                                  logger=logger, progress=not args.no_save)
+    if args.history is not None:
+        write_json_atomic(args.history, {"recipe": dataclasses.asdict(recipe), "seed": args.seed,
+                                         "device": args.device, **history})
+    if not args.no_save:
+        save(args.out, recipe, model, table, history, args.seed)
+        logger.info("saved %s after %.1f minutes", args.out, history["minutes"])
     return 0
 
 
