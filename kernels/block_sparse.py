@@ -160,9 +160,14 @@ def block_sparse_attention_torch(q, k, v, kv_block_index, kv_block_count, block_
 
 
 def attention_with_lse(q, k, v, scale: float | None = None, chunk: int = 1024):
-    """Dense attention and its fp32 LSE [B, H, S] (the first search step of AdaSpa needs both), computed over
-    chunks of ``chunk`` query rows so memory stays O(chunk x S)."""
+    """Dense attention and its fp32 LSE [B, H, S] (the first search step of AdaSpa needs both). On the CPU this is
+    torch's fused flash kernel, which returns the LSE; elsewhere it runs over chunks of ``chunk`` query rows so memory
+    stays O(chunk x S)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    fused = _fused_cpu_attention() if q.device.type == "cpu" else None
+    if fused is not None and q.shape[-1] == v.shape[-1]:
+        out, lse = fused(q.float(), k.float(), v.float(), 0.0, False, scale=scale)
+        return out.to(q.dtype), lse
     outputs, lses = [], []
     for start in range(0, q.shape[2], chunk):
         scores = torch.matmul(q[:, :, start : start + chunk].float(), k.float().transpose(-1, -2)) * scale
@@ -180,14 +185,14 @@ def block_mass(q, k, lse, block_size: int = 64, scale: float | None = None, chun
     batch, heads, q_len, _ = q.shape
     k_len = k.shape[2]
     q_blocks, k_blocks = math.ceil(q_len / block_size), math.ceil(k_len / block_size)
-    key_block = torch.arange(k_len, device=q.device) // block_size
+    keys = torch.nn.functional.pad(k.float(), (0, 0, 0, k_blocks * block_size - k_len))  # zero keys ...
+    key_valid = (torch.arange(k_blocks * block_size, device=q.device) < k_len).float()  # ... given no mass
     mass = torch.zeros(batch, heads, q_blocks, k_blocks, dtype=torch.float32, device=q.device)
     for start in range(0, q_len, chunk):
         stop = min(q_len, start + chunk)
-        probs = torch.exp(torch.matmul(q[:, :, start:stop].float(), k.float().transpose(-1, -2)) * scale
-                          - lse[:, :, start:stop, None])
-        per_key_block = torch.zeros(batch, heads, stop - start, k_blocks, device=q.device)
-        per_key_block.index_add_(3, key_block, probs)
+        probs = torch.exp(torch.matmul(q[:, :, start:stop].float(), keys.transpose(-1, -2)) * scale
+                          - lse[:, :, start:stop, None]) * key_valid
+        per_key_block = probs.view(batch, heads, stop - start, k_blocks, block_size).sum(-1)
         rows = torch.arange(start, stop, device=q.device) // block_size
         mass.index_add_(2, rows, per_key_block)
     rows_per_block = torch.bincount(torch.arange(q_len, device=q.device) // block_size, minlength=q_blocks)

@@ -35,7 +35,9 @@ shipped (see ``pipelines.reference``). Per-frame accuracy of the EMA model (10 c
 * the defaults (0.83-1.05 s a step): 17% at step 800 with EMA 0.998; with ``ema=0.995``: 5% / 5% at step 300,
   13% / 17% at 600, 22% / 27% at 900 (stopped);
 * ``patch=1 temporal_factor=4 clips_per_step=1 frames_per_step=16 ema=0.995`` (per-pixel tokens as in digits-dit;
-  1,280 tokens per clip; 1.05 s a step): 11% / 11% at 300, 17% / 18% at 600, 17% / 16% at 900, 17% / 18% at 1,200;
+  1,280 tokens per clip; 1.05 s a step): 11% / 11% at 300, 17% / 18% at 600, 17% / 16% at 900, 17% /
+  18% at 1,200, 25% / 29% at 1,500 (stopped by ``--max-minutes 38``; the checkpoint behind the sparse-attention
+  benchmark's moving-digits table);
 * single frames alone, 64 a step: speckled blobs after 400 steps (5%).
 
 Stronger guidance helps early (27% at 5 vs 22% at 3), a sign that the class signal through cross-attention to the
