@@ -1,0 +1,325 @@
+"""Sparse-attention benchmark on the CPU: the attention op, a long synthetic video, and the reference video model.
+
+    python benchmarks/sparse_attention.py                     # everything (~25 minutes on 2 cores)
+    python benchmarks/sparse_attention.py --sections op --lengths 4096,16384
+
+Sections (``--sections``, comma-separated):
+
+* ``op``: one attention call, fp32, 1 x 4 heads x 64, at 4K-32K tokens and densities 0.1 / 0.25 / 0.5 (random
+  key blocks of 64, each query block's own block kept, the same count in every row): dense SDPA, our PyTorch path
+  (``kernels.block_sparse_attention``), and compiled FlexAttention with the same blocks as a ``BlockMask``. Median
+  of ``--repeats`` calls after a warm-up, methods interleaved; FLOPs saved = 1 - density computed.
+* ``synthetic``: a random-init ``WanTransformer3DModel`` (2 layers, 4 heads x 64) at 16,384 tokens per clip
+  (4 latent frames of 64 x 64), 8 steps without guidance: wall-clock of the whole pipeline call, dense vs AdaSpa vs
+  VMoBA. Random weights: speed alone, labelled synthetic.
+* ``moving-digits``: the trained reference video model at its default call (576 tokens per clip): end-to-end
+  speedup, PSNR / SSIM against the dense output for the same seeds, per-frame class accuracy, attention density
+  and recall (attention mass kept; AdaSpa at its search steps, VMoBA on every sparse step of a separate run).
+
+Writes ``sparse_attention_cpu.json`` and ``sparse_attention_cpu.md`` to ``--out`` (default docs/benchmarks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import accel  # noqa: E402
+from kernels import block_sparse_attention  # noqa: E402
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
+SECTIONS = ("op", "synthetic", "moving-digits")
+
+
+def random_blocks(heads: int, blocks: int, density: float, seed: int = 0):
+    """Each query block keeps its own block and random others, ``round(density * blocks)`` in all."""
+    generator = torch.Generator().manual_seed(seed)
+    keep = max(1, round(density * blocks))
+    index = torch.empty(1, heads, blocks, keep, dtype=torch.int32)
+    for h in range(heads):
+        for m in range(blocks):
+            others = torch.randperm(blocks - 1, generator=generator)[: keep - 1]
+            others = others + (others >= m).long()  # skip the own block
+            index[0, h, m] = torch.sort(torch.cat([torch.tensor([m]), others])).values.int()
+    return index, torch.full((1, heads, blocks), keep, dtype=torch.int32)
+
+
+def median_seconds(function, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def flex_runner(q, k, v, index, count, block: int):
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    key_blocks = k.shape[2] // block  # the mask's key extent is read from the index width: pad it to every block
+    index = torch.nn.functional.pad(index, (0, key_blocks - index.shape[-1]))
+    mask = BlockMask.from_kv_blocks(count, index, BLOCK_SIZE=block, seq_lengths=(q.shape[2], k.shape[2]))
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda: compiled(q, k, v, block_mask=mask)
+
+
+def op_section(lengths: list[int], densities: list[float], repeats: int) -> list[dict]:
+    rows = []
+    for length in lengths:
+        generator = torch.Generator().manual_seed(length)
+        q, k, v = (torch.randn(1, 4, length, 64, generator=generator) for _ in range(3))
+        dense = functools.partial(F.scaled_dot_product_attention, q, k, v)
+        dense()
+        for density in densities:
+            index, count = random_blocks(4, length // 64, density)
+            ours = functools.partial(block_sparse_attention, q, k, v, index, count, block_size=64)
+            expected = F.scaled_dot_product_attention(q, k, v, attn_mask=_mask(index, count, length))
+            torch.testing.assert_close(ours(), expected, atol=1e-4, rtol=1e-4)
+            row = {"tokens": length, "density": density, "density_computed": float(count[0, 0, 0]) / (length // 64)}
+            try:
+                started = time.perf_counter()
+                flex = flex_runner(q, k, v, index, count, 64)
+                torch.testing.assert_close(flex(), expected, atol=1e-4, rtol=1e-4)
+                row["flex_compile_s"] = time.perf_counter() - started
+            except Exception as error:  # report why FlexAttention could not run here, keep the other columns
+                flex, row["flex_error"] = None, f"{type(error).__name__}: {str(error)[:200]}"
+            timings = {"dense": [], "ours": [], "flex": []}
+            for _ in range(repeats):  # interleaved
+                timings["dense"].append(median_seconds(dense, 1))
+                timings["ours"].append(median_seconds(ours, 1))
+                if flex is not None:
+                    timings["flex"].append(median_seconds(flex, 1))
+            row.update({f"{name}_s": statistics.median(values) for name, values in timings.items() if values})
+            row["ours_speedup"] = row["dense_s"] / row["ours_s"]
+            if "flex_s" in row:
+                row["flex_speedup"] = row["dense_s"] / row["flex_s"]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def _mask(index, count, length: int) -> torch.Tensor:
+    from accel._block_sparse import mask_from_selection
+
+    selected = mask_from_selection(index, count, length // 64)
+    return selected.repeat_interleave(64, dim=2).repeat_interleave(64, dim=3)
+
+
+def _wan_pipeline(layers: int, heads: int, head_dim: int, temporal_factor: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    from pipelines.adapters import ready_for_inference
+    from pipelines.pixel_space import FramePackingVAE
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=temporal_factor,
+        out_channels=temporal_factor, text_dim=64, freq_dim=64, ffn_dim=512, num_layers=layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=128,
+    )
+    vae = FramePackingVAE(channels=1, scale_factor_temporal=temporal_factor, z_dim=temporal_factor,
+                          latents_mean=(0.0,) * temporal_factor, latents_std=(1.0,) * temporal_factor)
+    return ready_for_inference(WanPipeline(tokenizer=None, text_encoder=None, transformer=model, vae=vae,
+                                           scheduler=FlowMatchEulerDiscreteScheduler(shift=2.0)))
+
+
+SPARSE_METHODS = {
+    "AdaSpa (sparsity 0.75)": lambda: accel.AdaSpaConfig(sparsity=0.75),
+    "AdaSpa (sparsity 0.5)": lambda: accel.AdaSpaConfig(sparsity=0.5),
+    "VMoBA (threshold 0.25)": lambda: accel.VMoBAConfig(),
+}
+
+
+def synthetic_section(repeats: int) -> list[dict]:
+    embeds = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(0))
+    call = dict(prompt_embeds=embeds, num_inference_steps=8, guidance_scale=1.0, height=128, width=128,
+                num_frames=13, output_type="np")
+    pipes = {"dense": _wan_pipeline(2, 4, 64, 4)}
+    pipes.update({name: accel.wrap(_wan_pipeline(2, 4, 64, 4), make()) for name, make in SPARSE_METHODS.items()})
+    for pipe in pipes.values():  # warm-up
+        pipe(**{**call, "num_inference_steps": 1}, generator=torch.Generator().manual_seed(0))
+    timings: dict[str, list[float]] = {name: [] for name in pipes}
+    outputs = {}
+    for _ in range(repeats):
+        for name, pipe in pipes.items():
+            started = time.perf_counter()
+            outputs[name] = pipe(**call, generator=torch.Generator().manual_seed(1)).frames
+            timings[name].append(time.perf_counter() - started)
+    rows = []
+    for name, pipe in pipes.items():
+        seconds = statistics.median(timings[name])
+        density = accel.summary(pipe).attention_density if accel.is_wrapped(pipe) else 1.0
+        rows.append({"method": name, "tokens": 16384, "seconds": seconds,
+                     "speedup": statistics.median(timings["dense"]) / seconds, "attention_density": density})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _mean_recall(summary_extras: dict, method: str, exact_only: bool) -> float | None:
+    layers = summary_extras.get(method, {}).get("layers", {}).values()
+    values = [np.mean(entry["recall_per_head"]) for entries in layers for entry in entries
+              if "recall_per_head" in entry and (entry.get("exact", True) or not exact_only)]
+    return float(np.mean(values)) if values else None
+
+
+def _tokens_per_clip(pipe) -> int:
+    from pipelines import reference
+
+    call = reference.DEFAULT_CALL["moving-digits"]
+    _, patch_h, patch_w = pipe.transformer.config.patch_size
+    latent_frames = 1 + (call["num_frames"] - 1) // pipe.vae.config.scale_factor_temporal
+    return latent_frames * (call["height"] // patch_h) * (call["width"] // patch_w)
+
+
+def moving_digits_section(clips: int, batch: int, model: str = "moving-digits") -> list[dict]:
+    from eval.metrics import psnr
+    from pipelines import reference
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from caching import ssim
+
+    classifier = reference.classifier()
+    methods = {"dense": None,
+               "AdaSpa (sparsity 0.7)": lambda: accel.AdaSpaConfig(sparsity=0.7),
+               "AdaSpa (sparsity 0.5)": lambda: accel.AdaSpaConfig(sparsity=0.5),
+               "VMoBA (threshold 0.25)": lambda: accel.VMoBAConfig(),
+               "VMoBA (threshold 0.25, kernel block 16)": lambda: accel.VMoBAConfig(block_size=16)}
+    pipes = {name: reference.load(model) for name in methods}
+    for name, make in methods.items():
+        if make is not None:
+            accel.wrap(pipes[name], make())
+    labels = [label for label in range(10) for _ in range(clips // 10)]
+    outputs: dict[str, list] = {name: [] for name in methods}
+    seconds: dict[str, list] = {name: [] for name in methods}
+    densities: dict[str, list] = {name: [] for name in methods}
+    recalls: dict[str, list] = {name: [] for name in methods}
+    for number, start in enumerate(range(0, len(labels), batch)):
+        names = list(methods)
+        names = names[number % len(names):] + names[: number % len(names)]  # rotate the order: drift hits all alike
+        for name in names:
+            kwargs = reference.call_kwargs("moving-digits", pipes[name], labels[start : start + batch], seed=number)
+            started = time.perf_counter()
+            outputs[name].append(np.asarray(pipes[name](**kwargs).frames, np.float32))
+            seconds[name].append(time.perf_counter() - started)
+            if methods[name] is not None:
+                summary = accel.summary(pipes[name])
+                densities[name].append(summary.attention_density)
+                recall = _mean_recall(summary.extras, "adaspa", exact_only=True)
+                if recall is not None:
+                    recalls[name].append(recall)
+    for name, make in methods.items():  # VMoBA's recall needs a dense pass per call: a separate run on one batch
+        if make is not None and make().method == "vmoba":
+            probe = accel.wrap(reference.load(model), make().replace(measure_recall=True))
+            probe(**reference.call_kwargs("moving-digits", probe, labels[:batch], seed=0))
+            recalls[name].append(_mean_recall(accel.summary(probe).extras, "vmoba", exact_only=False))
+    dense = np.concatenate(outputs["dense"])
+    rows = []
+    for name in methods:
+        frames = np.concatenate(outputs[name])
+        ratios = [d / s for d, s in zip(seconds["dense"], seconds[name])]
+        rows.append({
+            "method": name, "clips": len(labels), "tokens_per_clip": _tokens_per_clip(pipes["dense"]),
+            "speedup": statistics.median(ratios), "seconds_per_batch": statistics.median(seconds[name]),
+            "psnr_vs_dense": psnr(dense, frames) if name != "dense" else None,
+            "ssim_vs_dense": ssim(dense, frames) if name != "dense" else None,
+            "per_frame_class_accuracy": classifier.accuracy(frames, labels),
+            "attention_density": float(np.mean(densities[name])) if densities[name] else 1.0,
+            "recall": float(np.mean(recalls[name])) if recalls[name] else None,
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return format(value, spec)
+
+
+def markdown(results: dict) -> str:
+    machine = results["machine"]
+    lines = ["# Sparse attention on the CPU", "",
+             f"Measured by `benchmarks/sparse_attention.py` on {machine['processor']} ({machine['threads']} threads), "
+             f"torch {machine['torch']}, {machine['date']}.", ""]
+    if results.get("op"):
+        lines += ["## The attention op", "", "fp32, 1 x 4 heads x 64, random key blocks of 64 (own block kept), "
+                  "median seconds per call, methods interleaved.", "",
+                  "| tokens | density | FLOPs saved | dense SDPA s | ours s | ours speedup | FlexAttention s | "
+                  "Flex speedup | Flex compile s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in results["op"]:
+            lines.append(f"| {r['tokens']} | {r['density']} | {1 - r['density_computed']:.0%} | {r['dense_s']:.3f} | "
+                         f"{r['ours_s']:.3f} | {r['ours_speedup']:.2f}x | {_fmt(r.get('flex_s'), '.3f')} | "
+                         f"{_fmt(r.get('flex_speedup'), '.2f')}x | {_fmt(r.get('flex_compile_s'), '.0f')} |")
+        errors = {r["flex_error"] for r in results["op"] if "flex_error" in r}
+        lines += [""] + [f"FlexAttention failed: {error}" for error in errors]
+    if results.get("synthetic"):
+        lines += ["", "## Synthetic: random-init Wan, 16,384 tokens per clip (speed only)", "",
+                  "| method | seconds per call | speedup | attention density |", "|---|---:|---:|---:|"]
+        for r in results["synthetic"]:
+            lines.append(f"| {r['method']} | {r['seconds']:.1f} | {r['speedup']:.2f}x | "
+                         f"{r['attention_density']:.3f} |")
+    if results.get("moving-digits"):
+        tokens = results["moving-digits"][0]["tokens_per_clip"]
+        lines += ["", f"## moving-digits ({results.get('moving-digits-model')}, {tokens} tokens per clip)", "",
+                  "| method | speedup | PSNR vs dense | SSIM vs dense | per-frame class accuracy | attention density "
+                  "| recall |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in results["moving-digits"]:
+            lines.append(f"| {r['method']} | {r['speedup']:.2f}x | {_fmt(r['psnr_vs_dense'], '.1f')} | "
+                         f"{_fmt(r['ssim_vs_dense'], '.3f')} | {r['per_frame_class_accuracy']:.1%} | "
+                         f"{r['attention_density']:.3f} | {_fmt(r['recall'], '.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--lengths", default="4096,8192,16384,32768")
+    parser.add_argument("--densities", default="0.1,0.25,0.5")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clips", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=10)
+    parser.add_argument("--moving-digits", default="moving-digits",
+                        help="the shipped model's name, or a folder with a checkpoint of it (say which in the doc)")
+    parser.add_argument("--out", type=Path, default=DOCS)
+    args = parser.parse_args(argv)
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    results = {"machine": {"processor": platform.processor() or platform.machine(),
+                           "threads": torch.get_num_threads(), "torch": torch.__version__,
+                           "date": time.strftime("%Y-%m-%d")}}
+    if "op" in sections:
+        results["op"] = op_section([int(x) for x in args.lengths.split(",")],
+                                   [float(x) for x in args.densities.split(",")], args.repeats)
+    if "synthetic" in sections:
+        results["synthetic"] = synthetic_section(max(1, args.repeats - 1))
+    if "moving-digits" in sections:
+        results["moving-digits"] = moving_digits_section(args.clips, args.batch, args.moving_digits)
+        results["moving-digits-model"] = args.moving_digits
+    args.out.mkdir(parents=True, exist_ok=True)
+    from accel._io import atomic_write
+
+    atomic_write(args.out / "sparse_attention_cpu.json", json.dumps(results, indent=2) + "\n")
+    atomic_write(args.out / "sparse_attention_cpu.md", markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
