@@ -32,7 +32,6 @@ import math
 import torch
 
 from kernels import block_mass
-
 from pipelines.adapters import ADAPTERS
 
 from . import _block_sparse as sparse
