@@ -182,7 +182,7 @@ class AdaSpaAttention:
         return sparse.sparse_attention(call, split, searched["index"], searched["count"], self.config.block_size)
 
     def _report(self, call, searched, kept: torch.Tensor, *, exact: bool) -> None:
-        key_blocks = math.ceil(sparse.token_split(call).image_tokens / self.config.block_size)
+        key_blocks = math.ceil(searched["shape"][1].image_tokens / self.config.block_size)  # shape: (q shape, split)
         layer = self.state.report.setdefault("layers", {}).setdefault(self.name, [])
         layer.append({
             "step": call.step.step, "branch": call.step.branch, "exact": exact,

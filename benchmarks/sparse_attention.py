@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import platform
 import statistics
 import sys
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import accel  # noqa: E402
+from benchmarks.caching import _fmt  # noqa: E402
 from kernels import block_sparse_attention  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
@@ -185,11 +185,9 @@ def _tokens_per_clip(pipe) -> int:
 
 
 def moving_digits_section(clips: int, batch: int, model: str = "moving-digits") -> list[dict]:
+    from benchmarks.caching import ssim
     from eval.metrics import psnr
     from pipelines import reference
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from caching import ssim
 
     classifier = reference.classifier()
     methods = {"dense": None,
@@ -241,14 +239,6 @@ def moving_digits_section(clips: int, batch: int, model: str = "moving-digits") 
         })
         print(json.dumps(rows[-1]), flush=True)
     return rows
-
-
-def _fmt(value, spec: str) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    return format(value, spec)
 
 
 def markdown(results: dict) -> str:
