@@ -27,6 +27,10 @@ Where this implementation departs from the paper, and why:
 * Without a calibrated schedule for the call's step count, BAC uses M evenly spaced update steps and logs a
   warning naming ``accel.calibrate``; ``accel.summary(pipe).extras["bac"]["schedule"]`` says which was used.
 * A branch whose input shape differs from that of its cached output (or that has none yet) computes.
+* ``forecast=1`` (ours, off by default): a reused branch returns the first-order extrapolation of its last two
+  update outputs, ``y_b + (t - b) / (b - a) * (y_b - y_a)``, instead of ``y_b`` (TaylorSeer's first-order
+  forecast, Liu et al., arXiv 2503.06923, applied on BAC's per-branch schedule). The schedule is still the one
+  the paper's reuse objective picks. Until a branch has two updates it reuses as the paper does.
 """
 
 from __future__ import annotations
@@ -68,16 +72,20 @@ class BACConfig(AccelConfig):
         top_k: how many of the most volatile branches get the Bubbling Union (0 turns it off).
         schedule: a calibrated schedule: the path of its JSON file, its ``to_dict()``, or a ``BACSchedule``
             (stored as its dict). ``None``: evenly spaced updates, with a warning.
+        forecast: 0 reuses a branch's last update output (the paper); 1 extrapolates linearly from its last two
+            updates (see the module docstring).
     """
 
     method = "bac"
     budget: float = 0.4
     top_k: int = 4
     schedule: str | dict | None = None
+    forecast: int = 0
 
     def validate(self) -> None:
         check_float("budget", self.budget, minimum=0.0, maximum=1.0, open_min=True)
         check_int("top_k", self.top_k, minimum=0)
+        check_int("forecast", self.forecast, minimum=0, maximum=1)
         if isinstance(self.schedule, BACSchedule):
             self.schedule = self.schedule.to_dict()
         if isinstance(self.schedule, os.PathLike):
@@ -272,7 +280,8 @@ class BACState:
         self.updates: dict[str, frozenset[int]] | None = None
         self.stores: dict[str, frozenset[int]] = {}  # update steps whose output a later step reuses
         self.schedule_used: str | None = None
-        self.cache: dict[tuple, tuple] = {}  # (denoiser, CFG branch, branch name) -> (input shape, output)
+        # (denoiser, CFG branch, branch name) -> (input shape, [(step, output)]: the last one, or two to forecast)
+        self.cache: dict[tuple, tuple] = {}
 
 
 def _input_shape(args: tuple, kwargs: dict) -> tuple:
@@ -307,16 +316,31 @@ class BACBranchHook(ModelHook):
             return None, None
         key = (self.denoiser, info.branch, self.name)
         if info.step in updates[self.name]:
-            # Keep the output only if a later step reuses it: holding tensors nobody reads costs memory and time.
+            # Keep the output only if a later step reads it: holding tensors nobody reads costs memory and time.
             return (key if info.step in self.state.stores[self.name] else None), None
         stored = self.state.cache.get(key)
         if stored is None or stored[0] != _input_shape(args, kwargs):
             return key, None
-        return key, stored[1]
+        history = stored[1]
+        if len(history) == 2:
+            (earlier, older), (last, newest) = history
+            return key, _extrapolate(older, newest, (info.step - last) / (last - earlier))
+        return key, history[-1][1]
 
     @torch.compiler.disable
     def _store(self, key, args, kwargs, output) -> None:
-        self.state.cache[key] = (_input_shape(args, kwargs), output)
+        info, shape = self.scope.current, _input_shape(args, kwargs)
+        stored = self.state.cache.get(key)
+        history = stored[1] if stored is not None and stored[0] == shape else []
+        keep = 2 if self.plan.config.forecast else 1
+        self.state.cache[key] = (shape, [*history, (info.step, output)][-keep:])
+
+
+def _extrapolate(older, newest, ratio: float):
+    """``newest + ratio * (newest - older)`` for a tensor or each tensor of a tuple (other entries: newest's)."""
+    if isinstance(newest, torch.Tensor):
+        return torch.lerp(older, newest, 1 + ratio)
+    return type(newest)(_extrapolate(a, b, ratio) if isinstance(b, torch.Tensor) else b for a, b in zip(older, newest))
 
 
 class BACPlan:
@@ -343,8 +367,11 @@ class BACPlan:
                     "num_inference_steps=%d).", self.schedule.num_inference_steps, num_steps, len(steps), num_steps,
                     num_steps,
                 )
-        state.stores = {name: frozenset(_steps_reused_after(sorted(steps), num_steps))
-                        for name, steps in state.updates.items()}
+        # forecasting reads the last two updates before a reuse, so it keeps every update's output
+        state.stores = {
+            name: frozenset(steps if self.config.forecast else _steps_reused_after(sorted(steps), num_steps))
+            for name, steps in state.updates.items()
+        }
         self.scope.extras.update(
             schedule=state.schedule_used, num_inference_steps=num_steps,
             branch_steps_computed_share=sum(map(len, state.updates.values())) / (len(state.updates) * num_steps),
@@ -499,6 +526,7 @@ register_accelerator(
     presets={
         "bac-quality": lambda: BACConfig(budget=0.5),
         "bac-fast": lambda: BACConfig(budget=0.3),
+        "bac-forecast": lambda: BACConfig(budget=0.3, forecast=1),
     },
     calibrate=calibrate_bac,
 )

@@ -69,18 +69,21 @@ def our_rows(steps: int) -> list[Row]:
     def wrap(*configs):
         return lambda pipe, calibration: accel.wrap(pipe, list(configs))
 
-    def bac(budget: float):
+    def bac(budget: float, forecast: int = 0):
         def setup(pipe, calibration):
-            accel.wrap_calibrated(pipe, BACConfig(budget=budget), calibration, num_inference_steps=steps)
+            accel.wrap_calibrated(pipe, BACConfig(budget=budget, forecast=forecast), calibration,
+                                  num_inference_steps=steps)
         return setup
 
     rows = [
         Row("accel, nothing skipped", "overhead", wrap(BACConfig(budget=1.0), DeltaDiTConfig(interval=1)), True),
         Row("Δ-DiT interval 2, 75% blocks", "Δ-DiT (ours)", wrap(DeltaDiTConfig()), True),
+        Row("Δ-DiT interval 2, 75% blocks, boundary 0.9", "Δ-DiT (ours)", wrap(DeltaDiTConfig(boundary=0.9)), True),
         Row("Δ-DiT interval 3, 75% blocks", "Δ-DiT (ours)", wrap(DeltaDiTConfig(interval=3)), True),
         *[Row(f"BAC budget {b}", "BAC (ours)", bac(b), True) for b in (0.3, 0.2, 0.15)],
+        *[Row(f"BAC + forecast, budget {b}", "BAC + forecast (ours)", bac(b, 1), True) for b in (0.3, 0.2)],
     ]
-    return rows if steps <= 20 else [row for row in rows if row.name != "Δ-DiT interval 2, 75% blocks"]
+    return rows if steps <= 20 else [row for row in rows if not row.name.startswith("Δ-DiT interval 2")]
 
 
 def peer_rows(steps: int) -> tuple[list[Row], dict[str, str]]:

@@ -154,8 +154,36 @@ def test_corrupt_or_mismatched_schedules_raise(tmp_path):
         accel.wrap(tiny.build("pixart-alpha"), "bac", schedule=schedule)
 
 
+@pytest.mark.parametrize("family", ["dit", "flux"])
+def test_forecast_extrapolates_the_last_two_updates(family):
+    """Updates on steps 0 and 1 only: a reused branch returns y1 + (t - 1) (y1 - y0), for tensors and tuples."""
+    steps = 4
+    pipe, schedule = calibrated(family, steps=steps)
+    schedule.updates = {name: [0, 1] for name in schedule.updates}
+    accel.wrap(pipe, BACConfig(schedule=schedule, forecast=1))
+    block = pipe.transformer.transformer_blocks[0]
+    seen = []
+    (block.attn1 if family == "dit" else block.attn).register_forward_hook(lambda m, args, out: seen.append(out))
+    run(pipe, family, num_inference_steps=steps)
+    calls = len(seen) // steps  # denoiser calls per step: 1, or 2 for CFG as separate calls; each its own cache
+    assert len(seen) == calls * steps and calls in (1, 2)
+    for stream in range(calls):
+        outputs = [o if isinstance(o, torch.Tensor) else o[0] for o in seen[stream::calls]]
+        y0, y1 = outputs[0].double(), outputs[1].double()
+        for t in (2, 3):
+            torch.testing.assert_close(outputs[t].double(), y1 + (t - 1) * (y1 - y0), rtol=1e-3, atol=1e-4)
+        assert not torch.equal(outputs[2], outputs[1])
+
+
+def test_forecast_with_every_step_computed_is_bit_identical():
+    baseline = run(tiny.build("pixart-alpha"), "pixart-alpha", num_inference_steps=4)
+    pipe = accel.wrap(tiny.build("pixart-alpha"), BACConfig(budget=1.0, forecast=1))
+    np.testing.assert_array_equal(run(pipe, "pixart-alpha", num_inference_steps=4), baseline)
+
+
 @pytest.mark.parametrize("changes, match", [({"budget": 0.0}, "greater than 0.0"), ({"budget": 1.5}, "at most 1.0"),
-                                            ({"top_k": -1}, "at least 0"), ({"top_k": 1.5}, "integer")])
+                                            ({"top_k": -1}, "at least 0"), ({"top_k": 1.5}, "integer"),
+                                            ({"forecast": 2}, "at most 1"), ({"forecast": True}, "integer")])
 def test_bad_config_values(changes, match):
     with pytest.raises(ValueError, match=match):
         BACConfig(**changes)
@@ -181,7 +209,7 @@ def test_uncalibrated_and_step_mismatch_are_visible(caplog):
 
 def test_presets():
     names = {entry["name"]: entry for entry in accel.available()}["bac"]["presets"]
-    assert set(names) == {"bac", "bac-fast", "bac-quality"}
+    assert set(names) == {"bac", "bac-fast", "bac-quality", "bac-forecast"}
     from accel.registry import resolve
 
     assert [c.budget for c in resolve(["bac-fast"])] == [0.3]
