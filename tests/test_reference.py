@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,10 @@ from pipelines import reference
 from pipelines.classifier import crop_inkiest_window, to_digit_batch
 from pipelines.digits import moving_digit_clips, split
 from pipelines.pixel_space import FramePackingVAE
+
+# The shipped moving-digits scores 77.6% per frame on the slow test's 20 clips (78.5% on the model card's 100, below
+# the 80% the project set for it); the floor catches a broken or retrained-worse checkpoint, not the last points.
+MOVING_DIGITS_FLOOR = 0.7
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +30,8 @@ def digits_dit():
 
 
 @pytest.fixture(scope="module")
-def moving_digits(tmp_path_factory):
-    # moving-digits weights are not shipped yet (see pipelines/reference.py); the loader and the training
-    # script are exercised on a 2-step checkpoint written to a temporary folder.
-    from pipelines.training import train_moving_digits
-
-    folder = tmp_path_factory.mktemp("moving-digits") / "moving-digits"
-    assert train_moving_digits.main(["--steps", "2", "--set", "clips_per_step=2", "--set", "frames_per_step=2",
-                                     "--eval-every", "0", "--out", str(folder)]) == 0
-    return reference.load(folder)
+def moving_digits():
+    return reference.load("moving-digits")
 
 
 def _run(name, pipe, labels, seed=0, **overrides):
@@ -107,9 +106,16 @@ def test_digits_dit_loads_offline_and_is_seeded(digits_dit):
     assert output.images.shape == (1, 8, 8, 1)
 
 
-def test_moving_digits_is_not_shipped_yet_and_says_how_to_train_it():
-    with pytest.raises(ValueError, match="train_moving_digits"):
-        reference.load("moving-digits")
+def test_moving_digits_training_script_writes_a_loadable_checkpoint(tmp_path):
+    from pipelines.training import train_moving_digits
+
+    folder = tmp_path / "moving-digits"
+    assert train_moving_digits.main(["--steps", "2", "--set", "frames_only_steps=1", "--set", "frames_only_batch=2",
+                                     "--set", "clips_per_step=2", "--set", "frames_per_step=2",
+                                     "--eval-every", "0", "--out", str(folder)]) == 0
+    assert json.loads((folder / "training.json").read_text())["steps"] == 2
+    pipe = reference.load(folder)
+    assert _run("moving-digits", pipe, [4], num_inference_steps=2).shape == (1, 17, 16, 16, 1)
 
 
 def test_moving_digits_recipe_overrides_are_checked():
@@ -128,9 +134,39 @@ def test_moving_digits_recipe_overrides_are_checked():
         training.Recipe(canvas=12)
     with pytest.raises(ValueError, match="timestep_sampling"):
         training.Recipe(timestep_sampling="cosine")
+    with pytest.raises(ValueError, match="at least one clip or frame"):
+        training.Recipe(clips_per_step=0, frames_per_step=0)
+    with pytest.raises(ValueError, match="0 or more"):
+        training.Recipe(frames_only_steps=-1)
     for argv in (["--steps", "0"], ["--set", "layers=many"], ["--set", "frames=18"]):
         with pytest.raises(SystemExit):
             training.main([*argv, "--no-save"])
+
+
+def test_moving_digits_learning_rate_warms_up_holds_and_decays_to_zero():
+    from pipelines.training import train_moving_digits as training
+
+    recipe = training.Recipe(warmup_steps=10, decay_steps=20)
+    factors = [training.learning_rate_factor(recipe, step, 100) for step in range(1, 101)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0  # warm-up over 10 steps
+    assert set(factors[10:80]) == {1.0}  # constant until the last 20 steps
+    assert factors[80] == 1.0 and factors[-1] == pytest.approx(1 / 20)  # linear decay, ending at the last step
+    assert all(later <= earlier for earlier, later in zip(factors[80:], factors[81:]))
+    assert training.learning_rate_factor(training.Recipe(decay_steps=0), 5000, 5000) == 1.0  # decay off
+
+
+def test_moving_digits_curriculum_trains_single_frames_first(monkeypatch):
+    from pipelines.training import train_moving_digits as training
+
+    seen = []
+    real_loss = training.flow_matching_loss
+    monkeypatch.setattr(training, "flow_matching_loss", lambda recipe, model, conditioning, clean, labels, g: (
+        seen.append(tuple(clean.shape[:3])) or real_loss(recipe, model, conditioning, clean, labels, g)))
+    recipe = training.Recipe(layers=1, frames=5, frames_only_steps=2, frames_only_batch=3, clips_per_step=1,
+                             frames_per_step=2)
+    training.train(recipe, 3, progress=False)
+    # steps 1-2: 3 single frames (one latent frame); step 3: a 5-frame clip (3 latent frames) and 2 single frames
+    assert seen == [(3, 2, 1), (3, 2, 1), (1, 2, 3), (2, 2, 1)]
 
 
 def test_moving_digits_checkpoint_loads_offline_and_is_seeded(moving_digits):
@@ -180,3 +216,21 @@ def test_digits_dit_generates_the_requested_classes(digits_dit, classifier):
     labels = [label for label in range(10) for _ in range(5)]
     images = _run("digits-dit", digits_dit, labels, seed=123)
     assert classifier.accuracy(images, labels) >= 0.9
+
+
+@pytest.mark.slow
+def test_moving_digits_draws_the_requested_class_frame_by_frame(moving_digits, classifier):
+    # The model card's figure comes from 100 clips (python -m pipelines.training.evaluate moving-digits); 20 clips
+    # here are a regression floor with room for the spread of a small sample.
+    labels = [label for label in range(10) for _ in range(2)]
+    clips = _run("moving-digits", moving_digits, labels, seed=123)
+    assert classifier.accuracy(clips, labels) >= MOVING_DIGITS_FLOOR
+
+
+def test_moving_digits_default_call_is_the_one_it_was_trained_and_measured_with():
+    from pipelines.training.train_moving_digits import Recipe
+
+    folder = reference.model_dir("moving-digits")
+    recipe = Recipe(**json.loads((folder / "training.json").read_text())["recipe"])
+    assert reference.DEFAULT_CALL["moving-digits"] == recipe.call()
+    assert json.loads((folder / "metrics.json").read_text())["settings"] == recipe.call()
