@@ -254,7 +254,8 @@ def train(recipe: Recipe, steps: int, *, seed: int = 0, device: str = "cpu", eva
     parameters = [*model.parameters(), *conditioning.parameters()]
     ema_model, ema_conditioning = EMA(model, recipe.ema), EMA(conditioning, recipe.ema)
     optimizer = torch.optim.AdamW(parameters, lr=recipe.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda index: learning_rate_factor(recipe, index + 1, steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                 lambda index: learning_rate_factor(recipe, index + 1, steps))
     log("moving-digits: %.2fM parameters, %d tokens per clip, up to %d steps, seed %d, recipe %s",
         sum(p.numel() for p in parameters) / 1e6, recipe.tokens_per_clip(), steps, seed, dataclasses.asdict(recipe))
     guidances = eval_guidances or (recipe.guidance_scale,)
