@@ -210,6 +210,24 @@ def run_setting(model: str, steps: int, samples: int, batch: int, include_peers:
             "peers_not_run": skipped, "guidance_scale": reference.DEFAULT_CALL[model]["guidance_scale"]}
 
 
+def merged_settings(path: Path, settings: list[dict], machine: dict) -> list[dict]:
+    """``settings`` plus the sections of an earlier ``caching.json`` they do not replace, ordered by model and
+    steps. Sections written before sections carried their own date take the file's date and command."""
+    if not path.is_file():
+        return settings
+    try:
+        earlier = json.loads(path.read_text())
+        kept = [{"measured": earlier["machine"]["date"], "command": earlier["machine"]["command"], **setting}
+                for setting in earlier["settings"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"--merge: {path} is not a caching benchmark result ({error}); move it away or drop "
+                         "--merge") from error
+    fresh = {(setting["model"], setting["steps"]) for setting in settings}
+    merged = [setting for setting in kept if (setting["model"], setting["steps"]) not in fresh] + settings
+    order = {name: index for index, name in enumerate(reference.MODELS)}
+    return sorted(merged, key=lambda setting: (order.get(setting["model"], len(order)), setting["steps"]))
+
+
 def _fmt(value, spec: str) -> str:
     if value is None:
         return "-"
@@ -230,6 +248,8 @@ def markdown(settings: list[dict], machine: dict) -> str:
     for setting in settings:
         lines += [f"## {setting['model']}, {setting['steps']} steps, guidance {setting['guidance_scale']}, "
                   f"{setting['samples']} samples", "",
+                  *([f"Measured {setting['measured']}: `{setting['command']}`.", ""]
+                    if setting.get("command", machine["command"]) != machine["command"] else []),
                   "| method | speedup | branches run | PSNR dB | SSIM | FID | class acc | s / sample |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for row in setting["rows"]:
@@ -282,6 +302,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="default 100 images / 10 clips")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the model / step-count sections of an existing caching.json in --out that this "
+                             "run does not measure (each section records its own date and command)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     settings = []
@@ -296,6 +319,10 @@ def main(argv=None) -> int:
     machine = {"machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "diffusers": diffusers.__version__, "date": time.strftime("%Y-%m-%d"),
                "command": " ".join(["python benchmarks/caching.py", *(argv if argv is not None else sys.argv[1:])])}
+    for setting in settings:
+        setting.update(measured=machine["date"], command=machine["command"])
+    if args.merge:
+        settings = merged_settings(args.out / "caching.json", settings, machine)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out / "caching.json", json.dumps({"machine": machine, "settings": settings}, indent=1))
     atomic_write(args.out / "caching.md", markdown(settings, machine))

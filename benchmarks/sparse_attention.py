@@ -16,7 +16,8 @@ Sections (``--sections``, comma-separated):
   speedup, PSNR / SSIM against the dense output for the same seeds, per-frame class accuracy, attention density
   and recall (attention mass kept; AdaSpa at its search steps, VMoBA on every sparse step of a separate run).
 
-Writes ``sparse_attention_cpu.json`` and ``sparse_attention_cpu.md`` to ``--out`` (default docs/benchmarks).
+Writes ``sparse_attention_cpu.json`` and ``sparse_attention_cpu.md`` to ``--out`` (default docs/benchmarks); the
+sections of an earlier ``sparse_attention_cpu.json`` there that this run does not measure are kept, with their dates.
 """
 
 from __future__ import annotations
@@ -241,13 +242,35 @@ def moving_digits_section(clips: int, batch: int, model: str = "moving-digits") 
     return rows
 
 
+def earlier_sections(path: Path, rerun: list[str]) -> dict:
+    """The sections of an earlier result file that this run does not measure (a run of one section keeps the
+    others), with their dates; nothing if there is no readable earlier file."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    date = earlier.get("machine", {}).get("date")
+    kept = {key: value for key, value in earlier.items() if key in SECTIONS and key not in rerun}
+    if "moving-digits" in kept and "moving-digits-model" in earlier:
+        kept["moving-digits-model"] = earlier["moving-digits-model"]
+    dates = earlier.get("section_dates", {})
+    kept["section_dates"] = {key: dates.get(key, date) for key in SECTIONS if key in kept}
+    return kept
+
+
+def _measured(results: dict, section: str) -> list[str]:
+    date = results.get("section_dates", {}).get(section)
+    return [f"Measured {date}.", ""] if date and date != results["machine"]["date"] else []
+
+
 def markdown(results: dict) -> str:
     machine = results["machine"]
     lines = ["# Sparse attention on the CPU", "",
              f"Measured by `benchmarks/sparse_attention.py` on {machine['processor']} ({machine['threads']} threads), "
              f"torch {machine['torch']}, {machine['date']}.", ""]
     if results.get("op"):
-        lines += ["## The attention op", "", "fp32, 1 x 4 heads x 64, random key blocks of 64 (own block kept), "
+        lines += ["## The attention op", "", *_measured(results, "op"),
+                  "fp32, 1 x 4 heads x 64, random key blocks of 64 (own block kept), "
                   "median seconds per call, methods interleaved.", "",
                   "| tokens | density | FLOPs saved | dense SDPA s | ours s | ours speedup | FlexAttention s | "
                   "Flex speedup | Flex compile s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -259,6 +282,7 @@ def markdown(results: dict) -> str:
         lines += [""] + [f"FlexAttention failed: {error}" for error in errors]
     if results.get("synthetic"):
         lines += ["", "## Synthetic: random-init Wan, 16,384 tokens per clip (speed only)", "",
+                  *_measured(results, "synthetic"),
                   "| method | seconds per call | speedup | attention density |", "|---|---:|---:|---:|"]
         for r in results["synthetic"]:
             lines.append(f"| {r['method']} | {r['seconds']:.1f} | {r['speedup']:.2f}x | "
@@ -266,6 +290,7 @@ def markdown(results: dict) -> str:
     if results.get("moving-digits"):
         tokens = results["moving-digits"][0]["tokens_per_clip"]
         lines += ["", f"## moving-digits ({results.get('moving-digits-model')}, {tokens} tokens per clip)", "",
+                  *_measured(results, "moving-digits"),
                   "| method | speedup | PSNR vs dense | SSIM vs dense | per-frame class accuracy | attention density "
                   "| recall |", "|---|---:|---:|---:|---:|---:|---:|"]
         for r in results["moving-digits"]:
@@ -291,9 +316,12 @@ def main(argv=None) -> int:
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
-    results = {"machine": {"processor": platform.processor() or platform.machine(),
-                           "threads": torch.get_num_threads(), "torch": torch.__version__,
-                           "date": time.strftime("%Y-%m-%d")}}
+    today = time.strftime("%Y-%m-%d")
+    earlier = earlier_sections(args.out / "sparse_attention_cpu.json", sections)  # sections not rerun stay
+    results = {**earlier,
+               "machine": {"processor": platform.processor() or platform.machine(),
+                           "threads": torch.get_num_threads(), "torch": torch.__version__, "date": today},
+               "section_dates": {**earlier.get("section_dates", {}), **{section: today for section in sections}}}
     if "op" in sections:
         results["op"] = op_section([int(x) for x in args.lengths.split(",")],
                                    [float(x) for x in args.densities.split(",")], args.repeats)

@@ -1,0 +1,57 @@
+"""Benchmark result files: a rerun of one model (caching.py --merge) or of one section (sparse_attention.py)
+keeps what it did not measure, with the date it was measured."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is a folder of scripts, not a package
+
+from benchmarks import caching, sparse_attention  # noqa: E402
+
+
+def _setting(model, steps, marker):
+    return {"model": model, "steps": steps, "samples": 1, "batch": 1, "rows": [], "peers_not_run": {},
+            "guidance_scale": 1.5, "marker": marker}
+
+
+def test_merge_replaces_rerun_sections_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "caching.json"
+    earlier = [_setting("digits-dit", 20, "old"), _setting("digits-dit", 50, "old")]
+    path.write_text(json.dumps({"machine": {"date": "2026-11-01", "command": "python benchmarks/caching.py"},
+                                "settings": earlier}))
+    fresh = [_setting("moving-digits", 20, "new"), _setting("digits-dit", 50, "new")]
+    merged = caching.merged_settings(path, fresh, {})
+    assert [(s["model"], s["steps"], s["marker"]) for s in merged] == [
+        ("digits-dit", 20, "old"), ("digits-dit", 50, "new"), ("moving-digits", 20, "new")]
+    assert merged[0]["measured"] == "2026-11-01" and merged[0]["command"] == "python benchmarks/caching.py"
+    machine = {"date": "2026-11-30", "machine": "x86_64", "threads": 2, "torch": "t", "diffusers": "d",
+               "command": "python benchmarks/caching.py --model moving-digits --merge"}
+    text = caching.markdown(merged, machine)
+    assert "Measured 2026-11-01: `python benchmarks/caching.py`." in text  # the kept section says when and how
+
+
+def test_merge_without_an_earlier_file_and_with_a_corrupt_one(tmp_path):
+    fresh = [_setting("digits-dit", 20, "new")]
+    assert caching.merged_settings(tmp_path / "missing.json", fresh, {}) == fresh
+    (tmp_path / "caching.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a caching benchmark result"):
+        caching.merged_settings(tmp_path / "caching.json", fresh, {})
+
+
+def test_sparse_attention_rerun_of_one_section_keeps_the_others(tmp_path):
+    path = tmp_path / "sparse_attention_cpu.json"
+    path.write_text(json.dumps({"machine": {"date": "2026-11-01"}, "op": [{"tokens": 4096}],
+                                "synthetic": [{"method": "dense"}], "moving-digits": [{"method": "old"}],
+                                "moving-digits-model": "old-checkpoint"}))
+    kept = sparse_attention.earlier_sections(path, ["moving-digits"])
+    assert kept == {"op": [{"tokens": 4096}], "synthetic": [{"method": "dense"}],
+                    "section_dates": {"op": "2026-11-01", "synthetic": "2026-11-01"}}
+    assert sparse_attention.earlier_sections(path, ["op"])["moving-digits-model"] == "old-checkpoint"
+    assert sparse_attention.earlier_sections(tmp_path / "missing.json", ["op"]) == {}
+    results = {**kept, "machine": {"processor": "x86_64", "threads": 2, "torch": "t", "date": "2026-11-30"}}
+    text = sparse_attention.markdown({**results, "op": [], "synthetic": [{"method": "dense", "seconds": 1.0,
+                                                                         "speedup": 1.0, "attention_density": 1.0}]})
+    assert "Measured 2026-11-01." in text
