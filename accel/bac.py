@@ -29,11 +29,8 @@ Where this implementation departs from the paper, and why:
 * A branch whose input shape differs from that of its cached output (or that has none yet) computes.
 * ``forecast=1`` (ours, off by default): a reused branch returns the first-order extrapolation of its last two
   update outputs, ``y_b + (t - b) / (b - a) * (y_b - y_a)``, instead of ``y_b`` (TaylorSeer's first-order
-  forecast, Liu et al., arXiv 2503.06923, applied on BAC's per-branch schedule). Until a branch has two updates it
-  reuses as the paper does. ``accel.calibrate`` with ``forecast=1`` picks the update steps for that: the dynamic
-  program runs over the last *two* updates and minimises the forecast's relative squared error, computed from
-  per-sample Gram matrices of the recorded outputs (``forecast_errors``, ``optimal_forecast_updates``), in place
-  of the paper's reuse similarity. A schedule calibrated either way runs with either setting.
+  forecast, Liu et al., arXiv 2503.06923, applied on BAC's per-branch schedule). The schedule is still the one
+  the paper's reuse objective picks. Until a branch has two updates it reuses as the paper does.
 """
 
 from __future__ import annotations
@@ -257,64 +254,6 @@ def optimal_updates(similarity: np.ndarray, count: int) -> list[int]:
     return sorted(chosen)
 
 
-def forecast_errors(gram: np.ndarray, steps: list[int]) -> np.ndarray:
-    """``E[a, b, t]``: the error of standing in for step ``t`` with what a branch updated at ``a < b < t`` returns
-    under ``forecast=1``, the extrapolation ``(1 + r) y_b - r y_a`` with ``r = (t - b) / (b - a)``; row ``a = T``
-    (no earlier update) is plain reuse of ``y_b``. The error is the squared distance relative to ``|y_t|^2``,
-    averaged over samples; it is computed from each sample's Gram matrix of the outputs (``gram``: [N, T, T] inner
-    products at ``steps``), so no output is touched again. Entries with ``t <= b`` are 0, impossible pairs inf."""
-    count = len(steps)
-    values = np.asarray(steps, dtype=np.float64)
-    norms = np.einsum("nii->ni", gram)
-    scale = np.clip(norms, 1e-12, None)
-    a, b, t = np.meshgrid(np.arange(count), np.arange(count), np.arange(count), indexing="ij")
-    ratio = (values[t] - values[b]) / np.where(a < b, values[b] - values[a], 1.0)
-    squared = (gram[:, t, t] + (1 + ratio) ** 2 * gram[:, b, b] + ratio ** 2 * gram[:, a, a]
-               - 2 * (1 + ratio) * gram[:, t, b] + 2 * ratio * gram[:, t, a] - 2 * ratio * (1 + ratio) * gram[:, a, b])
-    errors = np.empty((count + 1, count, count))
-    errors[:count] = np.clip(squared / scale[:, None, None, :], 0, None).mean(axis=0)
-    errors[:count][a >= b] = np.inf
-    reuse = (norms[:, None, :] + norms[:, :, None] - 2 * gram) / scale[:, None, :]  # [N, b, t]
-    errors[count] = np.clip(reuse, 0, None).mean(axis=0)
-    lower = np.tril(np.ones((count, count), dtype=bool))  # t <= b: not stood in for by this update
-    errors[:, lower] = np.where(np.isfinite(errors[:, lower]), 0.0, np.inf)
-    return np.nan_to_num(errors, nan=np.inf)
-
-
-def optimal_forecast_updates(errors: np.ndarray, count: int) -> list[int]:
-    """The ``count`` update steps (step 0 among them) that minimise the summed ``forecast_errors`` of the steps
-    between updates, by dynamic programming over the last two updates: O(count * T^3), vectorised.
-
-    ``best[a, b]``: least error with the updates so far ending in ``a < b`` (``a = T``: ``b`` is the only one),
-    counting the steps before ``b``; a next update ``c`` adds ``seg[a, b, c] = sum_{b<t<c} E[a, b, t]``.
-    """
-    steps = errors.shape[1]
-    count = max(1, min(count, steps))
-    if count == steps:
-        return list(range(steps))
-    with np.errstate(over="ignore", invalid="ignore"):  # impossible (a, b) pairs are inf all along
-        cumulative = np.cumsum(errors, axis=2)  # [a, b, t]: sum of E[a, b, t'] over t' <= t (0 for t' <= b)
-    segment = np.full((steps + 1, steps, steps), np.inf)  # [a, b, c]
-    segment[:, :, 1:] = cumulative[:, :, :-1]
-    segment[:, np.tril(np.ones((steps, steps), dtype=bool))] = np.inf  # c must come after b
-    best = np.full((steps + 1, steps), np.inf)
-    best[steps, 0] = 0.0
-    parents = []
-    for _ in range(count - 1):
-        candidates = best[:, :, None] + segment  # [a, b, c]
-        parent = np.argmin(candidates, axis=0)  # [b, c]
-        best = np.full((steps + 1, steps), np.inf)
-        best[:steps] = np.take_along_axis(candidates, parent[None], axis=0)[0]
-        parents.append(parent)
-    total = best + cumulative[:, :, -1]
-    a, b = np.unravel_index(int(np.argmin(total)), total.shape)
-    chosen = [int(b)]
-    for parent in reversed(parents):
-        chosen.append(int(a))
-        a, b = int(parent[a, b]), a
-    return sorted(chosen)
-
-
 def bubbling_union(updates: dict[str, list[int]], volatility: dict[str, float],
                    branches: dict[str, tuple[str, int, str, Any]], top_k: int) -> list[str]:
     """For each of the ``top_k`` most volatile branches, add the update steps of every FFN branch of the same
@@ -489,16 +428,6 @@ class _BranchRecorder:
                 stored[step] = torch.cat([stored[step], rows]) if step in stored else rows
         self.pending = {}
 
-    def gram(self, name: str, steps: list[int]) -> np.ndarray:
-        """[samples, T, T]: each sample's inner products of the branch's outputs at ``steps``, every CFG branch's
-        samples stacked (float64)."""
-        grams = []
-        for (other, _), recorded in self.outputs.items():
-            if other == name:
-                stack = torch.stack([recorded[s].double() for s in steps])  # [T, N, D]
-                grams.append(torch.einsum("ind,jnd->nij", stack, stack).numpy())
-        return np.concatenate(grams)
-
     def statistics(self, name: str, num_steps: int) -> tuple[list[int], np.ndarray, float]:
         """(steps the branch ran on, similarity matrix over them, relative L1 volatility), over CFG branches."""
         per_branch = [steps for (other, _), steps in self.outputs.items() if other == name]
@@ -570,11 +499,7 @@ def calibrate_bac(pipe, config: BACConfig, inputs: Iterable[dict], *, num_infere
         if not steps:  # a branch that never ran (an expert outside its steps): never needed, keep step 0
             updates[name] = [0]
             continue
-        if config.forecast:
-            chosen = optimal_forecast_updates(forecast_errors(recorder.gram(name, steps), steps), count)
-        else:
-            chosen = optimal_updates(similarity, count)
-        updates[name] = [steps[i] for i in chosen]
+        updates[name] = [steps[i] for i in optimal_updates(similarity, count)]
     bubbled = bubbling_union(updates, volatility, branches, config.top_k)
     first = next(iter(recorder.outputs.values()), {})
     samples = next(iter(first.values())).shape[0] if first else 0
@@ -584,10 +509,7 @@ def calibrate_bac(pipe, config: BACConfig, inputs: Iterable[dict], *, num_infere
         "budget": config.budget,
         "updates_per_branch": count,
         "top_k": config.top_k,
-        "forecast": config.forecast,
-        "metric": ("relative squared error of the first-order forecast (reuse before a branch's second update), "
-                   "mean over samples and CFG branches" if config.forecast else
-                   "cosine similarity of flattened branch outputs, mean over samples and CFG branches"),
+        "metric": "cosine similarity of flattened branch outputs, mean over samples and CFG branches",
         "volatility": "relative mean L1 change between consecutive steps",
         "bubbled_branches": bubbled,
         "calibration_calls": len(inputs),

@@ -13,15 +13,7 @@ from accelerator_tester import AcceleratorTesterMixin, run
 from toy_accelerators import ProbeConfig
 
 import accel
-from accel.bac import (
-    BACConfig,
-    BACSchedule,
-    bubbling_union,
-    forecast_errors,
-    optimal_forecast_updates,
-    optimal_updates,
-    uniform_updates,
-)
+from accel.bac import BACConfig, BACSchedule, bubbling_union, optimal_updates, uniform_updates
 from pipelines import tiny
 
 SINGLE_DENOISER = tuple(f for f in tiny.FAMILIES if f != "wan2.2")
@@ -97,52 +89,6 @@ def test_dynamic_programming_updates_where_features_change():
     similarity = np.full((8, 8), 0.1)
     similarity[:4, :4] = similarity[4:, 4:] = 1.0
     assert optimal_updates(similarity, 2) == [0, 4]
-
-
-def _forecast_error(outputs: np.ndarray, updates: list[int]) -> float:
-    """Direct definition: every non-update step t stands in for by the reuse (one update so far) or the linear
-    extrapolation of the last two updates; relative squared error per sample, mean over samples."""
-    total = 0.0
-    for t in range(outputs.shape[1]):
-        if t in updates:
-            continue
-        earlier = [u for u in updates if u < t]
-        b = earlier[-1]
-        guess = outputs[:, b]
-        if len(earlier) > 1:
-            a = earlier[-2]
-            guess = outputs[:, b] + (t - b) / (b - a) * (outputs[:, b] - outputs[:, a])
-        total += np.mean(((outputs[:, t] - guess) ** 2).sum(axis=1) / (outputs[:, t] ** 2).sum(axis=1))
-    return total
-
-
-@pytest.mark.parametrize("seed", range(3))
-def test_forecast_dynamic_programming_matches_brute_force(seed):
-    rng = np.random.default_rng(seed)
-    outputs = rng.normal(size=(3, 8, 6)).cumsum(axis=1) + 2.0  # [samples, steps, features]
-    errors = forecast_errors(np.einsum("nid,njd->nij", outputs, outputs), list(range(8)))
-    for count in range(1, 9):
-        chosen = optimal_forecast_updates(errors, count)
-        assert chosen[0] == 0 and len(chosen) == count
-        best = min(_forecast_error(outputs, [0, *rest]) for rest in itertools.combinations(range(1, 8), count - 1))
-        assert _forecast_error(outputs, chosen) == pytest.approx(best)
-
-
-def test_forecast_dynamic_programming_uses_the_extrapolation():
-    # Outputs on a straight line from step 2 on: updates at 2 and 3 forecast every later step exactly (reuse could
-    # not), and steps 0-3 cannot be forecast from earlier ones, so these four updates are the only error-free ones.
-    direction = np.array([1.0, -0.5, 0.25])
-    outputs = np.stack([np.array([3.0, 3.0, 3.0]), np.array([-2.0, 1.0, 0.0])]
-                       + [np.array([5.0, 1.0, 2.0]) + k * direction for k in range(8)])[None]  # [1, 10, 3]
-    errors = forecast_errors(np.einsum("nid,njd->nij", outputs, outputs), list(range(10)))
-    assert optimal_forecast_updates(errors, 4) == [0, 1, 2, 3]
-    assert _forecast_error(outputs, [0, 1, 2, 3]) == pytest.approx(0.0, abs=1e-12)
-
-
-def test_forecast_calibration_records_its_objective():
-    _, schedule = calibrated("dit", steps=6, budget=0.5, forecast=1)
-    assert schedule.metadata["forecast"] == 1 and "forecast" in schedule.metadata["metric"]
-    assert all(steps[0] == 0 and len(steps) >= 3 for steps in schedule.updates.values())
 
 
 def test_uniform_updates():
