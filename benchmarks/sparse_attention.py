@@ -243,16 +243,15 @@ def moving_digits_section(clips: int, batch: int, model: str = "moving-digits") 
 
 
 def earlier_sections(path: Path, rerun: list[str]) -> dict:
-    """The sections of an earlier result file that this run does not measure (a run of one section keeps the
-    others), with their dates; nothing if there is no readable earlier file."""
+    """What an earlier result file holds that this run does not measure (a run of one section keeps the others and
+    any extra raw figures), with the sections' dates; nothing if there is no readable earlier file."""
     try:
         earlier = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
     date = earlier.get("machine", {}).get("date")
-    kept = {key: value for key, value in earlier.items() if key in SECTIONS and key not in rerun}
-    if "moving-digits" in kept and "moving-digits-model" in earlier:
-        kept["moving-digits-model"] = earlier["moving-digits-model"]
+    dropped = {"machine", "section_dates", *rerun, *(["moving-digits-model"] if "moving-digits" in rerun else [])}
+    kept = {key: value for key, value in earlier.items() if key not in dropped}  # extra raw figures stay too
     dates = earlier.get("section_dates", {})
     kept["section_dates"] = {key: dates.get(key, date) for key in SECTIONS if key in kept}
     return kept

@@ -45,9 +45,9 @@ def test_sparse_attention_rerun_of_one_section_keeps_the_others(tmp_path):
     path = tmp_path / "sparse_attention_cpu.json"
     path.write_text(json.dumps({"machine": {"date": "2026-11-01"}, "op": [{"tokens": 4096}],
                                 "synthetic": [{"method": "dense"}], "moving-digits": [{"method": "old"}],
-                                "moving-digits-model": "old-checkpoint"}))
+                                "moving-digits-model": "old-checkpoint", "synthetic_before": [1]}))
     kept = sparse_attention.earlier_sections(path, ["moving-digits"])
-    assert kept == {"op": [{"tokens": 4096}], "synthetic": [{"method": "dense"}],
+    assert kept == {"op": [{"tokens": 4096}], "synthetic": [{"method": "dense"}], "synthetic_before": [1],
                     "section_dates": {"op": "2026-11-01", "synthetic": "2026-11-01"}}
     assert sparse_attention.earlier_sections(path, ["op"])["moving-digits-model"] == "old-checkpoint"
     assert sparse_attention.earlier_sections(tmp_path / "missing.json", ["op"]) == {}
