@@ -217,7 +217,7 @@ def run_setting(model: str, steps: int, samples: int, batch: int, include_peers:
             "peers_not_run": skipped, "guidance_scale": reference.DEFAULT_CALL[model]["guidance_scale"]}
 
 
-def merged_settings(path: Path, settings: list[dict], machine: dict) -> list[dict]:
+def merged_settings(path: Path, settings: list[dict]) -> list[dict]:
     """``settings`` plus the sections of an earlier ``caching.json`` they do not replace, ordered by model and
     steps. Sections written before sections carried their own date take the file's date and command."""
     if not path.is_file():
@@ -315,6 +315,8 @@ def main(argv=None) -> int:
                              "run does not measure (each section records its own date and command)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
+    if args.merge:
+        merged_settings(args.out / "caching.json", [])  # a corrupt earlier file fails now, not after the run
     settings = []
     for model in args.model or ["digits-dit", "moving-digits"]:
         default_steps = [20, 50] if model == "digits-dit" else [reference.DEFAULT_CALL[model]["num_inference_steps"]]
@@ -330,7 +332,7 @@ def main(argv=None) -> int:
     for setting in settings:
         setting.update(measured=machine["date"], command=machine["command"])
     if args.merge:
-        settings = merged_settings(args.out / "caching.json", settings, machine)
+        settings = merged_settings(args.out / "caching.json", settings)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out / "caching.json", json.dumps({"machine": machine, "settings": settings}, indent=1))
     atomic_write(args.out / "caching.md", markdown(settings, machine))

@@ -244,11 +244,16 @@ def moving_digits_section(clips: int, batch: int, model: str = "moving-digits") 
 
 def earlier_sections(path: Path, rerun: list[str]) -> dict:
     """What an earlier result file holds that this run does not measure (a run of one section keeps the others and
-    any extra raw figures), with the sections' dates; nothing if there is no readable earlier file."""
+    any extra raw figures), with the sections' dates; nothing if there is no earlier file."""
+    if not path.is_file():
+        return {}
     try:
         earlier = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+        if not isinstance(earlier, dict):
+            raise TypeError(f"a JSON {type(earlier).__name__}, not an object")
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
+        raise ValueError(f"{path} is not a sparse-attention result ({error}); move it away or pick another --out, "
+                         "so sections not rerun are not lost silently") from error
     date = earlier.get("machine", {}).get("date")
     dropped = {"machine", "section_dates", *rerun, *(["moving-digits-model"] if "moving-digits" in rerun else [])}
     kept = {key: value for key, value in earlier.items() if key not in dropped}  # extra raw figures stay too

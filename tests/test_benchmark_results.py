@@ -23,7 +23,7 @@ def test_merge_replaces_rerun_sections_and_keeps_the_rest(tmp_path):
     path.write_text(json.dumps({"machine": {"date": "2026-11-01", "command": "python benchmarks/caching.py"},
                                 "settings": earlier}))
     fresh = [_setting("moving-digits", 20, "new"), _setting("digits-dit", 50, "new")]
-    merged = caching.merged_settings(path, fresh, {})
+    merged = caching.merged_settings(path, fresh)
     assert [(s["model"], s["steps"], s["marker"]) for s in merged] == [
         ("digits-dit", 20, "old"), ("digits-dit", 50, "new"), ("moving-digits", 20, "new")]
     assert merged[0]["measured"] == "2026-11-01" and merged[0]["command"] == "python benchmarks/caching.py"
@@ -35,10 +35,10 @@ def test_merge_replaces_rerun_sections_and_keeps_the_rest(tmp_path):
 
 def test_merge_without_an_earlier_file_and_with_a_corrupt_one(tmp_path):
     fresh = [_setting("digits-dit", 20, "new")]
-    assert caching.merged_settings(tmp_path / "missing.json", fresh, {}) == fresh
+    assert caching.merged_settings(tmp_path / "missing.json", fresh) == fresh
     (tmp_path / "caching.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a caching benchmark result"):
-        caching.merged_settings(tmp_path / "caching.json", fresh, {})
+        caching.merged_settings(tmp_path / "caching.json", fresh)
 
 
 def test_sparse_attention_rerun_of_one_section_keeps_the_others(tmp_path):
@@ -51,6 +51,10 @@ def test_sparse_attention_rerun_of_one_section_keeps_the_others(tmp_path):
                     "section_dates": {"op": "2026-11-01", "synthetic": "2026-11-01"}}
     assert sparse_attention.earlier_sections(path, ["op"])["moving-digits-model"] == "old-checkpoint"
     assert sparse_attention.earlier_sections(tmp_path / "missing.json", ["op"]) == {}
+    for corrupt in ("{not json", "[1, 2]"):
+        path.write_text(corrupt)
+        with pytest.raises(ValueError, match="not a sparse-attention result"):
+            sparse_attention.earlier_sections(path, ["op"])
     results = {**kept, "machine": {"processor": "x86_64", "threads": 2, "torch": "t", "date": "2026-11-30"}}
     text = sparse_attention.markdown({**results, "op": [], "synthetic": [{"method": "dense", "seconds": 1.0,
                                                                          "speedup": 1.0, "attention_density": 1.0}]})
