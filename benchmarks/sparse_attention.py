@@ -15,6 +15,10 @@ Sections (``--sections``, comma-separated):
 * ``moving-digits``: the trained reference video model at its default call (576 tokens per clip): end-to-end
   speedup, PSNR / SSIM against the dense output for the same seeds, per-frame class accuracy, attention density
   and recall (attention mass kept; AdaSpa at its search steps, VMoBA on every sparse step of a separate run).
+* ``oracle``: the best recall any selection can reach on the reference video model: from the exact attention
+  probabilities of every self-attention call of a dense run (every layer, step, CFG branch and head), the mass kept
+  when each query row keeps its own heaviest keys, or each query block its heaviest key blocks (row-wise top-k, as
+  AdaSpa selects), at the same densities. A method's recall cannot exceed the oracle of its granularity.
 
 Writes ``sparse_attention_cpu.json`` and ``sparse_attention_cpu.md`` to ``--out`` (default docs/benchmarks); the
 sections of an earlier ``sparse_attention_cpu.json`` there that this run does not measure are kept, with their dates.
@@ -34,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -42,7 +47,7 @@ from benchmarks.caching import _fmt  # noqa: E402
 from kernels import block_sparse_attention  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
-SECTIONS = ("op", "synthetic", "moving-digits")
+SECTIONS = ("op", "synthetic", "moving-digits", "oracle")
 
 
 def random_blocks(heads: int, blocks: int, density: float, seed: int = 0):
@@ -242,6 +247,69 @@ def moving_digits_section(clips: int, batch: int, model: str = "moving-digits") 
     return rows
 
 
+def oracle_recall(probabilities: torch.Tensor, density: float, block_size: int | None = None) -> float:
+    """Mean share of each query row's attention mass kept by the best selection at ``density``: every row's own
+    ``round(density * keys)`` heaviest keys (``block_size=None``), or every query block's ``round(density *
+    key blocks)`` heaviest key blocks by their summed mass (row-wise top-k). ``probabilities``: [..., queries, keys]
+    rows summing to 1; a ragged last block is padded with zero mass."""
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    queries, keys = probabilities.shape[-2:]
+    if block_size is None:
+        keep = max(1, round(density * keys))
+        return probabilities.topk(keep, dim=-1).values.sum(-1).mean().item()
+    blocks_q, blocks_k = -(-queries // block_size), -(-keys // block_size)
+    padded = F.pad(probabilities, (0, blocks_k * block_size - keys, 0, blocks_q * block_size - queries))
+    # [..., query block, row in it, key block]
+    row_mass = padded.reshape(*padded.shape[:-2], blocks_q, block_size, blocks_k, block_size).sum(-1)
+    keep = max(1, round(density * blocks_k))
+    chosen = row_mass.sum(-2).topk(keep, dim=-1).indices  # [..., qb, keep]: by the query block's summed mass
+    kept = row_mass.gather(-1, chosen.unsqueeze(-2).expand(*row_mass.shape[:-1], keep)).sum(-1)
+    return (kept.flatten(-2)[..., :queries].sum(-1) / queries).mean().item()
+
+
+class _SelfAttentionProbabilities(TorchFunctionMode):
+    """Collects softmax(q k^T * scale) of every SDPA call whose queries and keys are the same tokens."""
+
+    def __init__(self, on_probabilities) -> None:
+        super().__init__()
+        self.on_probabilities = on_probabilities
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+            call = {**dict(zip(names, args)), **kwargs}
+            query, key = call["query"], call["key"]
+            if query.shape[-2] == key.shape[-2] and call.get("attn_mask") is None:
+                scale = call.get("scale") or query.shape[-1] ** -0.5
+                self.on_probabilities(torch.softmax(query.float() @ key.float().transpose(-1, -2) * scale, dim=-1))
+        return func(*args, **kwargs)
+
+
+def oracle_section(model: str = "moving-digits", clips: int = 2, densities=(0.3, 0.5),
+                   block_sizes=(None, 64, 16)) -> list[dict]:
+    from pipelines import reference
+
+    pipe = reference.load(model)
+    sums: dict[tuple, list] = {(d, b): [] for d in densities for b in block_sizes}
+
+    def measure(probabilities: torch.Tensor) -> None:
+        for density, block_size in sums:
+            sums[density, block_size].append(oracle_recall(probabilities, density, block_size))
+
+    labels = [(3 * number) % 10 for number in range(clips)]
+    with torch.no_grad(), _SelfAttentionProbabilities(measure):
+        pipe(**reference.call_kwargs("moving-digits", pipe, labels, seed=0))
+    rows = [{"model": model, "clips": clips, "density": density,
+             "selection": f"blocks of {block_size}, per query block" if block_size else "tokens, per query row",
+             "calls": len(values), "recall": float(np.mean(values))}
+            for (density, block_size), values in sums.items()]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def earlier_sections(path: Path, rerun: list[str]) -> dict:
     """What an earlier result file holds that this run does not measure (a run of one section keeps the others and
     any extra raw figures), with the sections' dates; nothing if there is no earlier file."""
@@ -301,6 +369,15 @@ def markdown(results: dict) -> str:
             lines.append(f"| {r['method']} | {r['speedup']:.2f}x | {_fmt(r['psnr_vs_dense'], '.1f')} | "
                          f"{_fmt(r['ssim_vs_dense'], '.3f')} | {r['per_frame_class_accuracy']:.1%} | "
                          f"{r['attention_density']:.3f} | {_fmt(r['recall'], '.3f')} |")
+    if results.get("oracle"):
+        first = results["oracle"][0]
+        lines += ["", f"## Best possible recall on {first['model']} (oracle)", "", *_measured(results, "oracle"),
+                  f"Exact attention probabilities of every self-attention call of a dense run ({first['clips']} "
+                  f"clips, default call: {first['calls']} calls x batch x heads), mass kept by the best selection "
+                  "at each density. No method's recall at that density and granularity can be higher.", "",
+                  "| density | selection | recall |", "|---:|---|---:|"]
+        for r in results["oracle"]:
+            lines.append(f"| {r['density']} | {r['selection']} | {r['recall']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -334,6 +411,8 @@ def main(argv=None) -> int:
     if "moving-digits" in sections:
         results["moving-digits"] = moving_digits_section(args.clips, args.batch, args.moving_digits)
         results["moving-digits-model"] = args.moving_digits
+    if "oracle" in sections:
+        results["oracle"] = oracle_section(args.moving_digits)
     args.out.mkdir(parents=True, exist_ok=True)
     from accel._io import atomic_write
 
