@@ -134,10 +134,12 @@ random start and velocity (0.3 .. 0.9 px/frame per axis), bouncing; a fresh dete
 
 ## Training
 `python -m pipelines.training.train_moving_digits` (seed {training.get('seed', 0)}): {training.get('steps')} steps.
-A curriculum: the first {recipe.get('frames_only_steps', 0)} steps train on {recipe.get('frames_only_batch')} single
-frames each (one-latent-frame videos: the digit shapes), every later step on {recipe.get('clips_per_step')} clip(s)
-and {recipe.get('frames_per_step')} single frames (joint image-video training: the motion); rectified flow, noise
-levels {recipe.get('timestep_sampling')}; AdamW {recipe.get('lr')} with a {recipe.get('warmup_steps')}-step warm-up
+A curriculum: the first {recipe.get('frames_only_steps', 0)} steps train on {recipe.get('frames_only_batch')}
+one-latent-frame samples each (the digit shapes; {_pct(recipe.get('group_share', 0))} of them a pair of consecutive
+frames, as later latent frames hold, the rest a still frame), every later step on {recipe.get('clips_per_step')}
+clip(s) and {recipe.get('frames_per_step')} such samples (joint image-video training: the motion); rectified flow,
+noise levels {recipe.get('timestep_sampling')}, pixels within one pixel of the digit's ink weighted
+{1 + recipe.get('ink_loss_weight', 0):g}x in the loss; AdamW {recipe.get('lr')} with a {recipe.get('warmup_steps')}-step warm-up
 and a linear decay to 0 over the last {recipe.get('decay_steps', 0)} steps, EMA {recipe.get('ema')},
 {_pct(recipe.get('label_dropout', 0))} null-class dropout. Final smoothed loss
 {training.get('final_smoothed_loss')}; {training.get('minutes')} minutes on 2 CPU cores.
