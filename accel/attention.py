@@ -81,6 +81,13 @@ class _SDPARedirect(TorchFunctionMode):
         return self.replacement(call)
 
 
+def intercept_sdpa(replacement: AttentionReplacement, module_name: str = "", kind: str = "self_attn",
+                   step=None) -> TorchFunctionMode:
+    """A context in which this thread's ``F.scaled_dot_product_attention`` calls go to ``replacement`` as
+    ``AttentionCall``s, with no hook on any module (measurement tools; accelerators use the hooks below)."""
+    return _SDPARedirect(replacement, module_name, kind, step)
+
+
 class AttentionInterceptHook(ModelHook):
     def __init__(self, scope: MethodScope, replacement: AttentionReplacement, *, kind: str, name: str) -> None:
         super().__init__()

@@ -38,11 +38,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import accel  # noqa: E402
+from accel.attention import AttentionCall, intercept_sdpa  # noqa: E402
 from benchmarks.caching import _fmt  # noqa: E402
 from kernels import block_sparse_attention  # noqa: E402
 
@@ -254,6 +254,8 @@ def oracle_recall(probabilities: torch.Tensor, density: float, block_size: int |
     rows summing to 1; a ragged last block is padded with zero mass."""
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size must be a positive int or None (per token), got {block_size!r}")
     queries, keys = probabilities.shape[-2:]
     if block_size is None:
         keep = max(1, round(density * keys))
@@ -268,25 +270,6 @@ def oracle_recall(probabilities: torch.Tensor, density: float, block_size: int |
     return (kept.flatten(-2)[..., :queries].sum(-1) / queries).mean().item()
 
 
-class _SelfAttentionProbabilities(TorchFunctionMode):
-    """Collects softmax(q k^T * scale) of every SDPA call whose queries and keys are the same tokens."""
-
-    def __init__(self, on_probabilities) -> None:
-        super().__init__()
-        self.on_probabilities = on_probabilities
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
-            call = {**dict(zip(names, args)), **kwargs}
-            query, key = call["query"], call["key"]
-            if query.shape[-2] == key.shape[-2] and call.get("attn_mask") is None:
-                scale = call.get("scale") or query.shape[-1] ** -0.5
-                self.on_probabilities(torch.softmax(query.float() @ key.float().transpose(-1, -2) * scale, dim=-1))
-        return func(*args, **kwargs)
-
-
 def oracle_section(model: str = "moving-digits", clips: int = 2, densities=(0.3, 0.5),
                    block_sizes=(None, 64, 16)) -> list[dict]:
     from pipelines import reference
@@ -294,12 +277,17 @@ def oracle_section(model: str = "moving-digits", clips: int = 2, densities=(0.3,
     pipe = reference.load(model)
     sums: dict[tuple, list] = {(d, b): [] for d in densities for b in block_sizes}
 
-    def measure(probabilities: torch.Tensor) -> None:
-        for density, block_size in sums:
-            sums[density, block_size].append(oracle_recall(probabilities, density, block_size))
+    def measure_and_run(call: AttentionCall) -> torch.Tensor:
+        if call.query.shape[-2] == call.key.shape[-2] and call.attn_mask is None:  # self-attention
+            scale = call.scale or call.query.shape[-1] ** -0.5
+            logits = call.query.float() @ call.key.float().transpose(-1, -2) * scale
+            probabilities = torch.softmax(logits, dim=-1)
+            for density, block_size in sums:
+                sums[density, block_size].append(oracle_recall(probabilities, density, block_size))
+        return call.dense()
 
     labels = [(3 * number) % 10 for number in range(clips)]
-    with torch.no_grad(), _SelfAttentionProbabilities(measure):
+    with torch.no_grad(), intercept_sdpa(measure_and_run):
         pipe(**reference.call_kwargs("moving-digits", pipe, labels, seed=0))
     rows = [{"model": model, "clips": clips, "density": density,
              "selection": f"blocks of {block_size}, per query block" if block_size else "tokens, per query row",

@@ -50,3 +50,20 @@ def test_block_oracle_with_a_ragged_last_block_and_bad_density():
     assert recall == pytest.approx(1.0, rel=1e-6)
     with pytest.raises(ValueError, match="density"):
         oracle_recall(p, 0.0)
+    with pytest.raises(ValueError, match="block_size"):
+        oracle_recall(p, 0.5, block_size=0)
+
+
+def test_intercept_sdpa_hands_each_call_over_and_returns_the_replacement():
+    from accel.attention import intercept_sdpa
+
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 5, 4, generator=generator) for _ in range(3))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    seen = []
+    with intercept_sdpa(lambda call: seen.append(call) or call.dense()):
+        output = torch.nn.functional.scaled_dot_product_attention(q, k, value=v, scale=None)
+    assert len(seen) == 1 and seen[0].query is q and seen[0].value is v and seen[0].attn_mask is None
+    torch.testing.assert_close(output, expected)
+    assert torch.nn.functional.scaled_dot_product_attention(q, k, v).shape == expected.shape  # mode gone after
+    assert len(seen) == 1
