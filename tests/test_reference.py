@@ -174,7 +174,8 @@ def test_moving_digits_one_latent_frame_samples_are_stills_and_pairs_as_the_vae_
     from pipelines.training import train_moving_digits as training
 
     data = split()["train"]
-    latents, labels = training.one_latent_frame_batch(training.Recipe(group_share=0.5), data, 6, data_seed=7)
+    vae = training.make_vae(training.Recipe())
+    latents, labels = training.one_latent_frame_batch(training.Recipe(group_share=0.5), vae, data, 6, data_seed=7)
     assert latents.shape == (6, 2, 1, 16, 16) and labels.shape == (6,)
     stills, pairs = latents[:3], latents[3:]
     assert torch.equal(stills[:, 0], stills[:, 1])  # latent frame 0 of a clip: the frame on both channels
@@ -182,8 +183,10 @@ def test_moving_digits_one_latent_frame_samples_are_stills_and_pairs_as_the_vae_
     frames, _ = moving_digit_clips(data, 3, frames=2, canvas=16, seed=(7, 2))
     clips = torch.from_numpy(np.concatenate([frames[:, :1], frames], axis=1))[:, None]
     assert torch.equal(training.make_vae(training.Recipe()).encode(clips)[:, :, 1:2], pairs)
+    # channel g of a pair holds frame g of the group, as FramePackingVAE stacks them
+    assert torch.equal(pairs, torch.from_numpy(frames)[:, :, None] * 2 - 1)
     assert not torch.equal(pairs[:, 0], pairs[:, 1])  # the digit moved between the two frames
-    only_stills, _ = training.one_latent_frame_batch(training.Recipe(group_share=0.0), data, 4, data_seed=7)
+    only_stills, _ = training.one_latent_frame_batch(training.Recipe(group_share=0.0), vae, data, 4, data_seed=7)
     assert torch.equal(only_stills[:, 0], only_stills[:, 1])
     with pytest.raises(ValueError, match="group_share"):
         training.Recipe(group_share=1.5)

@@ -261,21 +261,23 @@ def per_frame_accuracy(recipe: Recipe, model, table: torch.Tensor, *, clips_per_
     return classifier().accuracy(np.asarray(frames), labels.cpu().numpy())
 
 
-def one_latent_frame_batch(recipe: Recipe, data, count: int, data_seed,
-                           device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def one_latent_frame_batch(recipe: Recipe, vae: FramePackingVAE, data, count: int,
+                           data_seed) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` one-latent-frame samples [count, temporal_factor, 1, H, W] and their labels: still frames (what a
-    clip's latent frame 0 holds: the frame repeated) and, for ``group_share`` of them, groups of consecutive frames
-    of a moving digit (what every later latent frame holds: FramePackingVAE puts frame g of a group in channel g)."""
+    clip's latent frame 0 holds) and, for ``group_share`` of them, groups of consecutive frames of a moving digit
+    (what every later latent frame holds), each packed by ``vae`` as it packs a clip."""
     groups = round(count * recipe.group_share)
     parts = []
     if count > groups:
         stills, labels = moving_digit_clips(data, count - groups, frames=1, canvas=recipe.canvas, seed=(data_seed, 1))
-        parts.append((make_vae(recipe).encode(torch.from_numpy(stills)[:, None]), torch.from_numpy(labels)))
+        parts.append((vae.encode(torch.from_numpy(stills)[:, None]), torch.from_numpy(labels)))
     if groups:
-        clips, labels = moving_digit_clips(data, groups, frames=recipe.temporal_factor, canvas=recipe.canvas,
-                                           seed=(data_seed, 2))
-        parts.append((torch.from_numpy(clips)[:, :, None] * 2 - 1, torch.from_numpy(labels)))
-    return torch.cat([latents for latents, _ in parts]).to(device), torch.cat([labels for _, labels in parts])
+        frames, labels = moving_digit_clips(data, groups, frames=recipe.temporal_factor, canvas=recipe.canvas,
+                                            seed=(data_seed, 2))
+        # a lead frame, then the group: the group is the clip's latent frame 1
+        clips = torch.from_numpy(np.concatenate([frames[:, :1], frames], axis=1))[:, None]
+        parts.append((vae.encode(clips)[:, :, 1:], torch.from_numpy(labels)))
+    return torch.cat([latents for latents, _ in parts]), torch.cat([labels for _, labels in parts])
 
 
 def train(recipe: Recipe, steps: int, *, seed: int = 0, device: str = "cpu", eval_every: int = 0,
@@ -313,8 +315,8 @@ def train(recipe: Recipe, steps: int, *, seed: int = 0, device: str = "cpu", eva
         if clips:
             loss = flow_matching_loss(recipe, model, conditioning, *batch(clips, recipe.frames, data_seed), generator)
         if frames:
-            stills = one_latent_frame_batch(recipe, train_split, frames, data_seed, device)
-            loss = loss + flow_matching_loss(recipe, model, conditioning, *stills, generator)
+            latents, labels = one_latent_frame_batch(recipe, vae, train_split, frames, data_seed)
+            loss = loss + flow_matching_loss(recipe, model, conditioning, latents.to(device), labels, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
