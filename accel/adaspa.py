@@ -40,7 +40,7 @@ from pipelines.adapters import ADAPTERS
 
 from . import _block_sparse as sparse
 from .attention import AttentionCall
-from .config import AccelConfig, check_float, check_int
+from .config import AccelConfig, check_bool, check_float, check_int
 from .hooks import MethodScope
 from .registry import register_accelerator
 
@@ -80,8 +80,7 @@ class AdaSpaConfig(AccelConfig):
         check_int("block_size", self.block_size, minimum=16)
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}.")
-        if not isinstance(self.head_adaptive, bool):
-            raise ValueError(f"head_adaptive must be True or False, got {self.head_adaptive!r}.")
+        check_bool("head_adaptive", self.head_adaptive)
 
 
 def head_sparsities(recalls: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -21,6 +21,11 @@ Where this implementation departs from the paper, and why:
 * Volatility, for ranking branches in the Bubbling Union, is the *relative* mean L1 change between consecutive
   steps (mean |y_t+1 - y_t| / mean |y_t|), so branches of different scale compare; the paper uses the plain L1
   change of its (single-scale) policy network.
+* The final step is always an update (``compute_final_step=True``, the default; ``False`` is the paper's
+  schedule): its output is the sample itself, and no later step corrects an error made there. The dynamic program
+  then places the other ``M - 1`` updates over steps ``0..T-2``. On the shipped ``digits-dit`` (20 steps, guidance
+  1.5, 200 samples, budget 0.25, forecast) it measured 28.9 -> 32.4 dB PSNR against the uncached output with the
+  final step added to the paper's schedule.
 * Budget ``M = max(1, round(budget * T))`` updates per branch, step 0 always one of them. The Bubbling Union then
   adds steps to the volatile branches, so the share of branches computed is a little above ``budget``;
   ``accel.summary(pipe)`` reports the share actually computed.
@@ -50,7 +55,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from ._io import atomic_write
-from .config import AccelConfig, check_float, check_int
+from .config import AccelConfig, check_bool, check_float, check_int
 from .hooks import MethodScope
 from .registry import register_accelerator
 
@@ -74,6 +79,8 @@ class BACConfig(AccelConfig):
             (stored as its dict). ``None``: evenly spaced updates, with a warning.
         forecast: 0 reuses a branch's last update output (the paper); 1 extrapolates linearly from its last two
             updates (see the module docstring).
+        compute_final_step: make the last step an update of every branch (see the module docstring); ``False``
+            follows the paper.
     """
 
     method = "bac"
@@ -81,11 +88,13 @@ class BACConfig(AccelConfig):
     top_k: int = 4
     schedule: str | dict | None = None
     forecast: int = 0
+    compute_final_step: bool = True
 
     def validate(self) -> None:
         check_float("budget", self.budget, minimum=0.0, maximum=1.0, open_min=True)
         check_int("top_k", self.top_k, minimum=0)
         check_int("forecast", self.forecast, minimum=0, maximum=1)
+        check_bool("compute_final_step", self.compute_final_step)
         if isinstance(self.schedule, BACSchedule):
             self.schedule = self.schedule.to_dict()
         if isinstance(self.schedule, os.PathLike):
@@ -216,9 +225,17 @@ def branch_names(scope: MethodScope) -> dict[str, tuple[str, int, str, torch.nn.
     return names
 
 
-def uniform_updates(num_steps: int, budget: float) -> list[int]:
-    """``M = max(1, round(budget * num_steps))`` evenly spaced update steps, starting at step 0."""
-    count = max(1, min(num_steps, round(budget * num_steps)))
+def update_count(num_steps: int, budget: float) -> int:
+    """``M = max(1, round(budget * num_steps))``, at most ``num_steps``."""
+    return max(1, min(num_steps, round(budget * num_steps)))
+
+
+def uniform_updates(num_steps: int, budget: float, final_step: bool = False) -> list[int]:
+    """``M`` evenly spaced update steps starting at step 0; with ``final_step`` (and ``M >= 2``) the last of them
+    is the final step."""
+    count = update_count(num_steps, budget)
+    if final_step and count >= 2:
+        return sorted({int(step) for step in np.round(np.linspace(0, num_steps - 1, count))})
     return sorted({int(step) for step in np.floor(np.arange(count) * num_steps / count)})
 
 
@@ -357,7 +374,7 @@ class BACPlan:
             state.updates = {name: frozenset(steps) for name, steps in self.schedule.updates.items()}
             state.schedule_used = "calibrated"
         else:
-            steps = frozenset(uniform_updates(num_steps, self.config.budget))
+            steps = frozenset(uniform_updates(num_steps, self.config.budget, self.config.compute_final_step))
             state.updates = {name: steps for name in self.names}
             state.schedule_used = "uniform"
             if self.schedule is not None:
@@ -492,14 +509,19 @@ def calibrate_bac(pipe, config: BACConfig, inputs: Iterable[dict], *, num_infere
             pipe(**kwargs, num_inference_steps=num_inference_steps)
             recorder.end_call()
 
-    count = max(1, min(num_inference_steps, round(config.budget * num_inference_steps)))
+    count = update_count(num_inference_steps, config.budget)
     updates, volatility = {}, {}
     for name in branches:
         steps, similarity, volatility[name] = recorder.statistics(name, num_inference_steps)
         if not steps:  # a branch that never ran (an expert outside its steps): never needed, keep step 0
             updates[name] = [0]
             continue
-        updates[name] = [steps[i] for i in optimal_updates(similarity, count)]
+        if config.compute_final_step and count >= 2 and len(steps) >= 2:
+            # the final step is fixed: the program places the other updates over the steps before it
+            chosen = [*optimal_updates(similarity[:-1, :-1], count - 1), len(steps) - 1]
+        else:
+            chosen = optimal_updates(similarity, count)
+        updates[name] = [steps[i] for i in chosen]
     bubbled = bubbling_union(updates, volatility, branches, config.top_k)
     first = next(iter(recorder.outputs.values()), {})
     samples = next(iter(first.values())).shape[0] if first else 0
@@ -508,6 +530,7 @@ def calibrate_bac(pipe, config: BACConfig, inputs: Iterable[dict], *, num_infere
         "num_inference_steps": num_inference_steps,
         "budget": config.budget,
         "updates_per_branch": count,
+        "final_step_computed": config.compute_final_step,
         "top_k": config.top_k,
         "metric": "cosine similarity of flattened branch outputs, mean over samples and CFG branches",
         "volatility": "relative mean L1 change between consecutive steps",

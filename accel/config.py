@@ -77,6 +77,11 @@ def check_float(
     _check_range(name, value, minimum, maximum)
 
 
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
+
+
 def check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{_describe(name, value)} is not accepted; choose one of {', '.join(map(repr, choices))}.")

@@ -13,6 +13,11 @@ Where this implementation departs from the paper, and why:
   the one the next cached step needs). Costs one extra tensor per range and branch.
 * The schedule is static and depends only on the step index: full when ``step % interval == 0``;
   ``b = round(boundary * num_steps)``; ``n = round(cached_fraction * depth)``.
+* The final step always computes (``compute_final_step=True``, the default; ``False`` is the paper's schedule).
+  Its output is the sample itself, and no later step corrects an error made there. On the shipped ``digits-dit``
+  (20 steps, guidance 1.5, 200 samples) it took the default setting from 34.50 to 36.79 dB PSNR against the
+  uncached output, for 62.5% -> 66.2% of the blocks computed.
+* A full step measures Δ only when the next step reuses it.
 * Multi-stream blocks (Flux double + single blocks, SD3 joint blocks, HunyuanVideo, CogVideoX) treat the block
   lists as one sequence and carry the Δ of both streams; a stream a block drops (SD3's last block) stays dropped.
 * Δ is kept per denoiser (Wan 2.2's two experts) and per CFG branch; a cached step whose input shapes differ
@@ -30,7 +35,7 @@ from diffusers.hooks import ModelHook
 
 from pipelines.adapters import ADAPTERS, BlockInfo
 
-from .config import AccelConfig, check_float, check_int
+from .config import AccelConfig, check_bool, check_float, check_int
 from .hooks import MethodScope
 from .registry import register_accelerator
 
@@ -48,15 +53,19 @@ class DeltaDiTConfig(AccelConfig):
         boundary: the boundary step as a share of the steps, ``b = round(boundary * num_steps)``; before it the
             rear range is cached, from it on the front range.
         cached_fraction: the share of the blocks in each cached range, ``n = round(cached_fraction * depth)``.
+        compute_final_step: compute every block on the last step (see the module docstring); ``False`` follows
+            the paper.
     """
 
     method = "delta-dit"
     interval: int = 2
     boundary: float = 0.6
     cached_fraction: float = 0.75
+    compute_final_step: bool = True
 
     def validate(self) -> None:
         check_int("interval", self.interval, minimum=1)
+        check_bool("compute_final_step", self.compute_final_step)
         check_float("boundary", self.boundary, minimum=0.0, maximum=1.0)
         check_float("cached_fraction", self.cached_fraction, minimum=0.0, maximum=1.0)
 
@@ -67,7 +76,9 @@ class DeltaDiTConfig(AccelConfig):
 def delta_dit_plan(config: DeltaDiTConfig, step: int, num_steps: int | None, depth: int) -> range:
     """The blocks skipped at ``step`` (an empty range on full steps). Static: depends on the step index only."""
     cached = config.cached_blocks(depth)
-    if num_steps is None or cached == 0 or step % config.interval == 0:
+    if num_steps is None or cached == 0 or step % config.interval == 0 or step >= num_steps:
+        return range(0)
+    if config.compute_final_step and step == num_steps - 1:
         return range(0)
     if step < round(config.boundary * num_steps):
         return range(depth - cached, depth)  # early steps: reuse the rear blocks
@@ -137,9 +148,8 @@ class DeltaDiTBlockHook(ModelHook):
             return ("pass", streams) if state.skipping.get(branch_key, False) else ("compute", None)
         if skipped:  # a cached step, but this block is outside the reused range
             return "compute", None
-        if self.config.interval == 1 or self.config.cached_blocks(self.depth) == 0 or \
-                info.num_steps is None or info.step + 1 >= info.num_steps:
-            return "compute", None  # no cached step follows: nothing to measure
+        if not delta_dit_plan(self.config, info.step + 1, info.num_steps, self.depth):
+            return "compute", None  # the next step computes every block: nothing to measure
         # A full step before a cached one: measure the residual of both ranges.
         for name, blocks in self.ranges.items():
             if blocks and index == blocks.start:

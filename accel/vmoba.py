@@ -36,7 +36,7 @@ from pipelines.adapters import ADAPTERS
 
 from . import _block_sparse as sparse
 from .attention import AttentionCall
-from .config import AccelConfig, check_float, check_int
+from .config import AccelConfig, check_bool, check_float, check_int
 from .hooks import MethodScope
 from .registry import register_accelerator
 
@@ -86,8 +86,7 @@ class VMoBAConfig(AccelConfig):
         check_int("block_size", self.block_size, minimum=16)
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}.")
-        if not isinstance(self.measure_recall, bool):
-            raise ValueError(f"measure_recall must be True or False, got {self.measure_recall!r}.")
+        check_bool("measure_recall", self.measure_recall)
 
     def splits(self, partition: str, frames: int, height: int, width: int) -> tuple[int, int, int]:
         if partition == "temporal":

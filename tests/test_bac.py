@@ -30,7 +30,7 @@ class TestBAC(AcceleratorTesterMixin):
     families = tiny.FAMILIES
 
     def make_config(self):
-        return BACConfig(budget=0.5)  # uncalibrated: evenly spaced updates, step 2 of 3 reused
+        return BACConfig(budget=0.5)  # uncalibrated: of 3 steps, 0 and 2 update and 1 reuses
 
     def test_budget_one_is_bit_identical_to_the_baseline(self, family):
         baseline = run(tiny.build(family), family, num_inference_steps=4)
@@ -96,6 +96,17 @@ def test_uniform_updates():
     assert uniform_updates(3, 0.5) == [0, 1]
     assert uniform_updates(5, 1.0) == [0, 1, 2, 3, 4]
     assert uniform_updates(10, 0.01) == [0]
+    assert uniform_updates(20, 0.3, final_step=True) == [0, 4, 8, 11, 15, 19]
+    assert uniform_updates(10, 0.01, final_step=True) == [0]
+
+
+def test_the_final_step_is_an_update_of_every_branch_by_default():
+    _, ours = calibrated("dit", budget=0.5, top_k=0)
+    _, paper = calibrated("dit", budget=0.5, top_k=0, compute_final_step=False)
+    assert all(steps[0] == 0 and steps[-1] == 5 and len(steps) == 3 for steps in ours.updates.values())
+    assert all(steps[0] == 0 and len(steps) == 3 for steps in paper.updates.values())
+    assert ours.metadata["final_step_computed"] and not paper.metadata["final_step_computed"]
+    assert any(5 not in steps for steps in paper.updates.values())  # the paper's objective rarely picks it
 
 
 def test_bubbling_union_refreshes_volatile_branches_with_deeper_ffns():
@@ -183,7 +194,8 @@ def test_forecast_with_every_step_computed_is_bit_identical():
 
 @pytest.mark.parametrize("changes, match", [({"budget": 0.0}, "greater than 0.0"), ({"budget": 1.5}, "at most 1.0"),
                                             ({"top_k": -1}, "at least 0"), ({"top_k": 1.5}, "integer"),
-                                            ({"forecast": 2}, "at most 1"), ({"forecast": True}, "integer")])
+                                            ({"forecast": 2}, "at most 1"), ({"forecast": True}, "integer"),
+                                            ({"compute_final_step": "yes"}, "True or False")])
 def test_bad_config_values(changes, match):
     with pytest.raises(ValueError, match=match):
         BACConfig(**changes)

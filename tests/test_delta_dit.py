@@ -41,13 +41,38 @@ class TestDeltaDiT(AcceleratorTesterMixin):
 
 
 def test_plan_follows_the_paper_schedule():
-    config = DeltaDiTConfig()  # interval 2, boundary 0.6, 75% of the blocks
+    config = DeltaDiTConfig(compute_final_step=False)  # interval 2, boundary 0.6, 75% of the blocks
     plans = [delta_dit_plan(config, step, 20, 12) for step in range(20)]
     assert all(not plans[step] for step in range(0, 20, 2))  # full steps
     assert all(plans[step] == range(3, 12) for step in range(1, 12, 2))  # before b = 12: the rear 9 blocks
     assert all(plans[step] == range(0, 9) for step in range(13, 20, 2))  # from b on: the front 9 blocks
     assert delta_dit_plan(config, 3, None, 12) == range(0)  # unknown schedule length: compute everything
     assert delta_dit_plan(DeltaDiTConfig(cached_fraction=0.0), 3, 20, 12) == range(0)
+
+
+def test_the_final_step_computes_by_default():
+    paper, ours = DeltaDiTConfig(compute_final_step=False), DeltaDiTConfig()
+    assert delta_dit_plan(paper, 19, 20, 12) == range(0, 9)
+    assert delta_dit_plan(ours, 19, 20, 12) == range(0)
+    assert [delta_dit_plan(ours, step, 20, 12) for step in range(19)] == \
+        [delta_dit_plan(paper, step, 20, 12) for step in range(19)]
+
+
+def test_a_full_step_measures_only_when_the_next_step_reuses():
+    pipe = tiny.build("dit")
+    accel.wrap(pipe, DeltaDiTConfig(interval=2, boundary=1.0, cached_fraction=0.5))  # step 3 of 4 computes
+    hooks = [block._diffusers_hook.get_hook("accel.delta-dit.block") for block in pipe.transformer.transformer_blocks]
+    measured = []
+    original = type(hooks[0])._measure_end
+
+    def spy(hook, payload, output):
+        measured.append(pipe._accel_context.recorder.current.step)
+        return original(hook, payload, output)
+
+    for hook in hooks:
+        hook._measure_end = spy.__get__(hook)
+    run(pipe, "dit", num_inference_steps=4)
+    assert set(measured) == {0}  # step 2 is full and the final step 3 computes: nothing reads a Δ from step 2
 
 
 def test_reused_range_outputs_its_input_plus_the_stored_delta():
@@ -63,7 +88,7 @@ def test_reused_range_outputs_its_input_plus_the_stored_delta():
 
     blocks[0].register_forward_pre_hook(first_in, with_kwargs=True)
     blocks[-1].register_forward_hook(last_out, with_kwargs=True)
-    accel.wrap(pipe, DeltaDiTConfig(interval=2, boundary=1.0, cached_fraction=1.0))
+    accel.wrap(pipe, DeltaDiTConfig(interval=2, boundary=1.0, cached_fraction=1.0, compute_final_step=False))
     run(pipe, "dit", num_inference_steps=2)
     (in_0, in_1), (out_0, out_1) = seen["in"], seen["out"]
     torch.testing.assert_close(out_1, in_1 + (out_0 - in_0), rtol=0, atol=1e-6)
@@ -78,7 +103,8 @@ def test_unet_is_refused_with_the_supported_families():
 
 @pytest.mark.parametrize(
     "changes, match",
-    [({"interval": 0}, "interval"), ({"boundary": 1.5}, "boundary"), ({"cached_fraction": -0.1}, "cached_fraction")],
+    [({"interval": 0}, "interval"), ({"boundary": 1.5}, "boundary"), ({"cached_fraction": -0.1}, "cached_fraction"),
+     ({"compute_final_step": 1}, "compute_final_step")],
 )
 def test_bad_config_values(changes, match):
     with pytest.raises(ValueError, match=match):
