@@ -6,10 +6,13 @@
 For each model and step count every row gets its own pipeline instance with the same weights. Rows: the
 baseline; accel with nothing skipped (hook overhead); Δ-DiT settings; BAC calibrated at several budgets; the
 peers of ``benchmarks/peers.py``. Every row generates the same samples from the same seeds, batch by batch, the
-rows interleaved within each batch (their order rotating from batch to batch) so machine drift hits every row
-alike. Columns:
+rows interleaved within each batch (their order rotating from batch to batch). Within a batch the baseline is
+timed again after every ``BRACKET`` rows, so each row's time is compared with the baseline run just before and
+just after it (a few minutes apart at most) rather than with one baseline call up to a whole round away: timings
+on a shared 2-core VM drift by 10% and more within minutes. A second, plain instance of the baseline is a row of
+its own ("baseline, second instance"): its speedup shows the timing noise of this protocol. Columns:
 
-* speedup: median over batches of (baseline seconds / row seconds) for the same batch;
+* speedup: median over batches of (mean of the two bracketing baseline times / row seconds) for the same batch;
 * branches run: the share of branch computations (attention, feed-forward) that executed, *measured* by
   counting calls into the first linear layer of every branch, the same way for our methods and the peers;
 * PSNR (over all pixels) and SSIM (torchmetrics, 7x7 Gaussian window: the digits are 8x8) against the
@@ -51,6 +54,7 @@ from pipelines import reference  # noqa: E402
 from pipelines.digits import split  # noqa: E402
 
 CALIBRATION_SEED = 90_000
+BRACKET = 5  # rows timed between two baseline calls
 
 
 @dataclass
@@ -60,8 +64,10 @@ class Row:
     setup: Callable  # (pipe, calibration_kwargs) -> None; applies the method in place
     ours: bool = False
     seconds: list[float] = field(default_factory=list)
+    reference_seconds: list[float] = field(default_factory=list)  # mean of the bracketing baseline calls
     outputs: list[np.ndarray] = field(default_factory=list)
     branch_calls: int = 0
+    calls: int = 0  # measured pipeline calls (the baseline runs several per batch)
     branch_total: int = 0
 
 
@@ -75,15 +81,16 @@ def our_rows(steps: int) -> list[Row]:
                                   num_inference_steps=steps)
         return setup
 
+    rear = DeltaDiTConfig(cached_fraction=11 / 12, boundary=1.0)  # the rear 11 of 12 blocks, every cached step
     rows = [
         Row("accel, nothing skipped", "overhead", wrap(BACConfig(budget=1.0), DeltaDiTConfig(interval=1)), True),
         Row("Δ-DiT interval 2, 75% blocks", "Δ-DiT (ours)", wrap(DeltaDiTConfig()), True),
-        Row("Δ-DiT interval 2, 75% blocks, boundary 0.9", "Δ-DiT (ours)", wrap(DeltaDiTConfig(boundary=0.9)), True),
-        Row("Δ-DiT interval 3, 75% blocks", "Δ-DiT (ours)", wrap(DeltaDiTConfig(interval=3)), True),
-        *[Row(f"BAC budget {b}", "BAC (ours)", bac(b), True) for b in (0.3, 0.2, 0.15)],
-        *[Row(f"BAC + forecast, budget {b}", "BAC + forecast (ours)", bac(b, 1), True) for b in (0.3, 0.2)],
+        Row("Δ-DiT interval 2, 92% blocks, rear only", "Δ-DiT (ours)", wrap(rear), True),
+        Row("Δ-DiT interval 3, 92% blocks, rear only", "Δ-DiT (ours)", wrap(rear.replace(interval=3)), True),
+        *[Row(f"BAC budget {b}", "BAC (ours)", bac(b), True) for b in (0.35, 0.3, 0.2)],
+        *[Row(f"BAC + forecast, budget {b}", "BAC + forecast (ours)", bac(b, 1), True) for b in (0.35, 0.3, 0.2)],
     ]
-    return rows if steps <= 20 else [row for row in rows if not row.name.startswith("Δ-DiT interval 2")]
+    return rows if steps <= 20 else [row for row in rows if row.name != "Δ-DiT interval 2, 75% blocks"]
 
 
 def peer_rows(steps: int) -> tuple[list[Row], dict[str, str]]:
@@ -92,10 +99,10 @@ def peer_rows(steps: int) -> tuple[list[Row], dict[str, str]]:
     rows, skipped = [], {}
     # One row per peer family at its best configuration (peers.py); at 50 steps only the settings that reach
     # the speedups our rows target, to fit the 2-core time budget.
-    names = ["fbc-0.1", "fbc-0.2", "taylorseer-blocks", "magcache", "fastercache", "pab", "dbcache-0.08",
-             "dbcache-0.2"]
+    names = ["fbc-0.1", "fbc-0.2", "taylorseer-blocks", "taylorseer-blocks-final", "magcache", "fastercache", "pab",
+             "dbcache-0.08", "dbcache-0.2"]
     if steps > 20:
-        names = ["fbc-0.2", "taylorseer-blocks", "magcache", "dbcache-0.2"]
+        names = ["fbc-0.2", "taylorseer-blocks", "taylorseer-blocks-final", "magcache", "dbcache-0.2"]
     for name in names:
         reason = peers.peer_status(name)
         if reason is not None:
@@ -157,7 +164,8 @@ def run_setting(model: str, steps: int, samples: int, batch: int, include_peers:
                                          seed=CALIBRATION_SEED + i, num_inference_steps=steps) for i in range(2)]
     for kwargs in calibration:
         del kwargs["num_inference_steps"]
-    rows = [Row("baseline", "baseline", lambda pipe, calibration: None), *our_rows(steps)]
+    plain = lambda pipe, calibration: None  # noqa: E731
+    rows = [Row("baseline", "baseline", plain), Row("baseline, second instance", "overhead", plain), *our_rows(steps)]
     skipped: dict[str, str] = {}
     if include_peers:
         more, skipped = peer_rows(steps)
@@ -177,32 +185,50 @@ def run_setting(model: str, steps: int, samples: int, batch: int, include_peers:
         pipe(**reference.call_kwargs(model, pipe, [0, 1], seed=CALIBRATION_SEED - 1, num_inference_steps=steps))
         count_branch_calls(pipe, row)  # after the warm-up call: counts the measured calls only
     batches = [labels[start : start + batch] for start in range(0, samples, batch)]
-    progress = tqdm(total=len(batches) * len(rows), desc=f"{model} {steps} steps: generate")
+    baseline, others = rows[0], rows[1:]
+    groups = math.ceil(len(others) / BRACKET)
+    progress = tqdm(total=len(batches) * (len(others) + groups + 1), desc=f"{model} {steps} steps: generate")
     for index, batch_labels in enumerate(batches):
-        shift = index % len(rows)
-        for row in rows[shift:] + rows[:shift]:
+        def timed(row, batch_labels=batch_labels, seed=1000 + index):
             pipe = pipes[row.name]
-            kwargs = reference.call_kwargs(model, pipe, batch_labels, seed=1000 + index, num_inference_steps=steps)
+            kwargs = reference.call_kwargs(model, pipe, batch_labels, seed=seed, num_inference_steps=steps)
             started = time.perf_counter()
             output = pipe(**kwargs)
-            row.seconds.append(time.perf_counter() - started)
-            row.outputs.append(output_array(output))
+            row.calls += 1
             progress.update()
+            return time.perf_counter() - started, output_array(output)
+
+        shift = (index * BRACKET) % len(others)
+        order = others[shift:] + others[:shift]
+        before, output = timed(baseline)
+        baseline.seconds.append(before)
+        baseline.outputs.append(output)
+        for start in range(0, len(order), BRACKET):
+            group = [(row, *timed(row)) for row in order[start : start + BRACKET]]
+            after, output = timed(baseline)
+            if not np.array_equal(output, baseline.outputs[-1]):
+                raise RuntimeError("The baseline is not deterministic: the same seeds gave different outputs.")
+            for row, seconds, output in group:
+                row.seconds.append(seconds)
+                row.reference_seconds.append((before + after) / 2)
+                row.outputs.append(output)
+            before = after
+    baseline.reference_seconds = list(baseline.seconds)
     progress.close()
 
     classifier = reference.classifier()
     held_out = split()["held_out"].images
-    baseline = rows[0]
     base_images = np.concatenate(baseline.outputs)
-    forwards = len(batches) * steps * (2 if model == "moving-digits" else 1)
+    forwards_per_call = steps * (2 if model == "moving-digits" else 1)
     results = []
     for row in tqdm(rows, desc="metrics"):
         images = np.concatenate(row.outputs)
         entry = {
             "name": row.name, "family": row.family, "ours": row.ours,
             "seconds_per_sample": sum(row.seconds) / samples,
-            "speedup": statistics.median(b / r for b, r in zip(baseline.seconds, row.seconds)),
-            "branches_run": row.branch_calls / (row.branch_total * forwards),
+            "speedup": statistics.median(b / r for b, r in zip(row.reference_seconds, row.seconds)),
+            "seconds": row.seconds, "baseline_seconds": row.reference_seconds,
+            "branches_run": row.branch_calls / (row.branch_total * forwards_per_call * row.calls),
             "psnr_db": psnr(base_images, images),
             "ssim": ssim(base_images, images),
             "fid": digit_fid(classifier, images, held_out),
@@ -247,9 +273,11 @@ def markdown(settings: list[dict], machine: dict) -> str:
     lines = ["# Caching benchmark", "",
              f"Measured {machine['date']} on {machine['machine']} ({machine['threads']} threads, CPU), torch "
              f"{machine['torch']}, diffusers {machine['diffusers']}. Rerun: `{machine['command']}`.", "",
-             "Speedup: median over batches of the baseline's seconds / the row's seconds for the same batch (rows "
-             "interleaved). Branches run: share of attention / feed-forward computations that executed, counted "
-             "the same way for every row. PSNR / SSIM: against the baseline's output for the same seeds. FID: "
+             "Speedup: median over batches of the row's seconds against the mean of the two baseline calls that "
+             f"bracket it for the same batch (rows interleaved, the baseline rerun after every {BRACKET} rows; the "
+             "second baseline instance's speedup is the timing noise). Branches run: share of attention / "
+             "feed-forward computations that executed, counted the same way for every row. PSNR / SSIM: against "
+             "the baseline's output for the same seeds. FID: "
              "digit-classifier features vs the 450 held-out digits (for video, every frame against those still "
              "digits: its floor is high, so compare rows, not values). Class accuracy: digit classifier (per frame "
              "for video).", ""]

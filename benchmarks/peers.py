@@ -23,7 +23,9 @@ The peers and the configuration each gets (the library's documented defaults unl
   ``attn1``/``attn2``, so both variants name their modules from ``pipelines.adapters``:
   ``-blocks`` skips every block but the last on forecast steps and forecasts the last block's output (the final
   norm and projection still run with the current timestep's modulation; diffusers' "lite" mode, moved from
-  ``proj_out`` to the last block because DiT has no ``proj_out``); ``-attn-ff`` forecasts every attention and
+  ``proj_out`` to the last block because DiT has no ``proj_out``); ``-blocks-final`` is the same with
+  ``disable_cache_after_step`` set so the final step computes, the departure accel's Δ-DiT and BAC make by default
+  (given to TaylorSeer too, so the comparison stays like for like); ``-attn-ff`` forecasts every attention and
   feed-forward output of every block (the paper's per-module features), while norms, gates and residual adds run.
 * ``magcache``: MagCache (Ma et al. 2025, github.com/Zehong-Ma/MagCache; diffusers ``MagCacheConfig``). Skips
   whole steps while the accumulated error predicted from the per-step magnitude ratios of the residual stays under
@@ -418,15 +420,16 @@ def _install_fbc(pipe, run: _Run, *, threshold: float) -> Remover:
     return _install_diffusers(pipe, FirstBlockCacheConfig(threshold=threshold))
 
 
-def _taylorseer_config(**identifiers: list[str]) -> TaylorSeerCacheConfig:
+def _taylorseer_config(**options) -> TaylorSeerCacheConfig:
     return TaylorSeerCacheConfig(
-        cache_interval=5, disable_cache_before_step=3, max_order=1, taylor_factors_dtype=torch.float32, **identifiers
+        cache_interval=5, disable_cache_before_step=3, max_order=1, taylor_factors_dtype=torch.float32, **options
     )
 
 
-def _install_taylorseer_blocks(pipe, run: _Run) -> Remover:
+def _install_taylorseer_blocks(pipe, run: _Run, *, final_step: bool = False) -> Remover:
     names = [re.escape(block.name) for block in adapter_for(pipe).blocks(pipe.transformer)]
-    config = _taylorseer_config(skip_predict_identifiers=names[:-1], cache_identifiers=names[-1:])
+    config = _taylorseer_config(skip_predict_identifiers=names[:-1], cache_identifiers=names[-1:],
+                                disable_cache_after_step=run.steps - 1 if final_step else None)
     return _install_diffusers(pipe, config)
 
 
@@ -584,6 +587,7 @@ _PEERS: dict[str, _Peer] = {
     "fbc-0.1": _Peer(functools.partial(_install_fbc, threshold=0.1), "diffusers"),
     "fbc-0.2": _Peer(functools.partial(_install_fbc, threshold=0.2), "diffusers"),
     "taylorseer-blocks": _Peer(_install_taylorseer_blocks, "diffusers"),
+    "taylorseer-blocks-final": _Peer(functools.partial(_install_taylorseer_blocks, final_step=True), "diffusers"),
     "taylorseer-attn-ff": _Peer(_install_taylorseer_attn_ff, "diffusers"),
     "magcache": _Peer(_install_magcache, "diffusers"),
     "fastercache": _Peer(_install_fastercache, "diffusers", batched_cfg_only=True),

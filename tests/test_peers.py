@@ -44,9 +44,29 @@ def baselines(pipes):
 
 def test_names():
     assert NAMES == [
-        "fbc-0.1", "fbc-0.2", "taylorseer-blocks", "taylorseer-attn-ff", "magcache", "fastercache", "pab",
-        "dbcache-0.08", "dbcache-0.2",
+        "fbc-0.1", "fbc-0.2", "taylorseer-blocks", "taylorseer-blocks-final", "taylorseer-attn-ff", "magcache",
+        "fastercache", "pab", "dbcache-0.08", "dbcache-0.2",
     ]
+
+
+def test_taylorseer_final_computes_the_last_step(pipes):
+    pipe = pipes["dit"]
+    first_linear = pipe.transformer.transformer_blocks[0].attn1.to_q  # a skipped block's hook never reaches it
+    calls = {}
+    for name in ("taylorseer-blocks", "taylorseer-blocks-final"):
+        remove = peers.apply_peer(pipe, name, _inputs("dit", 8))
+        def count(module, args, name=name):
+            calls[name] = calls.get(name, 0) + 1
+
+        handle = first_linear.register_forward_pre_hook(count)
+        try:
+            _output(pipe, "dit", 8)
+        finally:
+            handle.remove()
+            remove()
+    # Both: warm-up steps 0-2 and a full step every 5th from step 3 (3, and 8 would be next); steps 4-7 forecast
+    # but the final variant computes step 7.
+    assert (calls["taylorseer-blocks"], calls["taylorseer-blocks-final"]) == (4, 5)
 
 
 @pytest.mark.parametrize("name", NAMES)
