@@ -24,8 +24,8 @@ Where this implementation departs from the paper, and why:
 * The final step is always an update (``compute_final_step=True``, the default; ``False`` is the paper's
   schedule): its output is the sample itself, and no later step corrects an error made there. The dynamic program
   then places the other ``M - 1`` updates over steps ``0..T-2``. On the shipped ``digits-dit`` (20 steps, guidance
-  1.5, 200 samples, budget 0.25, forecast) it measured 28.9 -> 32.4 dB PSNR against the uncached output with the
-  final step added to the paper's schedule.
+  1.5, 200 samples, budget 0.35, ``top_k=2``, 36.5% of the branches computed either way) it took the PSNR against
+  the uncached output from 31.14 to 33.57 dB with plain reuse and from 33.92 to 37.20 dB with ``forecast=1``.
 * Budget ``M = max(1, round(budget * T))`` updates per branch, step 0 always one of them. The Bubbling Union then
   adds steps to the volatile branches, so the share of branches computed is a little above ``budget``;
   ``accel.summary(pipe)`` reports the share actually computed.

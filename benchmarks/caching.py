@@ -243,6 +243,52 @@ def run_setting(model: str, steps: int, samples: int, batch: int, include_peers:
             "peers_not_run": skipped, "guidance_scale": reference.DEFAULT_CALL[model]["guidance_scale"]}
 
 
+# The bars of the caching issue. Each is checked against the measured rows; nothing here is a result.
+PSNR_BAR = 34.0  # dB against the uncached output
+FID_SLACK = 0.05  # FID within +5% of the baseline's
+SPEED_BARS = {("digits-dit", 20, "Δ-DiT"): 1.6, ("digits-dit", 20, "BAC"): 2.2, ("digits-dit", 50, "BAC"): 3.0}
+PEER_FLOOR = 1.5  # from this speedup on, some row of ours must match every peer
+OVERHEAD_BAR = 0.02  # hook overhead with nothing skipped
+
+
+def bars(setting: dict) -> list[str]:
+    """Markdown lines saying which bars this setting's rows meet, with the rows that decide it."""
+    if not setting["rows"]:
+        return []
+    rows = {row["name"]: row for row in setting["rows"]}
+    baseline = setting["rows"][0]
+    ours = [row for row in setting["rows"] if row["ours"] and row["family"] != "overhead"]
+    fid_cap = baseline["fid"] * (1 + FID_SLACK)
+    lines = []
+    for (model, steps, family), target in SPEED_BARS.items():
+        if (model, steps) != (setting["model"], setting["steps"]):
+            continue
+        good = [row for row in ours if row["family"].startswith(family) and row["psnr_db"] >= PSNR_BAR
+                and row["fid"] <= fid_cap]
+        best = max(good, key=lambda row: row["speedup"], default=None)
+        verdict = "met" if best is not None and best["speedup"] >= target else "missed"
+        found = (f"fastest such row: {best['name']}, {best['speedup']:.2f}× ({best['psnr_db']:.2f} dB, FID "
+                 f"{best['fid']:.2f}, {best['branches_run']:.1%} of branches run)" if best else
+                 "no row of the family reaches the quality bar")
+        lines.append(f"- {family} ≥ {target}× at ≥ {PSNR_BAR:g} dB and FID ≤ {fid_cap:.2f}: **{verdict}**; {found}.")
+    beaten = []
+    for peer in setting["rows"]:
+        if peer["ours"] or peer["family"] in ("baseline", "overhead") or peer["speedup"] < PEER_FLOOR:
+            continue
+        if not any(row["speedup"] >= peer["speedup"] and row["psnr_db"] >= peer["psnr_db"] for row in ours):
+            beaten.append(f"{peer['name']} ({peer['speedup']:.2f}×, {peer['psnr_db']:.2f} dB)")
+    lines.append(f"- From {PEER_FLOOR}× on, a row of ours at least as fast as each peer row with at least its PSNR: "
+                 + ("**met**." if not beaten else f"**missed** for {', '.join(beaten)}."))
+    overhead = rows.get("accel, nothing skipped")
+    if overhead is not None:
+        noise = rows.get("baseline, second instance")
+        verdict = "met" if overhead["speedup"] >= 1 - OVERHEAD_BAR else "missed"
+        lines.append(f"- Hook overhead ≤ {OVERHEAD_BAR:.0%} with nothing skipped: **{verdict}** "
+                     f"({overhead['speedup']:.2f}×" + (f"; a second plain baseline reads {noise['speedup']:.2f}×, "
+                                                       "the timing noise)" if noise else ")") + ".")
+    return lines
+
+
 def merged_settings(path: Path, settings: list[dict]) -> list[dict]:
     """``settings`` plus the sections of an earlier ``caching.json`` they do not replace, ordered by model and
     steps. Sections written before sections carried their own date take the file's date and command."""
@@ -297,7 +343,7 @@ def markdown(settings: list[dict], machine: dict) -> str:
             )
         for name, reason in setting["peers_not_run"].items():
             lines.append(f"\n*{name}* not run: {reason}")
-        lines.append("")
+        lines += ["", "Bars:", "", *bars(setting), ""]
     return "\n".join(lines)
 
 

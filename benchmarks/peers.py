@@ -25,8 +25,11 @@ The peers and the configuration each gets (the library's documented defaults unl
   norm and projection still run with the current timestep's modulation; diffusers' "lite" mode, moved from
   ``proj_out`` to the last block because DiT has no ``proj_out``); ``-blocks-final`` is the same with
   ``disable_cache_after_step`` set so the final step computes, the departure accel's Δ-DiT and BAC make by default
-  (given to TaylorSeer too, so the comparison stays like for like); ``-attn-ff`` forecasts every attention and
-  feed-forward output of every block (the paper's per-module features), while norms, gates and residual adds run.
+  (given to TaylorSeer too, so the comparison stays like for like). The default schedule computes steps 0-2 and
+  every 5th step from step 4 on, so at 20 and 50 steps (last steps 19 and 49) it computes the final step already
+  and the two rows run the same schedule; they differ at other step counts (8: step 7); ``-attn-ff`` forecasts
+  every attention and feed-forward output of every block (the paper's per-module features), while norms, gates
+  and residual adds run.
 * ``magcache``: MagCache (Ma et al. 2025, github.com/Zehong-Ma/MagCache; diffusers ``MagCacheConfig``). Skips
   whole steps while the accumulated error predicted from the per-step magnitude ratios of the residual stays under
   ``threshold=0.06``, at most ``max_skip_steps=3`` in a row, never in the first ``retention_ratio=0.2`` of steps.

@@ -59,3 +59,28 @@ def test_sparse_attention_rerun_of_one_section_keeps_the_others(tmp_path):
     text = sparse_attention.markdown({**results, "op": [], "synthetic": [{"method": "dense", "seconds": 1.0,
                                                                          "speedup": 1.0, "attention_density": 1.0}]})
     assert "Measured 2026-11-01." in text
+
+
+def _row(name, family, speedup, psnr_db, fid=10.0, ours=True):
+    return {"name": name, "family": family, "ours": ours, "speedup": speedup, "psnr_db": psnr_db, "fid": fid,
+            "branches_run": 0.5}
+
+
+def test_bars_are_read_from_the_rows():
+    setting = {"model": "digits-dit", "steps": 20, "rows": [
+        _row("baseline", "baseline", 1.0, float("inf"), ours=False),
+        _row("baseline, second instance", "overhead", 1.01, float("inf"), ours=False),
+        _row("accel, nothing skipped", "overhead", 0.97, float("inf")),
+        _row("Δ-DiT a", "Δ-DiT (ours)", 1.7, 35.0, fid=10.4),
+        _row("Δ-DiT b", "Δ-DiT (ours)", 2.0, 35.0, fid=10.6),  # fast and sharp, but FID over +5%
+        _row("BAC a", "BAC + forecast (ours)", 2.1, 34.5),
+        _row("peer a", "TaylorSeer", 2.2, 34.0, ours=False),  # no row of ours is that fast
+        _row("peer b", "FirstBlockCache", 1.4, 40.0, ours=False),  # under 1.5x: not compared
+        _row("peer c", "MagCache", 1.9, 34.9, ours=False),  # Δ-DiT b: faster and sharper (its FID does not matter)
+    ]}
+    text = "\n".join(caching.bars(setting))
+    assert "Δ-DiT ≥ 1.6× at ≥ 34 dB and FID ≤ 10.50: **met**; fastest such row: Δ-DiT a, 1.70×" in text
+    assert "BAC ≥ 2.2× at ≥ 34 dB and FID ≤ 10.50: **missed**; fastest such row: BAC a, 2.10×" in text
+    assert "**missed** for peer a (2.20×, 34.00 dB)." in text
+    assert "peer b" not in text and "peer c" not in text
+    assert "Hook overhead ≤ 2% with nothing skipped: **missed** (0.97×; a second plain baseline reads 1.01×" in text

@@ -64,8 +64,8 @@ def test_taylorseer_final_computes_the_last_step(pipes):
         finally:
             handle.remove()
             remove()
-    # Both: warm-up steps 0-2 and a full step every 5th from step 3 (3, and 8 would be next); steps 4-7 forecast
-    # but the final variant computes step 7.
+    # Both compute the warm-up steps 0-2 and every 5th step from step 4 (4, and 9 would be next); steps 3 and 5-7
+    # are forecast, but the final variant computes step 7.
     assert (calls["taylorseer-blocks"], calls["taylorseer-blocks-final"]) == (4, 5)
 
 
