@@ -14,8 +14,13 @@ programming), then applies the Bubbling Union to the k most volatile branches.
 Where this implementation departs from the paper, and why:
 * The cache unit is the branch *module* (``attn1``, ``attn2``, ``ff``, ``ff_context``; Flux's single-stream
   ``proj_mlp``). Every diffusers block multiplies a branch's output by its gate after the module returns, so
-  caching the module's output is caching before the gate. The branch's input modulation (norm, shift, scale) is
-  still computed; it is cheap next to the branch.
+  caching the module's output is caching before the gate.
+* A block all of whose branches are reused on a step does not run (``skip_reused_blocks=True``, the default): its
+  output is its input plus each reused output under the step's gate, by the family's ``ResidualRule`` in
+  ``pipelines.adapters`` (DiT, PixArt, the U-Net's attentions, Wan; other families run the block). Its norms and
+  input modulation only feed the branches, yet they are not cheap: on ``digits-dit`` (batch 100, 20 steps) a
+  block's norms, modulation and residual adds take 11.7 of its 62.5 ms. The output is bit-identical to running
+  the block; the paper's BAC runs it.
 * Similarity is averaged over calibration samples (per-sample cosine of the flattened branch output) and over
   CFG branches; one schedule serves every CFG branch, each with its own cache.
 * Volatility, for ranking branches in the Bubbling Union, is the *relative* mean L1 change between consecutive
@@ -54,6 +59,8 @@ import numpy as np
 import torch
 from diffusers.hooks import ModelHook
 
+from pipelines.adapters import BlockInfo
+
 from ._io import atomic_write
 from .config import AccelConfig, check_bool, check_float, check_int
 from .hooks import MethodScope
@@ -62,6 +69,7 @@ from .registry import register_accelerator
 logger = logging.getLogger(__name__)
 
 _BAC_HOOK = "branch"
+_BLOCK_HOOK = "block"
 _RECORD_HOOK = "record"
 SCHEDULE_FORMAT = "accel.bac.schedule/1"
 FFN_KINDS = ("ff", "ff_context")
@@ -81,6 +89,9 @@ class BACConfig(AccelConfig):
             updates (see the module docstring).
         compute_final_step: make the last step an update of every branch (see the module docstring); ``False``
             follows the paper.
+        skip_reused_blocks: a block all of whose branches are reused on a step does not run; its output is its
+            input plus the reused outputs under the step's gates (see the module docstring). ``False`` runs the
+            block's norms and modulation anyway, as the paper does; the output is the same bit for bit.
     """
 
     method = "bac"
@@ -89,12 +100,14 @@ class BACConfig(AccelConfig):
     schedule: str | dict | None = None
     forecast: int = 0
     compute_final_step: bool = True
+    skip_reused_blocks: bool = True
 
     def validate(self) -> None:
         check_float("budget", self.budget, minimum=0.0, maximum=1.0, open_min=True)
         check_int("top_k", self.top_k, minimum=0)
         check_int("forecast", self.forecast, minimum=0, maximum=1)
         check_bool("compute_final_step", self.compute_final_step)
+        check_bool("skip_reused_blocks", self.skip_reused_blocks)
         if isinstance(self.schedule, BACSchedule):
             self.schedule = self.schedule.to_dict()
         if isinstance(self.schedule, os.PathLike):
@@ -314,17 +327,18 @@ class BACBranchHook(ModelHook):
         self.scope, self.state, self.plan, self.denoiser, self.name = scope, state, plan, denoiser, name
 
     def new_forward(self, module, *args, **kwargs):
-        key, cached = self._lookup(args, kwargs)
-        if cached is not None:
-            return cached
+        shape = _input_shape(args, kwargs)
+        key, reuse = self.lookup(shape)
+        if reuse is not None:
+            return self.reused_output(reuse)
         output = self.fn_ref.original_forward(*args, **kwargs)
         if key is not None:
-            self._store(key, args, kwargs, output)
+            self._store(key, shape, output)
         return output
 
     @torch.compiler.disable
-    def _lookup(self, args, kwargs):
-        """(cache key or None, cached output or None) for this branch and forward."""
+    def lookup(self, shape: tuple):
+        """(cache key or None, None or what ``reused_output`` makes the reused output from) for this forward."""
         info = self.scope.current if self.scope.is_active() else None
         if info is None or info.denoiser != self.denoiser:
             return None, None
@@ -336,21 +350,59 @@ class BACBranchHook(ModelHook):
             # Keep the output only if a later step reads it: holding tensors nobody reads costs memory and time.
             return (key if info.step in self.state.stores[self.name] else None), None
         stored = self.state.cache.get(key)
-        if stored is None or stored[0] != _input_shape(args, kwargs):
+        if stored is None or stored[0] != shape:
             return key, None
-        history = stored[1]
+        return key, (info.step, stored[1])
+
+    def reused_output(self, reuse):
+        """The last update's output, or with ``forecast=1`` the extrapolation of the last two."""
+        step, history = reuse
         if len(history) == 2:
             (earlier, older), (last, newest) = history
-            return key, _extrapolate(older, newest, (info.step - last) / (last - earlier))
-        return key, history[-1][1]
+            return _extrapolate(older, newest, (step - last) / (last - earlier))
+        return history[-1][1]
 
     @torch.compiler.disable
-    def _store(self, key, args, kwargs, output) -> None:
-        info, shape = self.scope.current, _input_shape(args, kwargs)
+    def _store(self, key, shape: tuple, output) -> None:
         stored = self.state.cache.get(key)
         history = stored[1] if stored is not None and stored[0] == shape else []
         keep = 2 if self.plan.config.forecast else 1
-        self.state.cache[key] = (shape, [*history, (info.step, output)][-keep:])
+        self.state.cache[key] = (shape, [*history, (self.scope.current.step, output)][-keep:])
+
+
+class BACBlockHook(ModelHook):
+    """On each block with a residual rule (``pipelines.adapters.ResidualRule``), when ``skip_reused_blocks``.
+
+    When every branch of the block is reused this step, the block does not run: its output is its input plus each
+    reused output under the current step's gate, bit-identical to what the block itself would return. Its norms and
+    input modulation only feed the branches, and they are a fifth of a computed block's time on ``digits-dit``.
+    """
+
+    def __init__(self, scope: MethodScope, block: BlockInfo, branch_hooks: dict[str, BACBranchHook]) -> None:
+        super().__init__()
+        self.scope, self.block, self.branch_hooks = scope, block, branch_hooks
+        self.rule = block.residual_rule
+
+    def new_forward(self, module, *args, **kwargs):
+        reuses = self._reuses(module, args, kwargs)
+        if reuses is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        outputs = {kind: self.branch_hooks[kind].reused_output(reuse) for kind, reuse in reuses.items()}
+        return self.rule.combine(module, args, kwargs, outputs)
+
+    @torch.compiler.disable
+    def _reuses(self, module, args, kwargs) -> dict[str, Any] | None:
+        """Each branch's reuse, if every branch of the block is reused this forward and the rule covers it."""
+        if not self.scope.is_active() or not self.rule.covers(module, args, kwargs):
+            return None
+        shape = _input_shape(args, kwargs)
+        reuses = {}
+        for kind, hook in self.branch_hooks.items():
+            _, reuse = hook.lookup(shape)
+            if reuse is None:
+                return None
+            reuses[kind] = reuse
+        return reuses
 
 
 def _extrapolate(older, newest, ratio: float):
@@ -418,8 +470,18 @@ def apply_bac(scope: MethodScope, config: BACConfig) -> None:
         scope.extras.update(schedule="uniform")
     state = scope.add_state(BACState())
     plan = BACPlan(scope, config, schedule, list(branches))
-    for name, (denoiser, _, _, module) in branches.items():
-        scope.register_hook(module, BACBranchHook(scope, state, plan, denoiser, name), f"{_BAC_HOOK}.{name}")
+    for denoiser, blocks in scope.blocks.items():
+        for block in blocks:
+            hooks = {}
+            for kind, (name, module) in block.branches.items():
+                hooks[kind] = BACBranchHook(scope, state, plan, denoiser, f"{denoiser}.{name}")
+                scope.register_hook(module, hooks[kind], f"{_BAC_HOOK}.{denoiser}.{name}")
+            # A block hook of a method wrapped before BAC would sit inside this one, and it must see every forward.
+            if config.skip_reused_blocks and block.residual_rule is not None and hooks and scope.only_counted(
+                block.module
+            ):
+                hook = BACBlockHook(scope, block, hooks)
+                scope.register_hook(block.module, hook, f"{_BLOCK_HOOK}.{denoiser}.{block.name}")
 
 
 # --------------------------------------------------------------------------------------------- calibration

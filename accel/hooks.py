@@ -386,6 +386,12 @@ class MethodScope:
         _register(module, hook, name)
         self._hooks.append((module, name))
 
+    def only_counted(self, module: torch.nn.Module) -> bool:
+        """Whether accel's counter is the only hook on ``module`` so far: a hook registered now wraps no other
+        method's, so returning without calling the module skips no one's bookkeeping. Later hooks run outside it."""
+        registry = getattr(module, "_diffusers_hook", None)
+        return registry is None or all(name == _COUNTER_HOOK for name in registry.hooks)
+
     def intercept_attention(self, module: torch.nn.Module, replacement, *, kind: str, name: str = "") -> None:
         """Replace the attention computation (the SDPA call) inside ``module`` with ``replacement(call)``.
 

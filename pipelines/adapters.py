@@ -55,6 +55,24 @@ BlockReturns = Literal["hidden", "context_hidden", "hidden_context"]
 
 
 @dataclass(frozen=True)
+class ResidualRule:
+    """How a block's output follows from its branches' outputs, for a block none of whose branches runs.
+
+    A block adds each branch's output, times that branch's gate for the current step, to its residual stream. When a
+    cache reuses every branch of a block, that sum is all the block has left to compute: its norms and the input
+    modulation only feed the branches. ``combine(block, args, kwargs, outputs)`` returns the block's output from
+    ``outputs`` (branch kind -> output, every branch of the block) with the operations of the block's own forward, in
+    its order, so the result is bit-identical to running the block with those branch outputs. ``covers(block, args,
+    kwargs)`` says whether this call is one the rule reproduces; when it is not, the block runs.
+
+    Each branch's input has the shape of the block's ``hidden_states`` in the blocks a rule is written for.
+    """
+
+    covers: Callable[[torch.nn.Module, tuple, dict], bool]
+    combine: Callable[[torch.nn.Module, tuple, dict, dict[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass(frozen=True)
 class BlockGroup:
     """A run of transformer blocks matched by ``pattern`` (``*`` matches one dotted name segment).
 
@@ -67,6 +85,7 @@ class BlockGroup:
     branches: dict[str, str]
     dual_stream: bool = False  # the block updates image and text streams with separate weights (MMDiT double)
     returns: BlockReturns = "hidden"
+    residual_rule: ResidualRule | None = None  # None: every forward of the block runs the block
 
 
 @dataclass(frozen=True)
@@ -80,6 +99,7 @@ class BlockInfo:
     branches: dict[str, tuple[str, torch.nn.Module]]  # kind -> (qualified name, module)
     dual_stream: bool
     returns: BlockReturns = "hidden"
+    residual_rule: ResidualRule | None = None
 
     def streams_in(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(image stream, context stream or None) of this block's call arguments."""
@@ -194,7 +214,8 @@ class FamilyAdapter:
                     if branch is not None:
                         branches[kind] = (f"{name}.{attr}", branch)
                 info = BlockInfo(
-                    name, modules[name], group.pattern, len(blocks), branches, group.dual_stream, group.returns
+                    name, modules[name], group.pattern, len(blocks), branches, group.dual_stream, group.returns,
+                    group.residual_rule,
                 )
                 blocks.append(info)
         return blocks
@@ -238,6 +259,64 @@ def _match(pattern: str, modules: dict[str, torch.nn.Module]) -> list[str]:
     ]
 
 
+# ----------------------------------------------------------------------------------------- residual rules
+# Each mirrors the output arithmetic of one diffusers block class (diffusers 0.42); tests/test_bac.py checks them
+# bit for bit against the blocks themselves on every family that uses them.
+
+_GATED_NORMS = ("ada_norm_zero", "ada_norm_single")
+_UNGATED_NORMS = ("layer_norm", "layer_norm_i2vgen")
+
+
+def _basic_block_covers(block, args, kwargs) -> bool:
+    """BasicTransformerBlock (DiT, PixArt, the U-Net's attentions) with AdaLN-Zero, AdaLN-single or plain norms."""
+    hidden = _arg(args, kwargs, "hidden_states", 0)
+    cross_attention_kwargs = _arg(args, kwargs, "cross_attention_kwargs", 5) or {}
+    if block.norm_type == "ada_norm_zero" and block.norm1.emb is None:
+        return False
+    return (
+        block.norm_type in _GATED_NORMS + _UNGATED_NORMS
+        and hidden.ndim == 3
+        and cross_attention_kwargs.get("gligen") is None
+    )
+
+
+def _basic_block_combine(block, args, kwargs, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    hidden = _arg(args, kwargs, "hidden_states", 0)
+    timestep = _arg(args, kwargs, "timestep", 4)
+    gate_msa = gate_mlp = None
+    if block.norm_type == "ada_norm_zero":  # AdaLayerNormZero.forward, less its norm and modulation
+        norm = block.norm1
+        emb = norm.emb(timestep, _arg(args, kwargs, "class_labels", 6), hidden_dtype=hidden.dtype)
+        chunks = norm.linear(norm.silu(emb)).chunk(6, dim=1)
+        gate_msa, gate_mlp = chunks[2].unsqueeze(1), chunks[5].unsqueeze(1)
+    elif block.norm_type == "ada_norm_single":
+        chunks = (block.scale_shift_table[None] + timestep.reshape(hidden.shape[0], 6, -1)).chunk(6, dim=1)
+        gate_msa, gate_mlp = chunks[2], chunks[5]
+    attn_output = outputs["self_attn"] if gate_msa is None else gate_msa * outputs["self_attn"]
+    hidden = attn_output + hidden
+    if "cross_attn" in outputs:
+        hidden = outputs["cross_attn"] + hidden
+    ff_output = outputs["ff"] if gate_mlp is None else gate_mlp * outputs["ff"]
+    return ff_output + hidden
+
+
+def _wan_block_combine(block, args, kwargs, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    hidden = _arg(args, kwargs, "hidden_states", 0)
+    temb = _arg(args, kwargs, "temb", 2)
+    if temb.ndim == 4:  # Wan 2.2 TI2V: per-token modulation
+        chunks = (block.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)
+        gate_msa, c_gate_msa = chunks[2].squeeze(2), chunks[5].squeeze(2)
+    else:
+        chunks = (block.scale_shift_table + temb.float()).chunk(6, dim=1)
+        gate_msa, c_gate_msa = chunks[2], chunks[5]
+    hidden = (hidden.float() + outputs["self_attn"] * gate_msa).type_as(hidden)
+    hidden = hidden + outputs["cross_attn"]
+    return (hidden.float() + outputs["ff"].float() * c_gate_msa).type_as(hidden)
+
+
+BASIC_BLOCK_RULE = ResidualRule(_basic_block_covers, _basic_block_combine)
+WAN_BLOCK_RULE = ResidualRule(lambda block, args, kwargs: True, _wan_block_combine)
+
 _DIT_BRANCHES = {"self_attn": "attn1", "cross_attn": "attn2", "ff": "ff"}
 _MMDIT_BRANCHES = {"joint_attn": "attn", "ff": "ff", "ff_context": "ff_context"}
 _SINGLE_STREAM_BRANCHES = {"joint_attn": "attn", "ff": "proj_mlp"}
@@ -247,7 +326,7 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         name="dit",
         denoiser_classes=("DiTTransformer2DModel",),
         pipeline_classes=("DiTPipeline",),
-        block_groups=(BlockGroup("transformer_blocks.*", _DIT_BRANCHES),),
+        block_groups=(BlockGroup("transformer_blocks.*", _DIT_BRANCHES, residual_rule=BASIC_BLOCK_RULE),),
         modulation=("transformer_blocks.*.norm1", "transformer_blocks.*.norm1.*", "proj_out_1"),
         token_layout=_image_layout,
         cfg="batched",
@@ -259,7 +338,7 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         name="pixart-alpha",
         denoiser_classes=("PixArtTransformer2DModel",),
         pipeline_classes=("PixArtAlphaPipeline",),
-        block_groups=(BlockGroup("transformer_blocks.*", _DIT_BRANCHES),),
+        block_groups=(BlockGroup("transformer_blocks.*", _DIT_BRANCHES, residual_rule=BASIC_BLOCK_RULE),),
         modulation=("adaln_single", "adaln_single.*"),
         token_layout=_image_layout,
         cfg="batched",
@@ -270,7 +349,7 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         name="pixart-sigma",
         denoiser_classes=("PixArtTransformer2DModel",),
         pipeline_classes=("PixArtSigmaPipeline",),
-        block_groups=(BlockGroup("transformer_blocks.*", _DIT_BRANCHES),),
+        block_groups=(BlockGroup("transformer_blocks.*", _DIT_BRANCHES, residual_rule=BASIC_BLOCK_RULE),),
         modulation=("adaln_single", "adaln_single.*"),
         token_layout=_image_layout,
         cfg="batched",
@@ -310,7 +389,11 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         name="wan",
         denoiser_classes=("WanTransformer3DModel",),
         pipeline_classes=("WanPipeline",),
-        block_groups=(BlockGroup("blocks.*", {"self_attn": "attn1", "cross_attn": "attn2", "ff": "ffn"}),),
+        block_groups=(
+            BlockGroup(
+                "blocks.*", {"self_attn": "attn1", "cross_attn": "attn2", "ff": "ffn"}, residual_rule=WAN_BLOCK_RULE
+            ),
+        ),
         modulation=("condition_embedder.time_embedder*", "condition_embedder.time_proj"),
         token_layout=_video_layout(channels_first=True),
         cfg="separate",
@@ -352,10 +435,9 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         name="unet",
         denoiser_classes=("UNet2DConditionModel",),
         pipeline_classes=("StableDiffusionPipeline", "StableDiffusionXLPipeline"),
-        block_groups=(
-            BlockGroup("down_blocks.*.attentions.*.transformer_blocks.*", _DIT_BRANCHES),
-            BlockGroup("mid_block.attentions.*.transformer_blocks.*", _DIT_BRANCHES),
-            BlockGroup("up_blocks.*.attentions.*.transformer_blocks.*", _DIT_BRANCHES),
+        block_groups=tuple(
+            BlockGroup(f"{stage}.attentions.*.transformer_blocks.*", _DIT_BRANCHES, residual_rule=BASIC_BLOCK_RULE)
+            for stage in ("down_blocks.*", "mid_block", "up_blocks.*")
         ),
         modulation=("time_embedding", "time_embedding.*", "add_embedding", "add_embedding.*", "*.time_emb_proj"),
         token_layout=_unet_layout,

@@ -94,3 +94,71 @@ def test_declared_block_streams_match_what_blocks_take_and_return(family):
             assert context_out is None or context_out.shape == context_in.shape, block.name
             rebuilt = block.make_output(hidden_out, context_out)
             assert type(rebuilt) is type(output) and all(a is b for a, b in zip(rebuilt, output)), block.name
+
+
+def _record_blocks_and_branches(pipe, adapter, call):
+    """Run ``call()``; return (block, args, kwargs, output, {branch kind: output}) for every block forward."""
+    seen, handles = [], []
+    for model in adapter.denoisers(pipe).values():
+        for block in adapter.blocks(model):
+            def start(module, args, kwargs, block=block):
+                seen.append([block, args, kwargs, None, {}])
+
+            def finish(module, args, kwargs, output):
+                seen[-1][3] = output
+
+            handles.append(block.module.register_forward_pre_hook(start, with_kwargs=True))
+            handles.append(block.module.register_forward_hook(finish, with_kwargs=True))
+            for kind, (_, branch) in block.branches.items():
+                def branch_output(module, args, output, kind=kind):
+                    seen[-1][4][kind] = output
+
+                handles.append(branch.register_forward_hook(branch_output))
+    try:
+        call()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+RULED_FAMILIES = ("dit", "pixart-alpha", "pixart-sigma", "wan", "wan2.2", "sd15", "sdxl")
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_residual_rules_rebuild_block_outputs_bit_for_bit(family):
+    """A block's output is its input plus its branch outputs under the step's gates, by the same arithmetic."""
+    pipe = tiny.build(family)
+    adapter = adapter_for(pipe)
+    ruled = [block for model in adapter.denoisers(pipe).values() for block in adapter.blocks(model)
+             if block.residual_rule is not None]
+    assert bool(ruled) == (family in RULED_FAMILIES)
+    if not ruled:
+        return
+    inputs = tiny.example_inputs(family, num_inference_steps=2)
+    seen = _record_blocks_and_branches(pipe, adapter, lambda: pipe(**inputs))
+    assert seen
+    for block, args, kwargs, output, branches in seen:
+        assert set(branches) == set(block.branches), block.name
+        assert block.residual_rule.covers(block.module, args, kwargs), block.name
+        torch.testing.assert_close(block.residual_rule.combine(block.module, args, kwargs, branches), output,
+                                   rtol=0, atol=0, msg=block.name)
+
+
+def test_wan_rule_takes_per_token_modulation():
+    """Wan 2.2 TI2V modulates per token: temb is [batch, tokens, 6, dim]."""
+    pipe = tiny.build("wan")
+    adapter = adapter_for(pipe)
+    inputs = tiny.example_inputs("wan", num_inference_steps=1)
+    seen = _record_blocks_and_branches(pipe, adapter, lambda: pipe(**inputs))
+    block, args, kwargs = seen[0][:3]
+    hidden, context, temb, rotary = args
+    per_token = temb[:, None].expand(-1, hidden.shape[1], -1, -1) + 0.1 * torch.randn(
+        hidden.shape[0], hidden.shape[1], *temb.shape[1:], generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        [(block, args, kwargs, output, branches)] = _record_blocks_and_branches(
+            pipe, adapter, lambda: block.module(hidden, context, per_token, rotary)
+        )
+    torch.testing.assert_close(block.residual_rule.combine(block.module, args, kwargs, branches), output,
+                               rtol=0, atol=0)

@@ -171,7 +171,8 @@ def test_forecast_extrapolates_the_last_two_updates(family):
     steps = 4
     pipe, schedule = calibrated(family, steps=steps)
     schedule.updates = {name: [0, 1] for name in schedule.updates}
-    accel.wrap(pipe, BACConfig(schedule=schedule, forecast=1))
+    # The branch modules must run to be observed: a block whose branches are all reused would skip them.
+    accel.wrap(pipe, BACConfig(schedule=schedule, forecast=1, skip_reused_blocks=False))
     block = pipe.transformer.transformer_blocks[0]
     seen = []
     (block.attn1 if family == "dit" else block.attn).register_forward_hook(lambda m, args, out: seen.append(out))
@@ -195,7 +196,8 @@ def test_forecast_with_every_step_computed_is_bit_identical():
 @pytest.mark.parametrize("changes, match", [({"budget": 0.0}, "greater than 0.0"), ({"budget": 1.5}, "at most 1.0"),
                                             ({"top_k": -1}, "at least 0"), ({"top_k": 1.5}, "integer"),
                                             ({"forecast": 2}, "at most 1"), ({"forecast": True}, "integer"),
-                                            ({"compute_final_step": "yes"}, "True or False")])
+                                            ({"compute_final_step": "yes"}, "True or False"),
+                                            ({"skip_reused_blocks": 1}, "True or False")])
 def test_bad_config_values(changes, match):
     with pytest.raises(ValueError, match=match):
         BACConfig(**changes)
@@ -260,6 +262,34 @@ def test_torch_compile_still_runs():
     pipe.transformer = torch.compile(pipe.transformer, backend="eager")
     np.testing.assert_allclose(run(pipe, "dit", num_inference_steps=4), expected, atol=1e-5)
     assert accel.summary(pipe).branches_computed_share < 1.0
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart-alpha", "pixart-sigma", "wan", "wan2.2", "sd15", "sdxl"])
+def test_blocks_whose_branches_are_all_reused_do_not_run_and_give_the_same_output(family):
+    # Uncalibrated budget 0.5 of 3 steps: steps 0 and 2 update every branch, step 1 reuses every branch.
+    outputs, summaries = {}, {}
+    for skip in (True, False):
+        pipe = accel.wrap(tiny.build(family), BACConfig(budget=0.5, skip_reused_blocks=skip))
+        outputs[skip], summaries[skip] = run(pipe, family, num_inference_steps=3), accel.summary(pipe)
+    np.testing.assert_array_equal(outputs[True], outputs[False])
+    for with_skip, without in zip(summaries[True].steps, summaries[False].steps):
+        assert with_skip.branches_computed == without.branches_computed
+        assert without.blocks_computed == without.blocks_total
+        # one schedule for every branch: a step reuses all of them or none
+        assert with_skip.blocks_computed == (0 if with_skip.branches_computed == 0 else with_skip.blocks_total)
+    assert any(record.branches_computed == 0 for record in summaries[True].steps)
+
+
+def _has_block_hook(pipe) -> bool:
+    return any(name.startswith("accel.bac.block") for block in pipe.transformer.transformer_blocks
+               for name in block._diffusers_hook.hooks)
+
+
+def test_reused_blocks_run_when_another_method_hooks_them_first():
+    # Δ-DiT wrapped first sits inside BAC on each block and must see every forward; wrapped after, it sits outside.
+    assert not _has_block_hook(accel.wrap(tiny.build("dit"), [accel.DeltaDiTConfig(), BACConfig(budget=0.5)]))
+    assert _has_block_hook(accel.wrap(tiny.build("dit"), [BACConfig(budget=0.5), accel.DeltaDiTConfig()]))
+    assert not _has_block_hook(accel.wrap(tiny.build("dit"), BACConfig(budget=0.5, skip_reused_blocks=False)))
 
 
 def test_stacks_with_delta_dit():
