@@ -37,6 +37,13 @@ Where this implementation departs from the paper, and why:
 * Without a calibrated schedule for the call's step count, BAC uses M evenly spaced update steps and logs a
   warning naming ``accel.calibrate``; ``accel.summary(pipe).extras["bac"]["schedule"]`` says which was used.
 * A branch whose input shape differs from that of its cached output (or that has none yet) computes.
+* A store copies the new output into the tensor it drops, so the cache holds the same memory all call long; a
+  reused output is that tensor, overwritten at the branch's next update. Holding each new output instead made the
+  allocator map fresh pages on every step: on ``digits-dit`` (batch 100, 20 steps, budget 0.35, a throw-away
+  probe, 3 calls per row) it halved the page faults and took BAC from 1.98x to 2.16x, and with ``forecast=1``
+  from 1.82x to 2.13x.
+* Calibration runs on copies of the inputs' generators, so the caller's are left as they were and the same inputs
+  give the same schedule however often they are used.
 * ``forecast=1`` (ours, off by default): a reused branch returns the first-order extrapolation of its last two
   update outputs, ``y_b + (t - b) / (b - a) * (y_b - y_a)``, instead of ``y_b`` (TaylorSeer's first-order
   forecast, Liu et al., arXiv 2503.06923, applied on BAC's per-branch schedule). The schedule is still the one
@@ -367,7 +374,16 @@ class BACBranchHook(ModelHook):
         stored = self.state.cache.get(key)
         history = stored[1] if stored is not None and stored[0] == shape else []
         keep = 2 if self.plan.config.forecast else 1
+        if len(history) == keep and _same_layout(history[0][1], output):
+            # Copy into the tensor this store drops instead of holding a new one: the cache then keeps the same
+            # memory all call long. Holding each new output made the allocator map fresh pages step after step.
+            output = history[0][1].copy_(output)
         self.state.cache[key] = (shape, [*history, (self.scope.current.step, output)][-keep:])
+
+
+def _same_layout(held, output) -> bool:
+    return (isinstance(held, torch.Tensor) and isinstance(output, torch.Tensor) and held.shape == output.shape
+            and held.dtype == output.dtype and held.device == output.device and held.stride() == output.stride())
 
 
 class BACBlockHook(ModelHook):
@@ -547,6 +563,23 @@ def _check_inputs(inputs, num_inference_steps) -> list[dict]:
     return inputs
 
 
+def _copy_generator(generator: torch.Generator) -> torch.Generator:
+    copy = torch.Generator(generator.device)
+    copy.set_state(generator.get_state())
+    return copy
+
+
+def _with_generator_copies(kwargs: dict) -> dict:
+    """``kwargs`` with each ``generator`` replaced by a copy in the same state. Calibration leaves the caller's
+    generators untouched, so the same inputs give the same schedule however often they are used."""
+    generator = kwargs.get("generator")
+    if isinstance(generator, torch.Generator):
+        return {**kwargs, "generator": _copy_generator(generator)}
+    if isinstance(generator, (list, tuple)) and all(isinstance(g, torch.Generator) for g in generator):
+        return {**kwargs, "generator": [_copy_generator(g) for g in generator]}
+    return kwargs
+
+
 def calibrate_bac(pipe, config: BACConfig, inputs: Iterable[dict], *, num_inference_steps: int,
                   progress: bool = True) -> BACSchedule:
     """Run the pipeline uncached on ``inputs`` and build the BAC schedule (see ``accel.calibrate``)."""
@@ -568,7 +601,7 @@ def calibrate_bac(pipe, config: BACConfig, inputs: Iterable[dict], *, num_infere
     with temporary_scope(pipe, "bac-calibration", install) as scope:
         models = describe_models(scope.denoisers, pipe.scheduler)
         for kwargs in tqdm(inputs, desc="BAC calibration", disable=not progress):
-            pipe(**kwargs, num_inference_steps=num_inference_steps)
+            pipe(**_with_generator_copies(kwargs), num_inference_steps=num_inference_steps)
             recorder.end_call()
 
     count = update_count(num_inference_steps, config.budget)

@@ -167,12 +167,13 @@ def ssim(reference_images: np.ndarray, images: np.ndarray) -> float:
 
 def run_setting(model: str, steps: int, samples: int, batch: int, include_peers: bool) -> dict:
     labels = [i % 10 for i in range(samples)]
-    calibration = [reference.call_kwargs(model, reference.load(model), [(3 * i + 1) % 10 for i in range(10)],
-                                         seed=CALIBRATION_SEED + i, num_inference_steps=steps) for i in range(2)]
-    for kwargs in calibration:
-        del kwargs["num_inference_steps"]
-    plain = lambda pipe, calibration: None  # noqa: E731
     plain_pipe = reference.load(model)
+
+    def calibration() -> list[dict]:  # fresh generators for every row: a calibration run advances the ones it gets
+        calls = [reference.call_kwargs(model, plain_pipe, [(3 * i + 1) % 10 for i in range(10)],
+                                       seed=CALIBRATION_SEED + i) for i in range(2)]
+        return [{key: value for key, value in kwargs.items() if key != "num_inference_steps"} for kwargs in calls]
+    plain = lambda pipe, calibration: None  # noqa: E731
     depth = len(adapter_for(plain_pipe).blocks(plain_pipe.transformer))
     rows = [Row("baseline", "baseline", plain), Row("baseline, second instance", "overhead", plain),
             *our_rows(steps, depth)]
@@ -184,7 +185,7 @@ def run_setting(model: str, steps: int, samples: int, batch: int, include_peers:
     for row in tqdm(list(rows), desc=f"{model} {steps} steps: set up"):
         pipe = reference.load(model)
         try:
-            row.setup(pipe, [dict(kwargs) for kwargs in calibration])
+            row.setup(pipe, calibration())
         except ValueError as error:  # a peer that cannot run on this pipeline says why; ours must run
             if row.ours or row.family == "baseline":
                 raise

@@ -13,7 +13,7 @@ from accelerator_tester import AcceleratorTesterMixin, run
 from toy_accelerators import ProbeConfig
 
 import accel
-from accel.bac import BACConfig, BACSchedule, bubbling_union, optimal_updates, uniform_updates
+from accel.bac import BACBranchHook, BACConfig, BACSchedule, bubbling_union, optimal_updates, uniform_updates
 from pipelines import tiny
 
 SINGLE_DENOISER = tuple(f for f in tiny.FAMILIES if f != "wan2.2")
@@ -312,3 +312,35 @@ def test_wrap_calibrated_calibrates_only_what_needs_it():
     assert summary.methods[1]["budget"] == 0.3 and summary.extras["bac"]["schedule"] == "calibrated"
     with pytest.raises(ValueError, match="Unknown accelerator"):
         accel.wrap_calibrated(tiny.build("dit"), ["bak"], inputs, num_inference_steps=6)
+
+
+def test_calibration_leaves_the_callers_generators_as_it_found_them():
+    inputs = tiny.example_inputs("dit", num_inference_steps=4, seed=3)
+    del inputs["num_inference_steps"]
+    generator = inputs["generator"]
+    assert isinstance(generator, torch.Generator)
+    state = generator.get_state()
+    first = accel.calibrate(tiny.build("dit"), BACConfig(budget=0.5), [inputs], num_inference_steps=4,
+                            progress=False)
+    assert torch.equal(generator.get_state(), state)
+    second = accel.calibrate(tiny.build("dit"), BACConfig(budget=0.5), [inputs], num_inference_steps=4,
+                             progress=False)
+    assert first.updates == second.updates
+
+
+@pytest.mark.parametrize("forecast", [0, 1])
+def test_the_cache_copies_into_the_tensors_it_drops(forecast):
+    """Once a branch has stored as many updates as it keeps (1, or 2 to forecast), it holds the same tensors."""
+    pipe = accel.wrap(tiny.build("dit"), BACConfig(budget=0.5, forecast=forecast))
+    hook = next(h for h in pipe.transformer.transformer_blocks[0].ff._diffusers_hook.hooks.values()
+                if isinstance(h, BACBranchHook))
+    held, store = [], hook._store
+
+    def watching_store(key, shape, output):
+        store(key, shape, output)
+        held.append([id(tensor) for _, tensor in hook.state.cache[key][1]])
+
+    hook._store = watching_store
+    run(pipe, "dit", num_inference_steps=12, guidance=False)
+    assert len(held) > 2 + forecast
+    assert all(set(ids) == set(held[forecast]) for ids in held[forecast:])
