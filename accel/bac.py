@@ -39,9 +39,10 @@ Where this implementation departs from the paper, and why:
 * A branch whose input shape differs from that of its cached output (or that has none yet) computes.
 * A store copies the new output into the tensor it drops, so the cache holds the same memory all call long; a
   reused output is that tensor, overwritten at the branch's next update. Holding each new output instead made the
-  allocator map fresh pages on every step: on ``digits-dit`` (batch 100, 20 steps, budget 0.35, a throw-away
-  probe, 3 calls per row) it halved the page faults and took BAC from 1.98x to 2.16x, and with ``forecast=1``
-  from 1.82x to 2.13x.
+  allocator map fresh pages on every step: on ``digits-dit`` (batch 100, 20 steps, budget 0.35; a throw-away
+  probe of the same copy, 3 calls per row, one process) it halved the page faults and took BAC from 1.98x to 2.16x,
+  and with ``forecast=1`` from 1.82x to 2.13x. The caching benchmark (22 rows in one process) did not repeat the
+  gain: its BAC rows read 3-7% below the run before the copy, inside that benchmark's run-to-run noise.
 * Calibration runs on copies of the inputs' generators, so the caller's are left as they were and the same inputs
   give the same schedule however often they are used.
 * ``forecast=1`` (ours, off by default): a reused branch returns the first-order extrapolation of its last two
