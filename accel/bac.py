@@ -487,18 +487,20 @@ def apply_bac(scope: MethodScope, config: BACConfig) -> None:
         scope.extras.update(schedule="uniform")
     state = scope.add_state(BACState())
     plan = BACPlan(scope, config, schedule, list(branches))
+    hooks_by_block: dict[tuple[str, int], dict[str, BACBranchHook]] = {}
+    for name, (denoiser, index, kind, module) in branches.items():
+        hook = BACBranchHook(scope, state, plan, denoiser, name)
+        scope.register_hook(module, hook, f"{_BAC_HOOK}.{name}")
+        hooks_by_block.setdefault((denoiser, index), {})[kind] = hook
+    if not config.skip_reused_blocks:
+        return
     for denoiser, blocks in scope.blocks.items():
         for block in blocks:
-            hooks = {}
-            for kind, (name, module) in block.branches.items():
-                hooks[kind] = BACBranchHook(scope, state, plan, denoiser, f"{denoiser}.{name}")
-                scope.register_hook(module, hooks[kind], f"{_BAC_HOOK}.{denoiser}.{name}")
+            hooks = hooks_by_block.get((denoiser, block.index))
             # A block hook of a method wrapped before BAC would sit inside this one, and it must see every forward.
-            if config.skip_reused_blocks and block.residual_rule is not None and hooks and scope.only_counted(
-                block.module
-            ):
-                hook = BACBlockHook(scope, block, hooks)
-                scope.register_hook(block.module, hook, f"{_BLOCK_HOOK}.{denoiser}.{block.name}")
+            if block.residual_rule is not None and hooks and scope.only_counted(block.module):
+                scope.register_hook(block.module, BACBlockHook(scope, block, hooks),
+                                    f"{_BLOCK_HOOK}.{denoiser}.{block.name}")
 
 
 # --------------------------------------------------------------------------------------------- calibration
