@@ -13,7 +13,16 @@ from accelerator_tester import AcceleratorTesterMixin, run
 from toy_accelerators import ProbeConfig
 
 import accel
-from accel.bac import BACBranchHook, BACConfig, BACSchedule, bubbling_union, optimal_updates, uniform_updates
+from accel.bac import (
+    BACBranchHook,
+    BACConfig,
+    BACSchedule,
+    _BranchRecorder,
+    bubbling_union,
+    least_error_updates,
+    optimal_updates,
+    uniform_updates,
+)
 from pipelines import tiny
 
 SINGLE_DENOISER = tuple(f for f in tiny.FAMILIES if f != "wan2.2")
@@ -82,6 +91,79 @@ def test_dynamic_programming_matches_brute_force(seed):
         assert chosen[0] == 0 and len(chosen) == count
         best = max(_segment_value(similarity, [0, *rest]) for rest in itertools.combinations(range(1, 8), count - 1))
         assert _segment_value(similarity, chosen) == pytest.approx(best)
+
+
+def _reuse_error(features: np.ndarray, updates: list[int], forecast: int) -> float:
+    """What a schedule costs, step by step: the squared error of each reused step's output under the reuse rule."""
+    total = 0.0
+    for step in range(len(features)):
+        earlier = [u for u in updates if u <= step]
+        if earlier[-1] == step:
+            continue
+        if forecast and len(earlier) >= 2:
+            a, b = earlier[-2:]
+            guess = features[b] + (step - b) / (b - a) * (features[b] - features[a])
+        else:
+            guess = features[earlier[-1]]
+        total += float(((features[step] - guess) ** 2).sum())
+    return total
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("forecast", [0, 1])
+@pytest.mark.parametrize("final_step", [False, True])
+def test_least_error_program_matches_brute_force(seed, forecast, final_step):
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(8, 5)).cumsum(axis=0) + 0.3 * rng.normal(size=(8, 5))
+    gram = features @ features.T
+    for count in range(1, 9):
+        chosen = least_error_updates(gram, count, forecast, final_step)
+        assert chosen[0] == 0 and len(chosen) == count == len(set(chosen))
+        if final_step and count >= 2:
+            assert chosen[-1] == 7
+        candidates = [[0, *rest] for rest in itertools.combinations(range(1, 8), count - 1)
+                      if not (final_step and count >= 2) or rest[-1] == 7]
+        best = min(_reuse_error(features, updates, forecast) for updates in candidates)
+        assert _reuse_error(features, chosen, forecast) == pytest.approx(best, rel=1e-9, abs=1e-9)
+
+
+def test_least_error_program_places_updates_for_the_forecast():
+    # A straight line is forecast exactly from any two of its points, so two updates suffice after a kink at 4;
+    # reusing the last output instead wants its updates spread over the line.
+    features = np.array([[0.0], [0.0], [0.0], [0.0], [1.0], [2.0], [3.0], [4.0]])
+    gram = features @ features.T
+    forecast = least_error_updates(gram, 3, forecast=1)
+    assert _reuse_error(features, forecast, 1) == 0.0 and forecast[1:] in ([3, 4], [4, 5])
+    assert _reuse_error(features, least_error_updates(gram, 3, forecast=0), 0) > 0
+
+
+def test_recorded_gram_gives_the_reuse_errors_of_the_outputs():
+    recorder = _BranchRecorder()
+    rng = torch.Generator().manual_seed(0)
+    outputs = [100 + torch.randn(3, 4, 5, generator=rng) for _ in range(6)]  # a large common offset
+    for step, output in enumerate(outputs):
+        recorder.record("b", "cond", step, output)
+    recorder.end_call()
+    steps, _, gram, _ = recorder.statistics("b")
+    rows = torch.stack([o.reshape(3, -1).half().double() for o in outputs])  # what the recorder keeps, per sample
+    for b, k in [(0, 5), (2, 3), (4, 1)]:
+        direct = float(((rows[k] - rows[b]) ** 2).sum(dim=1).mean())
+        from_gram = gram[k, k] + gram[b, b] - 2 * gram[b, k]
+        assert from_gram == pytest.approx(direct, rel=1e-4)
+    assert steps == list(range(6))
+
+
+def test_l2_metric_and_one_schedule_per_block():
+    _, schedule = calibrated("dit", budget=0.5, top_k=0, metric="l2", forecast=1, per_block=True)
+    blocks: dict[str, set] = {}
+    for name, steps in schedule.updates.items():
+        blocks.setdefault(name.rsplit(".", 1)[0], set()).add(tuple(steps))
+    assert len(blocks) > 1 and all(len(schedules) == 1 for schedules in blocks.values())
+    meta = schedule.metadata
+    assert "L2" in meta["metric"] and meta["per_block"] and meta["forecast"] == 1
+    _, per_branch = calibrated("dit", budget=0.5, top_k=0, metric="l2", forecast=1)
+    assert not per_branch.metadata["per_block"]
+    assert all(len(steps) == 3 and steps[0] == 0 and steps[-1] == 5 for steps in per_branch.updates.values())
 
 
 def test_dynamic_programming_updates_where_features_change():
@@ -197,7 +279,9 @@ def test_forecast_with_every_step_computed_is_bit_identical():
                                             ({"top_k": -1}, "at least 0"), ({"top_k": 1.5}, "integer"),
                                             ({"forecast": 2}, "at most 1"), ({"forecast": True}, "integer"),
                                             ({"compute_final_step": "yes"}, "True or False"),
-                                            ({"skip_reused_blocks": 1}, "True or False")])
+                                            ({"skip_reused_blocks": 1}, "True or False"),
+                                            ({"per_block": "no"}, "True or False"),
+                                            ({"metric": "l1"}, "metric='l1' is not accepted")])
 def test_bad_config_values(changes, match):
     with pytest.raises(ValueError, match=match):
         BACConfig(**changes)
