@@ -138,6 +138,7 @@ class BACConfig(AccelConfig):
     skip_reused_blocks: bool = True
     metric: str = "cosine"
     per_block: bool = False
+    share_budget: bool = False
 
     def validate(self) -> None:
         check_float("budget", self.budget, minimum=0.0, maximum=1.0, open_min=True)
@@ -146,6 +147,9 @@ class BACConfig(AccelConfig):
         check_bool("compute_final_step", self.compute_final_step)
         check_bool("skip_reused_blocks", self.skip_reused_blocks)
         check_bool("per_block", self.per_block)
+        check_bool("share_budget", self.share_budget)
+        if self.share_budget and self.metric != "l2":
+            raise ValueError("share_budget=True compares L2 errors across blocks; it needs metric='l2'.")
         if self.metric not in METRICS:
             raise ValueError(f"metric={self.metric!r} is not accepted; use one of {sorted(METRICS)}.")
         if isinstance(self.schedule, BACSchedule):
@@ -343,22 +347,48 @@ def forecast_errors(gram: np.ndarray) -> np.ndarray:
     return np.where(valid, np.maximum(errors, 0.0), 0.0)
 
 
+def schedule_error(gram: np.ndarray, updates: list[int], forecast: int = 0) -> float:
+    """The summed squared L2 error of what the non-update steps return under ``updates``, from the Gram matrix."""
+    total = 0.0
+    for step in range(gram.shape[0]):
+        earlier = [update for update in updates if update <= step]
+        if earlier[-1] == step:
+            continue
+        weights = {step: 1.0}
+        if forecast and len(earlier) >= 2:
+            a, b = earlier[-2:]
+            ratio = (step - b) / (b - a)
+            weights[b], weights[a] = -(1 + ratio), ratio
+        else:
+            weights[earlier[-1]] = -1.0
+        index, weight = list(weights), np.array(list(weights.values()))
+        total += float(weight @ gram[np.ix_(index, index)] @ weight)
+    return max(total, 0.0)
+
+
 def least_error_updates(gram: np.ndarray, count: int, forecast: int = 0, final_step: bool = False) -> list[int]:
     """The ``count`` update steps (step 0 among them, and the last step with ``final_step``) that minimise the summed
     squared L2 error of what every other step reuses, under the reuse rule in force: the last update's output
     (``forecast=0``), or the first-order forecast from the last two updates (``forecast=1``; the steps before the
     second update reuse the first). ``gram[i, j]`` is the inner product of the branch's outputs at steps i and j.
+    """
+    return least_error_schedules(gram, count, forecast, final_step)[-1]
 
-    ``forecast=0`` is ``optimal_updates`` on the negated error. ``forecast=1`` is a dynamic program over the last two
-    updates, ``f[m+1][b, c] = min_a f[m][a, b] + sum_{b<k<c} F[a, b, k]``, in O(count * T^3) time and O(T^3) memory.
+
+def least_error_schedules(gram: np.ndarray, max_count: int, forecast: int = 0,
+                          final_step: bool = False) -> list[list[int]]:
+    """``least_error_updates`` for every count from 1 to ``max_count``, in that order.
+
+    ``forecast=0`` is ``optimal_updates`` on the negated error. ``forecast=1`` is one dynamic program over the last
+    two updates, ``f[m+1][b, c] = min_a f[m][a, b] + sum_{b<k<c} F[a, b, k]``, in O(max_count * T^3) time and
+    O(T^3) memory.
     """
     steps = gram.shape[0]
-    count = max(1, min(count, steps))
-    fixed_last = final_step and count >= 2
-    if not forecast or count == 1:
-        if fixed_last:
-            return [*optimal_updates(-reuse_errors(gram)[:-1, :-1], count - 1), steps - 1]
-        return optimal_updates(-reuse_errors(gram), count)
+    max_count = max(1, min(max_count, steps))
+    if not forecast:
+        negated = -reuse_errors(gram)
+        return [[*optimal_updates(negated[:-1, :-1], count - 1), steps - 1] if final_step and count >= 2
+                else optimal_updates(negated, count) for count in range(1, max_count + 1)]
     reuse = reuse_errors(gram)
     # segment[a, b, c]: the forecast error of the steps strictly between updates b and c (c = steps: to the end)
     partial = np.cumsum(forecast_errors(gram), axis=2)
@@ -366,22 +396,39 @@ def least_error_updates(gram: np.ndarray, count: int, forecast: int = 0, final_s
     # cost[a, b]: the best total over the steps before b, with a and b the last two updates (a < b)
     cost = np.full((steps, steps), np.inf)
     cost[0, 1:] = [reuse[0, 1:b].sum() for b in range(1, steps)]
-    parents = []
-    for _ in range(3, count + 1):
-        totals = cost[:, :, None] + segment[:, :, :steps]  # [a, b, c]
-        totals[:, np.tril_indices(steps)[0], np.tril_indices(steps)[1]] = np.inf  # c must follow b
-        parent = np.argmin(totals, axis=0)  # [b, c]
-        cost = np.take_along_axis(totals, parent[None], axis=0)[0]
-        parents.append(parent)
-    if fixed_last:
-        last_two = (int(np.argmin(cost[:, steps - 1])), steps - 1)
-    else:
-        closing = cost + segment[:, :, steps]
-        last_two = tuple(int(i) for i in np.unravel_index(np.argmin(closing), closing.shape))
-    chosen = list(last_two)
-    for parent in reversed(parents):
-        chosen.insert(0, int(parent[chosen[0], chosen[1]]))
-    return chosen
+    schedules, parents = [[0]], []
+    for count in range(2, max_count + 1):
+        if count > 2:
+            totals = cost[:, :, None] + segment[:, :, :steps]  # [a, b, c]
+            totals[:, np.tril_indices(steps)[0], np.tril_indices(steps)[1]] = np.inf  # c must follow b
+            parent = np.argmin(totals, axis=0)  # [b, c]
+            cost = np.take_along_axis(totals, parent[None], axis=0)[0]
+            parents.append(parent)
+        if final_step:
+            chosen = [int(np.argmin(cost[:, steps - 1])), steps - 1]
+        else:
+            closing = cost + segment[:, :, steps]
+            chosen = [int(i) for i in np.unravel_index(np.argmin(closing), closing.shape)]
+        for parent in reversed(parents):
+            chosen.insert(0, int(parent[chosen[0], chosen[1]]))
+        schedules.append(chosen)
+    return schedules
+
+
+def share_updates(errors: list[list[float]], total: int) -> list[int]:
+    """How many updates each group gets, 1 to ``len(errors[g])`` each and ``total`` in all, to minimise the summed
+    error; ``errors[g][m - 1]`` is group g's least error with m updates. Exact, by dynamic programming over groups."""
+    best = {0: (0.0, [])}  # updates used so far -> (error, counts)
+    for table in errors:
+        step = {}
+        for used, (error, counts) in best.items():
+            for count, value in enumerate(table, start=1):
+                if used + count <= total and (used + count not in step or error + value < step[used + count][0]):
+                    step[used + count] = (error + value, [*counts, count])
+        best = step
+    if total not in best:
+        raise ValueError(f"Cannot share {total} updates among {len(errors)} groups.")
+    return best[total][1]
 
 
 def bubbling_union(updates: dict[str, list[int]], volatility: dict[str, float],
@@ -607,7 +654,8 @@ class _BranchRecorder:
 
     def record(self, name: str, branch: str, step: int, output) -> None:
         tensors = [output] if isinstance(output, torch.Tensor) else [t for t in output if isinstance(t, torch.Tensor)]
-        rows = torch.cat([t.detach().reshape(t.shape[0], -1).float() for t in tensors], dim=1).to(torch.float16)
+        # kept on the CPU: the statistics are NumPy's, and a GPU's memory is the denoiser's
+        rows = torch.cat([t.detach().reshape(t.shape[0], -1).to("cpu", torch.float16) for t in tensors], dim=1)
         self.pending.setdefault((name, branch), {})[step] = rows
 
     def end_call(self) -> None:
@@ -691,6 +739,19 @@ def _schedule_groups(branches: dict[str, tuple], statistics: dict[str, tuple], p
     return list(groups.values())
 
 
+def _shared_counts(groups: list[list[str]], statistics: dict[str, tuple], count: int, config: BACConfig) -> list[int]:
+    """Each group's update count when they share ``count`` per group: the least summed L2 error (``share_budget``)."""
+    errors = []
+    for group in groups:
+        steps = statistics[group[0]][0]
+        gram = sum(statistics[name][2] for name in group) if steps else np.zeros((1, 1))
+        final_step = config.compute_final_step and len(steps) >= 2
+        cap = min(len(gram), 2 * count)
+        errors.append([schedule_error(gram, updates, config.forecast)
+                       for updates in least_error_schedules(gram, cap, config.forecast, final_step)])
+    return share_updates(errors, count * len(groups))
+
+
 def calibrate_bac(pipe, config: BACConfig, inputs: Iterable[dict], *, num_inference_steps: int,
                   progress: bool = True) -> BACSchedule:
     """Run the pipeline uncached on ``inputs`` and build the BAC schedule (see ``accel.calibrate``)."""
@@ -718,8 +779,12 @@ def calibrate_bac(pipe, config: BACConfig, inputs: Iterable[dict], *, num_infere
     count = update_count(num_inference_steps, config.budget)
     statistics = {name: recorder.statistics(name) for name in branches}
     volatility = {name: stats[3] for name, stats in statistics.items()}
+    groups = _schedule_groups(branches, statistics, config.per_block)
+    counts = [count] * len(groups)
+    if config.share_budget:
+        counts = _shared_counts(groups, statistics, count, config)
     updates = {}
-    for group in _schedule_groups(branches, statistics, config.per_block):
+    for group, group_count in zip(groups, counts):
         steps = statistics[group[0]][0]
         if not steps:  # a branch that never ran (an expert outside its steps): never needed, keep step 0
             updates.update({name: [0] for name in group})
@@ -728,12 +793,12 @@ def calibrate_bac(pipe, config: BACConfig, inputs: Iterable[dict], *, num_infere
         gram = sum(statistics[name][2] for name in group)
         final_step = config.compute_final_step and len(steps) >= 2
         if config.metric == "l2":
-            chosen = least_error_updates(gram, count, config.forecast, final_step)
-        elif final_step and count >= 2:
+            chosen = least_error_updates(gram, group_count, config.forecast, final_step)
+        elif final_step and group_count >= 2:
             # the final step is fixed: the program places the other updates over the steps before it
-            chosen = [*optimal_updates(similarity[:-1, :-1], count - 1), len(steps) - 1]
+            chosen = [*optimal_updates(similarity[:-1, :-1], group_count - 1), len(steps) - 1]
         else:
-            chosen = optimal_updates(similarity, count)
+            chosen = optimal_updates(similarity, group_count)
         updates.update({name: [steps[i] for i in chosen] for name in group})
     bubbled = bubbling_union(updates, volatility, branches, config.top_k)
     first = next(iter(recorder.outputs.values()), {})
@@ -747,6 +812,7 @@ def calibrate_bac(pipe, config: BACConfig, inputs: Iterable[dict], *, num_infere
         "forecast": config.forecast,
         "top_k": config.top_k,
         "per_block": config.per_block,
+        "share_budget": config.share_budget,
         "metric": METRICS[config.metric],
         "volatility": "relative mean L1 change between consecutive steps",
         "bubbled_branches": bubbled,

@@ -19,8 +19,11 @@ from accel.bac import (
     BACSchedule,
     _BranchRecorder,
     bubbling_union,
+    least_error_schedules,
     least_error_updates,
     optimal_updates,
+    schedule_error,
+    share_updates,
     uniform_updates,
 )
 from pipelines import tiny
@@ -135,6 +138,40 @@ def test_least_error_program_places_updates_for_the_forecast():
     forecast = least_error_updates(gram, 3, forecast=1)
     assert _reuse_error(features, forecast, 1) == 0.0 and forecast[1:] in ([3, 4], [4, 5])
     assert _reuse_error(features, least_error_updates(gram, 3, forecast=0), 0) > 0
+
+
+@pytest.mark.parametrize("forecast", [0, 1])
+def test_schedules_for_every_count_and_their_errors(forecast):
+    rng = np.random.default_rng(5)
+    features = rng.normal(size=(9, 4)).cumsum(axis=0)
+    gram = features @ features.T
+    schedules = least_error_schedules(gram, 9, forecast, final_step=True)
+    assert [len(updates) for updates in schedules] == list(range(1, 10))
+    for updates in schedules:
+        assert updates == least_error_updates(gram, len(updates), forecast, final_step=True)
+        assert schedule_error(gram, updates, forecast) == pytest.approx(_reuse_error(features, updates, forecast))
+    assert schedule_error(gram, schedules[-1], forecast) == 0.0
+
+
+def test_shared_updates_minimise_the_summed_error():
+    rng = np.random.default_rng(2)
+    errors = [sorted(rng.uniform(0, 10, size=4), reverse=True) for _ in range(4)]
+    for total in range(4, 17):
+        counts = share_updates(errors, total)
+        assert sum(counts) == total and all(1 <= c <= 4 for c in counts)
+        best = min(sum(e[c - 1] for e, c in zip(errors, combo))
+                   for combo in itertools.product(range(1, 5), repeat=4) if sum(combo) == total)
+        assert sum(e[c - 1] for e, c in zip(errors, counts)) == pytest.approx(best)
+    with pytest.raises(ValueError, match="Cannot share 17 updates"):
+        share_updates(errors, 17)
+
+
+def test_shared_budget_keeps_the_total_and_moves_updates_between_blocks():
+    _, schedule = calibrated("dit", steps=8, budget=0.5, top_k=0, metric="l2", forecast=1, per_block=True,
+                             share_budget=True)
+    per_block = {name.rsplit(".", 1)[0]: len(steps) for name, steps in schedule.updates.items()}
+    assert sum(per_block.values()) == 4 * len(per_block)
+    assert schedule.metadata["share_budget"]
 
 
 def test_recorded_gram_gives_the_reuse_errors_of_the_outputs():
@@ -281,7 +318,8 @@ def test_forecast_with_every_step_computed_is_bit_identical():
                                             ({"compute_final_step": "yes"}, "True or False"),
                                             ({"skip_reused_blocks": 1}, "True or False"),
                                             ({"per_block": "no"}, "True or False"),
-                                            ({"metric": "l1"}, "metric='l1' is not accepted")])
+                                            ({"metric": "l1"}, "metric='l1' is not accepted"),
+                                            ({"share_budget": True}, "needs metric='l2'")])
 def test_bad_config_values(changes, match):
     with pytest.raises(ValueError, match=match):
         BACConfig(**changes)
