@@ -831,7 +831,8 @@ register_accelerator(
         "bac-quality": lambda: BACConfig(budget=0.5),
         "bac-fast": lambda: BACConfig(budget=0.3),
         # ours: the forecast, on one schedule per block placed by the forecast's own L2 error (module docstring)
-        "bac-forecast": lambda: BACConfig(budget=0.3, forecast=1, metric="l2", per_block=True, top_k=0),
+        "bac-forecast": lambda: BACConfig(budget=0.3, forecast=1, metric="l2", per_block=True, share_budget=True,
+                                          top_k=0),
     },
     calibrate=calibrate_bac,
 )
