@@ -174,6 +174,16 @@ def test_shared_budget_keeps_the_total_and_moves_updates_between_blocks():
     assert schedule.metadata["share_budget"]
 
 
+def test_shared_budget_with_two_experts_keeps_each_within_its_steps():
+    # Wan 2.2's experts each run on part of the steps: at budget 1.0 every group computes all of its own steps.
+    _, schedule = calibrated("wan2.2", budget=1.0, top_k=0, metric="l2", per_block=True, share_budget=True)
+    experts = {}
+    for name, steps in schedule.updates.items():
+        experts.setdefault(name.split(".")[0], set()).update(steps)
+    assert experts["transformer"].isdisjoint(experts["transformer_2"])
+    assert experts["transformer"] | experts["transformer_2"] == set(range(6))
+
+
 def test_recorded_gram_gives_the_reuse_errors_of_the_outputs():
     recorder = _BranchRecorder()
     rng = torch.Generator().manual_seed(0)
