@@ -80,8 +80,8 @@ Where this implementation departs from the paper, and why:
   0.2-0.32): weighting each step's error by the AdaLN gate, in post-gate units (-2.1 to +1.2 dB, mostly lower);
   by the sampler's step in ``sigma = sqrt((1 - alpha_bar) / alpha_bar)`` or its square (-3.8 to -17.4 dB: an
   early error is mostly corrected by the later steps); a second-order forecast from the last three updates, on
-  this schedule (-0.5 to -1.8 dB) or on its own O(M T^4) program (-1.3 to +1.5 dB, no consistent sign). Calibrating on 50 samples
-  instead of 20 moved the PSNR by +0.1 to +1.2 dB.
+  this schedule (-0.5 to -1.8 dB) or on its own O(M T^4) program (-1.3 to +1.5 dB, no consistent sign).
+  Calibrating on 50 samples instead of 20 moved the PSNR by +0.1 to +1.2 dB.
 """
 
 from __future__ import annotations
