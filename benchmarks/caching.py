@@ -266,6 +266,24 @@ PEER_FLOOR = 1.5  # from this speedup on, some row of ours must match every peer
 OVERHEAD_BAR = 0.02  # hook overhead with nothing skipped
 
 
+def curve_psnr(rows: list[dict], speedup: float) -> float | None:
+    """The PSNR of the best curve through ``rows`` at ``speedup``: their upper (Pareto) envelope, linear between
+    neighbouring rows, flat below the slowest of them; ``None`` beyond the fastest."""
+    frontier: list[tuple[float, float]] = []
+    for row in sorted(rows, key=lambda row: -row["speedup"]):  # fastest first; keep rows sharper than all faster
+        if not frontier or row["psnr_db"] > frontier[-1][1]:
+            frontier.append((row["speedup"], row["psnr_db"]))
+    frontier.reverse()
+    if not frontier or speedup > frontier[-1][0]:
+        return None
+    if speedup <= frontier[0][0]:
+        return frontier[0][1]
+    for (slow, sharp), (fast, blunt) in zip(frontier, frontier[1:]):
+        if slow <= speedup <= fast:
+            return sharp + (blunt - sharp) * (speedup - slow) / (fast - slow)
+    raise AssertionError("unreachable")
+
+
 def bars(setting: dict) -> list[str]:
     """Markdown lines saying which bars this setting's rows meet, with the rows that decide it."""
     if not setting["rows"]:
@@ -294,6 +312,14 @@ def bars(setting: dict) -> list[str]:
             beaten.append(f"{peer['name']} ({peer['speedup']:.2f}×, {peer['psnr_db']:.2f} dB)")
     lines.append(f"- From {PEER_FLOOR}× on, a row of ours at least as fast as each peer row with at least its PSNR: "
                  + ("**met**." if not beaten else f"**missed** for {', '.join(beaten)}."))
+    under = [f"{peer['name']} ({peer['speedup']:.2f}×, {peer['psnr_db']:.2f} dB; our curve "
+             + ("does not reach that speed" if best is None else f"{best:.2f} dB") + ")"
+             for peer in setting["rows"]
+             if not peer["ours"] and peer["family"] not in ("baseline", "overhead") and peer["speedup"] >= PEER_FLOOR
+             and ((best := curve_psnr(ours, peer["speedup"])) is None or best < peer["psnr_db"])]
+    lines.append(f"- From {PEER_FLOOR}× on, our best curve (the upper envelope of our rows, linear between "
+                 "neighbouring rows, as a budget between theirs would be read) at or above each peer row's PSNR: "
+                 + ("**met**." if not under else f"**missed** for {', '.join(under)}."))
     overhead = rows.get("accel, nothing skipped")
     if overhead is not None:
         noise = rows.get("baseline, second instance")

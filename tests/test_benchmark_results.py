@@ -66,6 +66,28 @@ def _row(name, family, speedup, psnr_db, fid=10.0, ours=True):
             "branches_run": 0.5}
 
 
+def test_best_curve_is_the_upper_envelope_of_our_rows():
+    rows = [_row("a", "x", 1.5, 40.0), _row("b", "x", 2.0, 30.0), _row("c", "x", 1.8, 20.0),
+            _row("d", "x", 3.0, 28.0)]
+    assert caching.curve_psnr(rows, 1.2) == 40.0  # a faster row of ours is sharper
+    assert caching.curve_psnr(rows, 1.75) == pytest.approx(35.0)  # c is dominated by b: not on the curve
+    assert caching.curve_psnr(rows, 2.5) == pytest.approx(29.0)
+    assert caching.curve_psnr(rows, 3.0) == 28.0 and caching.curve_psnr(rows, 3.01) is None
+    assert caching.curve_psnr([], 1.0) is None
+
+
+def test_the_curve_check_credits_a_peer_between_two_of_our_rows():
+    setting = {"model": "digits-dit", "steps": 20, "rows": [
+        _row("baseline", "baseline", 1.0, float("inf"), ours=False),
+        _row("ours slow", "BAC (ours)", 2.0, 36.0), _row("ours fast", "BAC (ours)", 3.0, 28.0),
+        _row("peer between", "TaylorSeer", 2.5, 31.0, ours=False),  # the curve reads 32 dB at 2.5x
+        _row("peer under", "MagCache", 2.9, 29.0, ours=False),  # the curve reads 28.8 dB at 2.9x
+    ]}
+    text = "\n".join(caching.bars(setting))
+    assert "as fast as each peer row with at least its PSNR: **missed** for peer between" in text
+    assert "at or above each peer row's PSNR: **missed** for peer under (2.90×, 29.00 dB; our curve 28.80 dB)." in text
+
+
 def test_bars_are_read_from_the_rows():
     setting = {"model": "digits-dit", "steps": 20, "rows": [
         _row("baseline", "baseline", 1.0, float("inf"), ours=False),
@@ -82,5 +104,6 @@ def test_bars_are_read_from_the_rows():
     assert "Δ-DiT ≥ 1.6× at ≥ 34 dB and FID ≤ 10.50: **met**; fastest such row: Δ-DiT a, 1.70×" in text
     assert "BAC ≥ 2.2× at ≥ 34 dB and FID ≤ 10.50: **missed**; fastest such row: BAC a, 2.10×" in text
     assert "**missed** for peer a (2.20×, 34.00 dB)." in text
+    assert "**missed** for peer a (2.20×, 34.00 dB; our curve does not reach that speed)." in text
     assert "peer b" not in text and "peer c" not in text
     assert "Hook overhead ≤ 2% with nothing skipped: **missed** (0.97×; a second plain baseline reads 1.01×" in text
