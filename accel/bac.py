@@ -392,6 +392,12 @@ def least_error_updates(gram: np.ndarray, count: int, forecast: int = 0, final_s
     (``forecast=0``), or the first-order forecast from the last two updates (``forecast=1``; the steps before the
     second update reuse the first). ``gram[i, j]`` is the inner product of the branch's outputs at steps i and j.
     """
+    if not forecast:  # one program for this count, not one for every count up to it
+        steps, count = gram.shape[0], max(1, min(count, gram.shape[0]))
+        negated = -reuse_errors(gram)
+        if final_step and count >= 2:
+            return [*optimal_updates(negated[:-1, :-1], count - 1), steps - 1]
+        return optimal_updates(negated, count)
     return least_error_schedules(gram, count, forecast, final_step)[-1]
 
 
@@ -406,9 +412,7 @@ def least_error_schedules(gram: np.ndarray, max_count: int, forecast: int = 0,
     steps = gram.shape[0]
     max_count = max(1, min(max_count, steps))
     if not forecast:
-        negated = -reuse_errors(gram)
-        return [[*optimal_updates(negated[:-1, :-1], count - 1), steps - 1] if final_step and count >= 2
-                else optimal_updates(negated, count) for count in range(1, max_count + 1)]
+        return [least_error_updates(gram, count, 0, final_step) for count in range(1, max_count + 1)]
     reuse = reuse_errors(gram)
     # segment[a, b, c]: the forecast error of the steps strictly between updates b and c (c = steps: to the end)
     partial = np.cumsum(forecast_errors(gram), axis=2)
@@ -759,19 +763,20 @@ def _schedule_groups(branches: dict[str, tuple], statistics: dict[str, tuple], p
     return list(groups.values())
 
 
-def _shared_counts(groups: list[list[str]], statistics: dict[str, tuple], count: int, config: BACConfig) -> list[int]:
-    """Each group's update count under ``share_budget``: the least summed L2 error for the same total as without
-    sharing (``count`` per group, fewer for a group that ran on fewer steps), each group at most twice ``count``."""
-    errors, total = [], 0
+def _shared_schedules(groups: list[list[str]], statistics: dict[str, tuple], count: int,
+                      config: BACConfig) -> list[list[int]]:
+    """Each group's update steps (indices into the steps it ran on) under ``share_budget``: the counts with the least
+    summed L2 error for the same total as without sharing (``count`` per group, fewer for a group that ran on fewer
+    steps), each group at most twice ``count``."""
+    tables, errors, total = [], [], 0
     for group in groups:
         steps = statistics[group[0]][0]
         gram = sum(statistics[name][2] for name in group) if steps else np.zeros((1, 1))
         final_step = config.compute_final_step and len(steps) >= 2
-        errors.append([schedule_error(gram, updates, config.forecast)
-                       for updates in least_error_schedules(gram, min(len(gram), 2 * count), config.forecast,
-                                                            final_step)])
+        tables.append(least_error_schedules(gram, min(len(gram), 2 * count), config.forecast, final_step))
+        errors.append([schedule_error(gram, updates, config.forecast) for updates in tables[-1]])
         total += min(count, len(gram))
-    return share_updates(errors, total)
+    return [table[group_count - 1] for table, group_count in zip(tables, share_updates(errors, total))]
 
 
 def calibrate_bac(pipe, config: BACConfig, inputs: Iterable[dict], *, num_inference_steps: int,
@@ -802,25 +807,27 @@ def calibrate_bac(pipe, config: BACConfig, inputs: Iterable[dict], *, num_infere
     statistics = {name: recorder.statistics(name) for name in branches}
     volatility = {name: stats[3] for name, stats in statistics.items()}
     groups = _schedule_groups(branches, statistics, config.per_block)
-    counts = [count] * len(groups)
-    if config.share_budget:
-        counts = _shared_counts(groups, statistics, count, config)
+    # share_budget: each group's schedule comes out of the tables the sharing already computed
+    shared = _shared_schedules(groups, statistics, count, config) if config.share_budget else None
     updates = {}
-    for group, group_count in zip(groups, counts):
+    for index, group in enumerate(groups):
         steps = statistics[group[0]][0]
         if not steps:  # a branch that never ran (an expert outside its steps): never needed, keep step 0
             updates.update({name: [0] for name in group})
             continue
-        similarity = sum(statistics[name][1] for name in group)
-        gram = sum(statistics[name][2] for name in group)
         final_step = config.compute_final_step and len(steps) >= 2
-        if config.metric == "l2":
-            chosen = least_error_updates(gram, group_count, config.forecast, final_step)
-        elif final_step and group_count >= 2:
-            # the final step is fixed: the program places the other updates over the steps before it
-            chosen = [*optimal_updates(similarity[:-1, :-1], group_count - 1), len(steps) - 1]
+        if shared is not None:
+            chosen = shared[index]
+        elif config.metric == "l2":
+            chosen = least_error_updates(sum(statistics[name][2] for name in group), count, config.forecast,
+                                         final_step)
         else:
-            chosen = optimal_updates(similarity, group_count)
+            similarity = sum(statistics[name][1] for name in group)
+            if final_step and count >= 2:
+                # the final step is fixed: the program places the other updates over the steps before it
+                chosen = [*optimal_updates(similarity[:-1, :-1], count - 1), len(steps) - 1]
+            else:
+                chosen = optimal_updates(similarity, count)
         updates.update({name: [steps[i] for i in chosen] for name in group})
     bubbled = bubbling_union(updates, volatility, branches, config.top_k)
     first = next(iter(recorder.outputs.values()), {})
