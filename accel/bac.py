@@ -103,7 +103,7 @@ from diffusers.hooks import ModelHook
 from pipelines.adapters import BlockInfo
 
 from ._io import atomic_write
-from .config import AccelConfig, check_bool, check_float, check_int
+from .config import AccelConfig, check_bool, check_choice, check_float, check_int
 from .hooks import MethodScope
 from .registry import register_accelerator
 
@@ -168,10 +168,9 @@ class BACConfig(AccelConfig):
         check_bool("skip_reused_blocks", self.skip_reused_blocks)
         check_bool("per_block", self.per_block)
         check_bool("share_budget", self.share_budget)
+        check_choice("metric", self.metric, tuple(METRICS))
         if self.share_budget and self.metric != "l2":
             raise ValueError("share_budget=True compares L2 errors across blocks; it needs metric='l2'.")
-        if self.metric not in METRICS:
-            raise ValueError(f"metric={self.metric!r} is not accepted; use one of {sorted(METRICS)}.")
         if isinstance(self.schedule, BACSchedule):
             self.schedule = self.schedule.to_dict()
         if isinstance(self.schedule, os.PathLike):

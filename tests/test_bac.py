@@ -328,7 +328,7 @@ def test_forecast_with_every_step_computed_is_bit_identical():
                                             ({"compute_final_step": "yes"}, "True or False"),
                                             ({"skip_reused_blocks": 1}, "True or False"),
                                             ({"per_block": "no"}, "True or False"),
-                                            ({"metric": "l1"}, "metric='l1' is not accepted"),
+                                            ({"metric": "l1"}, "metric='l1' is not accepted; choose one of 'cosine'"),
                                             ({"share_budget": True}, "needs metric='l2'")])
 def test_bad_config_values(changes, match):
     with pytest.raises(ValueError, match=match):
@@ -359,6 +359,9 @@ def test_presets():
     from accel.registry import resolve
 
     assert [c.budget for c in resolve(["bac-fast"])] == [0.3]
+    (forecast,) = resolve(["bac-forecast"])  # ours: the L2 schedule, one per block, the budget shared
+    assert (forecast.metric, forecast.per_block, forecast.share_budget, forecast.forecast) == ("l2", True, True, 1)
+    assert BACConfig.from_dict(json.loads(json.dumps(forecast.to_dict()))) == forecast
 
 
 def test_calibrate_bad_input_and_cleanup():
