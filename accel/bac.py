@@ -56,13 +56,35 @@ Where this implementation departs from the paper, and why:
   last two updates, so it places them where the forecast is accurate, in O(M T^3) time and O(T^3) memory. The
   paper's cosine similarity ignores how much a branch's output grows or shrinks between steps, and its objective
   knows nothing of the forecast.
+* ``metric="sensitivity"`` (ours, off by default): the same program, with each reused step's error measured by
+  the first-order change it makes to the final sample instead of by its own size. The calibration calls run with
+  gradients (through the pipeline's undecorated ``__call__``; the last ``scheduler.step`` output is the final
+  sample), and ``projections`` random directions ``v`` of each call's final sample are differentiated back to every
+  branch output. With ``g_k`` the gradient of ``<v, sample>`` at step k, an error ``d`` at step k costs
+  ``<g_k, d>^2``, whose mean over ``v`` is the squared change ``||J_k d||^2``; the products ``<g_k, y_i>``, summed
+  over a sample's CFG rows and a block's branches before squaring, give one Gram matrix per step
+  (``sensitivity_gram``), and the program and ``share_budget`` run on it unchanged. Errors that later steps
+  correct cost little; errors the sampler carries to the output cost what they do there. Cross terms between
+  errors at different steps or blocks are left out. The calibration holds the autograd graph of a whole call: fine
+  for the reference models, too much memory for a large model at full batch (calibrate it with small batches).
+  On the shipped ``digits-dit`` at 50 steps (calibrated on 20 samples as the caching benchmark does; PSNR against
+  the uncached output on 100 other samples; throw-away probe, 2-core CPU, 2026-11-30), with ``forecast=1``,
+  ``per_block`` and ``share_budget``: 34.54 dB at budget 0.28 and 35.69 dB at 0.3 with 16 projections, against
+  33.05 and 33.55 dB for ``metric="l2"``; with 4 projections 33.22 and 34.44 dB (the estimate is noisy: another draw
+  of 4 gave 35.59 dB at 0.3), hence the default of 16 (about 2 min of calibration per budget there). At 20 steps
+  one projection per sample was worse than L2 (30.93 against 34.00 dB at 0.25); more were not tried there. Tried
+  and not adopted: the errors of a segment summed before squaring, so a forecast's drift over the steps it
+  covers adds up (-0.3 to -0.6 dB against the per-step errors), and a least-squares forecast coefficient per
+  reused step instead of ``(t - b) / (b - a)`` (-0.3 to +0.1 dB, with L2 errors), and 50 calibration samples
+  instead of 20 with L2 errors (+0.0 to +0.1 dB at 50 steps).
 * ``per_block=True`` (ours, off by default): every branch of a block shares one schedule, chosen for the sum of
   their objectives, so a block whose branches are reused is skipped whole; per-branch schedules (the paper) leave
   a block running whenever any one of its branches updates.
-* ``share_budget=True`` (ours, off by default; needs ``metric="l2"``): the blocks (or branches) share the
-  ``M x groups`` updates instead of taking ``M`` each. The program gives every group its least error for each count
-  of updates, and a second dynamic program over the groups picks the counts with the least summed error. Errors
-  are compared across blocks unweighted, in the units of the branch outputs before their gates.
+* ``share_budget=True`` (ours, off by default; needs ``metric="l2"`` or ``"sensitivity"``): the blocks (or
+  branches) share the ``M x groups`` updates instead of taking ``M`` each. The program gives every group its least
+  error for each count of updates, and a second dynamic program over the groups picks the counts with the least
+  summed error. With ``"l2"`` the errors are compared across blocks unweighted, in the units of the branch outputs
+  before their gates; with ``"sensitivity"`` in their effect on the final sample.
 * Measured on the shipped ``digits-dit`` (200 samples at 20 steps, 100 at 50; calibrated as the caching benchmark
   does; PSNR against the uncached output; throw-away probe), ``forecast=1`` with ``top_k=0`` (the Bubbling Union
   only adds updates, and did not raise the PSNR here):
@@ -92,7 +114,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +140,9 @@ METRICS = {
     "cosine": "cosine similarity of flattened branch outputs, mean over samples and CFG branches",
     "l2": "squared L2 error of each reused output under the reuse rule in force (last update, or the forecast from "
           "the last two), mean over samples, summed over CFG branches",
+    "sensitivity": "squared first-order change of the final sample that each reused output's error makes under the "
+                   "reuse rule in force, from random projections of the final sample's gradient, summed over "
+                   "samples and projections",
 }
 
 
@@ -142,11 +167,15 @@ class BACConfig(AccelConfig):
             similarity between each update's output and the outputs of the steps that reuse it. ``"l2"`` (ours): the
             summed squared L2 error of what each reused step returns, under the reuse rule in force, so with
             ``forecast=1`` the program places the updates for the forecast (see the module docstring).
+            ``"sensitivity"`` (ours): the same errors, each measured by the first-order change it makes to the final
+            sample; calibration then runs with gradients, and holds the autograd graph of a whole call.
         per_block: every branch of a block shares one schedule, chosen for the sum of their objectives (ours), so a
             block whose branches are reused is skipped whole (``skip_reused_blocks``); ``False`` gives each branch
             its own, as the paper does.
         share_budget: the groups (blocks with ``per_block``, else branches) share ``M`` updates each among them,
-            by least summed L2 error (ours; needs ``metric="l2"``), instead of taking ``M`` each.
+            by least summed error (ours; needs ``metric="l2"`` or ``"sensitivity"``), instead of taking ``M`` each.
+        projections: with ``metric="sensitivity"``, how many random projections of each calibration call's final
+            sample are differentiated (one backward pass each through the whole sampling run).
     """
 
     method = "bac"
@@ -159,6 +188,7 @@ class BACConfig(AccelConfig):
     metric: str = "cosine"
     per_block: bool = False
     share_budget: bool = False
+    projections: int = 16
 
     def validate(self) -> None:
         check_float("budget", self.budget, minimum=0.0, maximum=1.0, open_min=True)
@@ -169,8 +199,9 @@ class BACConfig(AccelConfig):
         check_bool("per_block", self.per_block)
         check_bool("share_budget", self.share_budget)
         check_choice("metric", self.metric, tuple(METRICS))
-        if self.share_budget and self.metric != "l2":
-            raise ValueError("share_budget=True compares L2 errors across blocks; it needs metric='l2'.")
+        check_int("projections", self.projections, minimum=1)
+        if self.share_budget and self.metric == "cosine":
+            raise ValueError("share_budget=True compares errors across blocks; it needs metric='l2' or 'sensitivity'.")
         if isinstance(self.schedule, BACSchedule):
             self.schedule = self.schedule.to_dict()
         if isinstance(self.schedule, os.PathLike):
@@ -347,29 +378,40 @@ def optimal_updates(similarity: np.ndarray, count: int) -> list[int]:
     return sorted(chosen)
 
 
+def _inner(gram: np.ndarray, k: np.ndarray):
+    """``g(i, j)``: the inner product of steps i and j, under step k's metric when ``gram`` is per step."""
+    if gram.ndim == 2:
+        return lambda i, j: gram[i, j]
+    return lambda i, j: gram[k, i, j]
+
+
 def reuse_errors(gram: np.ndarray) -> np.ndarray:
-    """``E[b, k] = ||y_k - y_b||^2`` for every pair of steps, from the Gram matrix ``gram[i, j] = <y_i, y_j>``."""
-    diagonal = np.diag(gram)
-    return diagonal[None, :] + diagonal[:, None] - 2 * gram
+    """``E[b, k] = ||y_k - y_b||^2`` for every pair of steps, from the Gram matrix ``gram[i, j] = <y_i, y_j>``, or
+    from one Gram matrix per step, ``gram[k, i, j]``, the error at step k measured in step k's metric."""
+    b, k = np.meshgrid(*(np.arange(gram.shape[-1]),) * 2, indexing="ij")
+    g = _inner(gram, k)
+    return g(k, k) + g(b, b) - 2 * g(k, b)
 
 
 def forecast_errors(gram: np.ndarray) -> np.ndarray:
     """``F[a, b, k] = ||y_k - (y_b + r (y_b - y_a))||^2`` with ``r = (k - b) / (b - a)`` for ``a < b < k``, else 0:
-    the error of the first-order forecast from updates ``a`` and ``b`` at step ``k``, from the Gram matrix."""
-    steps = gram.shape[0]
+    the error of the first-order forecast from updates ``a`` and ``b`` at step ``k``, from the Gram matrix (or one
+    per step, as in ``reuse_errors``)."""
+    steps = gram.shape[-1]
     a, b, k = np.meshgrid(*(np.arange(steps),) * 3, indexing="ij")
     valid = (a < b) & (b < k)
     ratio = np.where(valid, (k - b) / np.where(valid, b - a, 1), 0.0)
-    g = lambda i, j: gram[i, j]  # noqa: E731
+    g = _inner(gram, k)
     errors = (g(k, k) + (1 + ratio) ** 2 * g(b, b) + ratio**2 * g(a, a) - 2 * (1 + ratio) * g(k, b)
               + 2 * ratio * g(k, a) - 2 * ratio * (1 + ratio) * g(a, b))
     return np.where(valid, np.maximum(errors, 0.0), 0.0)
 
 
 def schedule_error(gram: np.ndarray, updates: list[int], forecast: int = 0) -> float:
-    """The summed squared L2 error of what the non-update steps return under ``updates``, from the Gram matrix."""
+    """The summed squared L2 error of what the non-update steps return under ``updates``, from the Gram matrix (or
+    one per step)."""
     total = 0.0
-    for step in range(gram.shape[0]):
+    for step in range(gram.shape[-1]):
         earlier = [update for update in updates if update <= step]
         if earlier[-1] == step:
             continue
@@ -381,8 +423,19 @@ def schedule_error(gram: np.ndarray, updates: list[int], forecast: int = 0) -> f
         else:
             weights[earlier[-1]] = -1.0
         index, weight = list(weights), np.array(list(weights.values()))
-        total += float(weight @ gram[np.ix_(index, index)] @ weight)
+        metric = gram if gram.ndim == 2 else gram[step]
+        total += float(weight @ metric[np.ix_(index, index)] @ weight)
     return max(total, 0.0)
+
+
+def sensitivity_gram(products: np.ndarray) -> np.ndarray:
+    """One Gram matrix per step for ``metric="sensitivity"``: ``products[n, k, i] = <g_k, y_i>``, the output at step
+    i projected on the gradient at step k of one random projection of one sample's final output, gives
+    ``gram[k, i, j] = sum_n products[n, k, i] * products[n, k, j]``. An error ``d`` at step k then costs
+    ``sum_n <g_k, d>^2``, an estimate of the squared first-order change it makes to the final sample. Centred on the
+    mean over i, which leaves every reuse or forecast error unchanged (their weights sum to zero)."""
+    centred = products - products.mean(axis=2, keepdims=True)
+    return np.einsum("nki,nkj->kij", centred, centred)
 
 
 def least_error_updates(gram: np.ndarray, count: int, forecast: int = 0, final_step: bool = False) -> list[int]:
@@ -392,7 +445,7 @@ def least_error_updates(gram: np.ndarray, count: int, forecast: int = 0, final_s
     second update reuse the first). ``gram[i, j]`` is the inner product of the branch's outputs at steps i and j.
     """
     if not forecast:  # one program for this count, not one for every count up to it
-        steps, count = gram.shape[0], max(1, min(count, gram.shape[0]))
+        steps, count = gram.shape[-1], max(1, min(count, gram.shape[-1]))
         negated = -reuse_errors(gram)
         if final_step and count >= 2:
             return [*optimal_updates(negated[:-1, :-1], count - 1), steps - 1]
@@ -408,7 +461,7 @@ def least_error_schedules(gram: np.ndarray, max_count: int, forecast: int = 0,
     two updates, ``f[m+1][b, c] = min_a f[m][a, b] + sum_{b<k<c} F[a, b, k]``, in O(max_count * T^3) time and
     O(T^3) memory.
     """
-    steps = gram.shape[0]
+    steps = gram.shape[-1]
     max_count = max(1, min(max_count, steps))
     if not forecast:
         return [least_error_updates(gram, count, 0, final_step) for count in range(1, max_count + 1)]
@@ -710,15 +763,131 @@ class _BranchRecorder:
         return steps, similarity / count, gram, volatility / count
 
 
+def _tensors(output) -> list[torch.Tensor]:
+    return [output] if isinstance(output, torch.Tensor) else [t for t in output if isinstance(t, torch.Tensor)]
+
+
+def _sample_count(output) -> int:
+    """How many samples a pipeline call returned (images, or videos)."""
+    for attr in ("images", "frames", "videos"):
+        value = getattr(output, attr, None)
+        if value is not None:
+            return len(value)
+    raise ValueError(f"metric='sensitivity' cannot tell how many samples {type(output).__name__} holds.")
+
+
+class _SensitivityRecorder:
+    """For ``metric="sensitivity"``: runs each calibration call with gradients and keeps, per branch, the outputs
+    of every step projected on the gradients of random projections of the final sample (``sensitivity_gram``)."""
+
+    def __init__(self, projections: int) -> None:
+        self.projections = projections
+        self.live: dict[tuple[str, str], dict[int, Any]] = {}  # (branch, CFG branch) -> step -> output in the graph
+        self.products: dict[str, list[np.ndarray]] = {}  # branch -> [samples * projections, T, T] per call
+
+    def record(self, name: str, branch: str, step: int, output) -> None:
+        if any(t.requires_grad for t in _tensors(output)):
+            self.live.setdefault((name, branch), {})[step] = output
+
+    def run(self, pipe, scope: MethodScope, kwargs: dict, num_inference_steps: int, seed: int) -> None:
+        """One calibration call with gradients; its projections are added to ``products``."""
+        call = getattr(getattr(type(pipe), "_accel_base_class", type(pipe)).__call__, "__wrapped__", None)
+        if call is None:
+            raise ValueError(f"metric='sensitivity' runs the pipeline with gradients through the undecorated __call__ "
+                             f"of a diffusers pipeline; {type(pipe).__name__}.__call__ wraps none.")
+        scheduler, final = pipe.scheduler, []
+        original_step, calls = scheduler.step, [0]
+
+        def step(*args, **step_kwargs):
+            # the last step's sample is the output: keep it in the graph, hand the pipeline a detached copy
+            output = original_step(*args, **step_kwargs)
+            calls[0] += 1
+            if calls[0] != len(scheduler.timesteps):
+                return output
+            sample = output[0] if isinstance(output, tuple) else output.prev_sample
+            final.append(sample)
+            torch.set_grad_enabled(False)  # decoding needs no graph; the enclosing enable_grad restores the mode
+            if isinstance(output, tuple):
+                return (sample.detach(), *output[1:])
+            output.prev_sample = sample.detach()
+            return output
+
+        parameters = [p for model in scope.denoisers.values() for p in model.parameters()]
+        flags = [p.requires_grad for p in parameters]
+        had_step = "step" in scheduler.__dict__
+        scheduler.step = step
+        try:
+            for parameter in parameters:  # a frozen model would leave no graph from the branches to the sample
+                parameter.requires_grad_(True)
+            with torch.enable_grad(), scope.context.pipeline_call():
+                output = call(pipe, **kwargs, num_inference_steps=num_inference_steps)
+            if not final or not final[-1].requires_grad:
+                raise ValueError("metric='sensitivity' found no final sample in the autograd graph: the pipeline's "
+                                 "last scheduler.step output does not depend on the denoiser.")
+            with torch.enable_grad():
+                self._project(final[-1], _sample_count(output), seed)
+        finally:
+            if had_step:
+                scheduler.step = original_step
+            else:
+                scheduler.__dict__.pop("step", None)
+            for parameter, flag in zip(parameters, flags):
+                parameter.requires_grad_(flag)
+            self.live = {}
+
+    def _project(self, final: torch.Tensor, samples: int, seed: int) -> None:
+        keys = list(self.live)
+        order = [(key, step) for key in keys for step in sorted(self.live[key])]
+        tensors = [t for key, step in order for t in _tensors(self.live[key][step])]
+        outputs = {}  # key -> [T, rows, D]: every step's output, flattened per batch row
+        for key in keys:
+            held = [_tensors(self.live[key][step]) for step in sorted(self.live[key])]
+            outputs[key] = torch.stack([torch.cat([t.detach().reshape(t.shape[0], -1) for t in ts], dim=1)
+                                        for ts in held]).cpu().double()
+            if outputs[key].shape[1] % samples:
+                raise ValueError(f"metric='sensitivity' cannot assign {outputs[key].shape[1]} batch rows to "
+                                 f"{samples} samples.")
+        per_name: dict[str, list[np.ndarray]] = {}
+        for index in range(self.projections):
+            generator = torch.Generator().manual_seed(seed * self.projections + index)
+            direction = torch.randn(final.shape, generator=generator, dtype=final.dtype).to(final.device)
+            grads = iter(torch.autograd.grad((final * direction).sum(), tensors, allow_unused=True,
+                                             retain_graph=index < self.projections - 1))
+            products: dict[str, np.ndarray] = {}
+            for key in keys:
+                gradients = []
+                for step in sorted(self.live[key]):
+                    held = _tensors(self.live[key][step])
+                    gradients.append(torch.cat([(g if g is not None else torch.zeros_like(t)).reshape(t.shape[0], -1)
+                                                for t, g in zip(held, [next(grads) for _ in held])], dim=1))
+                y, g = outputs[key], torch.stack(gradients).cpu().double()
+                steps = y.shape[0]
+                # row r belongs to sample r % samples (CFG batches stack [uncond; cond] or [cond; uncond])
+                product = torch.einsum("krd,ird->rki", g, y).reshape(-1, samples, steps, steps).sum(0)
+                held = products.get(key[0])
+                if held is not None and held.shape != product.shape:
+                    raise ValueError(f"metric='sensitivity' needs every CFG branch of {key[0]} on the same steps.")
+                products[key[0]] = product.numpy() if held is None else held + product.numpy()
+            for name, product in products.items():
+                per_name.setdefault(name, []).append(product)
+        for name, arrays in per_name.items():
+            self.products.setdefault(name, []).append(np.concatenate(arrays))
+
+    def gram(self, names: list[str]) -> np.ndarray:
+        """``sensitivity_gram`` of a group of branches: their projected errors add up before they are squared."""
+        return sensitivity_gram(sum(np.concatenate(self.products[name]) for name in names))
+
+
 class _RecordHook(ModelHook):
-    def __init__(self, scope: MethodScope, recorder: _BranchRecorder, denoiser: str, name: str) -> None:
+    def __init__(self, scope: MethodScope, recorders: list, denoiser: str, name: str) -> None:
         super().__init__()
-        self.scope, self.recorder, self.denoiser, self.name = scope, recorder, denoiser, name
+        self.scope, self.recorders, self.denoiser, self.name = scope, recorders, denoiser, name
 
     def post_forward(self, module, output):
         info = self.scope.current if self.scope.is_active() else None
         if info is not None and info.denoiser == self.denoiser:
-            self.recorder.record(self.name, info.branch, info.step, output)
+            for recorder in self.recorders:
+                recorder.record(self.name, info.branch, info.step, output)
         return output
 
 
@@ -762,19 +931,20 @@ def _schedule_groups(branches: dict[str, tuple], statistics: dict[str, tuple], p
     return list(groups.values())
 
 
-def _shared_schedules(groups: list[list[str]], statistics: dict[str, tuple], count: int,
-                      config: BACConfig) -> list[list[int]]:
+def _shared_schedules(groups: list[list[str]], statistics: dict[str, tuple], count: int, config: BACConfig,
+                      group_gram: Callable[[list[str]], np.ndarray]) -> list[list[int]]:
     """Each group's update steps (indices into the steps it ran on) under ``share_budget``: the counts with the least
-    summed L2 error for the same total as without sharing (``count`` per group, fewer for a group that ran on fewer
-    steps), each group at most twice ``count``."""
+    summed error for the same total as without sharing (``count`` per group, fewer for a group that ran on fewer
+    steps), each group at most twice ``count``. ``group_gram(group)`` is the Gram matrix the errors come from."""
     tables, errors, total = [], [], 0
     for group in groups:
         steps = statistics[group[0]][0]
-        gram = sum(statistics[name][2] for name in group) if steps else np.zeros((1, 1))
+        gram = group_gram(group) if steps else np.zeros((1, 1))
         final_step = config.compute_final_step and len(steps) >= 2
-        tables.append(least_error_schedules(gram, min(len(gram), 2 * count), config.forecast, final_step))
+        size = gram.shape[-1]
+        tables.append(least_error_schedules(gram, min(size, 2 * count), config.forecast, final_step))
         errors.append([schedule_error(gram, updates, config.forecast) for updates in tables[-1]])
-        total += min(count, len(gram))
+        total += min(count, size)
     return [table[group_count - 1] for table, group_count in zip(tables, share_updates(errors, total))]
 
 
@@ -787,6 +957,8 @@ def calibrate_bac(pipe, config: BACConfig, inputs: Iterable[dict], *, num_infere
 
     inputs = _check_inputs(inputs, num_inference_steps)
     recorder = _BranchRecorder()
+    sensitivity = _SensitivityRecorder(config.projections) if config.metric == "sensitivity" else None
+    recorders = [recorder] if sensitivity is None else [recorder, sensitivity]
     branches: dict[str, tuple] = {}
 
     def install(scope: MethodScope) -> None:
@@ -794,20 +966,29 @@ def calibrate_bac(pipe, config: BACConfig, inputs: Iterable[dict], *, num_infere
             raise ValueError("This pipeline is already wrapped with BAC; calibrate it unwrapped (accel.unwrap).")
         branches.update(branch_names(scope))
         for name, (denoiser, _, _, module) in branches.items():
-            scope.register_hook(module, _RecordHook(scope, recorder, denoiser, name), f"{_RECORD_HOOK}.{name}")
+            scope.register_hook(module, _RecordHook(scope, recorders, denoiser, name), f"{_RECORD_HOOK}.{name}")
 
     with temporary_scope(pipe, "bac-calibration", install) as scope:
         models = describe_models(scope.denoisers, pipe.scheduler)
-        for kwargs in tqdm(inputs, desc="BAC calibration", disable=not progress):
-            pipe(**_with_generator_copies(kwargs), num_inference_steps=num_inference_steps)
+        for index, kwargs in enumerate(tqdm(inputs, desc="BAC calibration", disable=not progress)):
+            if sensitivity is None:
+                pipe(**_with_generator_copies(kwargs), num_inference_steps=num_inference_steps)
+            else:
+                sensitivity.run(pipe, scope, _with_generator_copies(kwargs), num_inference_steps, seed=index)
             recorder.end_call()
 
     count = update_count(num_inference_steps, config.budget)
     statistics = {name: recorder.statistics(name) for name in branches}
     volatility = {name: stats[3] for name, stats in statistics.items()}
     groups = _schedule_groups(branches, statistics, config.per_block)
+
+    def group_gram(group: list[str]) -> np.ndarray:
+        if sensitivity is not None:
+            return sensitivity.gram(group)
+        return sum(statistics[name][2] for name in group)
+
     # share_budget: each group's schedule comes out of the tables the sharing already computed
-    shared = _shared_schedules(groups, statistics, count, config) if config.share_budget else None
+    shared = _shared_schedules(groups, statistics, count, config, group_gram) if config.share_budget else None
     updates = {}
     for index, group in enumerate(groups):
         steps = statistics[group[0]][0]
@@ -817,9 +998,8 @@ def calibrate_bac(pipe, config: BACConfig, inputs: Iterable[dict], *, num_infere
         final_step = config.compute_final_step and len(steps) >= 2
         if shared is not None:
             chosen = shared[index]
-        elif config.metric == "l2":
-            chosen = least_error_updates(sum(statistics[name][2] for name in group), count, config.forecast,
-                                         final_step)
+        elif config.metric in ("l2", "sensitivity"):
+            chosen = least_error_updates(group_gram(group), count, config.forecast, final_step)
         else:
             similarity = sum(statistics[name][1] for name in group)
             if final_step and count >= 2:
@@ -842,6 +1022,7 @@ def calibrate_bac(pipe, config: BACConfig, inputs: Iterable[dict], *, num_infere
         "per_block": config.per_block,
         "share_budget": config.share_budget,
         "metric": METRICS[config.metric],
+        **({"projections": config.projections} if sensitivity is not None else {}),
         "volatility": "relative mean L1 change between consecutive steps",
         "bubbled_branches": bubbled,
         "calibration_calls": len(inputs),

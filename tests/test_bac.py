@@ -18,11 +18,18 @@ from accel.bac import (
     BACConfig,
     BACSchedule,
     _BranchRecorder,
+    _RecordHook,
+    _SensitivityRecorder,
+    _with_generator_copies,
+    branch_names,
     bubbling_union,
+    forecast_errors,
     least_error_schedules,
     least_error_updates,
     optimal_updates,
+    reuse_errors,
     schedule_error,
+    sensitivity_gram,
     share_updates,
     uniform_updates,
 )
@@ -329,7 +336,8 @@ def test_forecast_with_every_step_computed_is_bit_identical():
                                             ({"skip_reused_blocks": 1}, "True or False"),
                                             ({"per_block": "no"}, "True or False"),
                                             ({"metric": "l1"}, "metric='l1' is not accepted; choose one of 'cosine'"),
-                                            ({"share_budget": True}, "needs metric='l2'")])
+                                            ({"share_budget": True}, "needs metric='l2'"),
+                                            ({"projections": 0}, "at least 1")])
 def test_bad_config_values(changes, match):
     with pytest.raises(ValueError, match=match):
         BACConfig(**changes)
@@ -479,3 +487,115 @@ def test_the_cache_copies_into_the_tensors_it_drops(forecast):
     run(pipe, "dit", num_inference_steps=12, guidance=False)
     assert len(held) > 2 + forecast
     assert all(set(ids) == set(held[forecast]) for ids in held[forecast:])
+
+
+# ------------------------------------------------------------------------------------ metric="sensitivity"
+
+
+def test_per_step_gram_gives_the_projected_errors():
+    # products[n, k, i] = <g_k, y_i>: an error y_k - guess at step k costs sum_n <g_k, y_k - guess>^2
+    rng = np.random.default_rng(3)
+    products = rng.normal(size=(5, 7, 7))
+    gram = sensitivity_gram(products)
+    reuse, forecast = reuse_errors(gram), forecast_errors(gram)
+    for b, k in [(0, 3), (2, 6), (5, 6)]:
+        assert reuse[b, k] == pytest.approx(((products[:, k, k] - products[:, k, b]) ** 2).sum())
+    for a, b, k in [(0, 1, 2), (1, 4, 6), (0, 3, 5)]:
+        r = (k - b) / (b - a)
+        direct = ((products[:, k, k] - (1 + r) * products[:, k, b] + r * products[:, k, a]) ** 2).sum()
+        assert forecast[a, b, k] == pytest.approx(direct)
+
+
+@pytest.mark.parametrize("forecast", [0, 1])
+def test_least_error_program_with_a_per_step_gram_matches_brute_force(forecast):
+    rng = np.random.default_rng(11)
+    gram = sensitivity_gram(rng.normal(size=(4, 7, 7)).cumsum(axis=2))
+    for count in range(1, 8):
+        chosen = least_error_updates(gram, count, forecast, final_step=True)
+        candidates = [[0, *rest] for rest in itertools.combinations(range(1, 7), count - 1)
+                      if count < 2 or rest[-1] == 6]
+        best = min(schedule_error(gram, updates, forecast) for updates in candidates)
+        assert schedule_error(gram, chosen, forecast) == pytest.approx(best, rel=1e-9, abs=1e-9)
+
+
+def test_sensitivity_products_are_the_first_order_change_of_the_final_sample():
+    """<g_k, y_i> from the recorder against a finite difference: add eps * y_i to one branch's output at step k."""
+    family, steps, k, i, eps = "dit", 4, 1, 2, 1e-3
+    pipe = tiny.build(family)
+    inputs = tiny.example_inputs(family, num_inference_steps=steps, batch_size=2)
+    del inputs["num_inference_steps"]
+    recorder, names = _SensitivityRecorder(projections=1), {}
+
+    def install(scope):
+        names.update(branch_names(scope))
+        for name, (denoiser, _, _, module) in names.items():
+            scope.register_hook(module, _RecordHook(scope, [recorder], denoiser, name), f"record.{name}")
+
+    with accel.api.temporary_scope(pipe, "sensitivity-test", install) as scope:
+        recorder.run(pipe, scope, _with_generator_copies(inputs), steps, seed=0)
+    name = next(iter(names))
+    predicted = recorder.products[name][0][:, k, i].sum()  # projection 0 of call 0, summed over the samples
+
+    module = names[name][3]
+    outputs, finals = [], []
+
+    def final_sample(original):
+        def step(*args, **kwargs):
+            output = original(*args, **kwargs)
+            finals.append(output[0] if isinstance(output, tuple) else output.prev_sample)
+            return output
+        return step
+
+    def sample(perturb: bool) -> torch.Tensor:
+        calls = []
+
+        def hook(mod, args, output):
+            calls.append(None)
+            if not perturb:
+                outputs.append(output.clone())
+                return output
+            return output + eps * outputs[i] if len(calls) == k + 1 else output
+
+        handle = module.register_forward_hook(hook)
+        pipe.scheduler.step = final_sample(type(pipe.scheduler).step.__get__(pipe.scheduler))
+        try:
+            pipe(**_with_generator_copies(inputs), num_inference_steps=steps)
+        finally:
+            handle.remove()
+            del pipe.scheduler.step
+        return finals[-1].double()
+
+    plain, perturbed = sample(False), sample(True)
+    direction = torch.randn(plain.shape, generator=torch.Generator().manual_seed(0)).double()
+    measured = float((direction * (perturbed - plain)).sum() / eps)
+    assert abs(predicted) > 1e-3
+    assert predicted == pytest.approx(measured, rel=0.05)
+
+
+def test_sensitivity_calibration_leaves_the_pipeline_as_it_was():
+    pipe = tiny.build("dit")
+    pipe.transformer.requires_grad_(False)  # frozen: calibration turns gradients on for its run only
+    baseline = run(pipe, "dit", num_inference_steps=6)
+    inputs = tiny.example_inputs("dit", num_inference_steps=6)
+    del inputs["num_inference_steps"]
+    config = BACConfig(budget=0.5, forecast=1, metric="sensitivity", per_block=True, share_budget=True, top_k=0,
+                       projections=2)
+    schedule = accel.calibrate(pipe, config, [inputs], num_inference_steps=6, progress=False)
+    assert not any(p.requires_grad for p in pipe.transformer.parameters())
+    assert "step" not in pipe.scheduler.__dict__ and not accel.is_wrapped(pipe)
+    np.testing.assert_array_equal(run(pipe, "dit", num_inference_steps=6), baseline)
+    per_block = {name.rsplit(".", 1)[0]: len(steps) for name, steps in schedule.updates.items()}
+    assert sum(per_block.values()) == 3 * len(per_block)
+    assert schedule.metadata["projections"] == 2 and "first-order" in schedule.metadata["metric"]
+    wrapped = accel.wrap(pipe, config.replace(schedule=schedule))
+    assert run(wrapped, "dit", num_inference_steps=6).shape == baseline.shape
+    assert accel.summary(wrapped).blocks_computed_share == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("family", ["pixart-alpha", "wan"])
+def test_sensitivity_calibration_runs_on_other_families(family):
+    _, schedule = calibrated(family, steps=4, budget=0.5, forecast=1, metric="sensitivity", per_block=True,
+                             share_budget=True, top_k=0, projections=1)
+    per_block = {name.rsplit(".", 1)[0]: steps for name, steps in schedule.updates.items()}
+    assert all(steps[0] == 0 for steps in per_block.values())
+    assert sum(map(len, per_block.values())) == 2 * len(per_block)  # budget 0.5 of 4 steps, shared
