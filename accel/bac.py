@@ -71,7 +71,9 @@ Where this implementation departs from the paper, and why:
   the uncached output on 100 other samples; throw-away probe, 2-core CPU, 2026-11-30), with ``forecast=1``,
   ``per_block`` and ``share_budget``: 34.54 dB at budget 0.28 and 35.69 dB at 0.3 with 16 projections, against
   33.05 and 33.55 dB for ``metric="l2"``; with 4 projections 33.22 and 34.44 dB (the estimate is noisy: another draw
-  of 4 gave 35.59 dB at 0.3), hence the default of 16 (about 2 min of calibration per budget there). At 20 steps
+  of 4 gave 35.59 dB at 0.3), hence the default of 16 (about 2 min of calibration per budget there). The caching
+  benchmark (500 samples, 2026-11-30) read 35.85 dB at 0.3 (2.84x), 34.80 dB at 0.28 (2.90x) and 33.48 dB at 0.26
+  (3.23x), against 33.97 dB at 0.3 and 31.78 dB at 0.25 for the L2 schedule. At 20 steps
   one projection per sample was worse than L2 (30.93 against 34.00 dB at 0.25); more were not tried there. Tried
   and not adopted: the errors of a segment summed before squaring, so a forecast's drift over the steps it
   covers adds up (-0.3 to -0.6 dB against the per-step errors), and a least-squares forecast coefficient per
