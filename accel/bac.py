@@ -74,7 +74,9 @@ Where this implementation departs from the paper, and why:
   of 4 gave 35.59 dB at 0.3), hence the default of 16 (about 2 min of calibration per budget there). The caching
   benchmark (500 samples, 2026-11-30) read 35.85 dB at 0.3 (2.84x), 34.80 dB at 0.28 (2.90x) and 33.48 dB at 0.26
   (3.23x), against 33.97 dB at 0.3 and 31.78 dB at 0.25 for the L2 schedule. At 20 steps
-  one projection per sample was worse than L2 (30.93 against 34.00 dB at 0.25); more were not tried there. Tried
+  it is worse than L2 (same probe, 16 projections): 31.74 against 34.00 dB at 0.25 and 34.96 against 36.82 dB at
+  0.3 (28.98 against 28.84 dB at 0.2), so the ``"bac-forecast"`` preset stays on L2. Why it helps at 50 steps and
+  not at 20 is not established; a first-order estimate is the less faithful the larger each reused error is. Tried
   and not adopted: the errors of a segment summed before squaring, so a forecast's drift over the steps it
   covers adds up (-0.3 to -0.6 dB against the per-step errors), and a least-squares forecast coefficient per
   reused step instead of ``(t - b) / (b - a)`` (-0.3 to +0.1 dB, with L2 errors), and 50 calibration samples
