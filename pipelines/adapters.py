@@ -292,12 +292,21 @@ def _basic_block_combine(block, args, kwargs, outputs: dict[str, torch.Tensor]) 
     elif block.norm_type == "ada_norm_single":
         chunks = (block.scale_shift_table[None] + timestep.reshape(hidden.shape[0], 6, -1)).chunk(6, dim=1)
         gate_msa, gate_mlp = chunks[2], chunks[5]
+    # Sums land in place in tensors made here, never in a cached branch output; a + b is b + a bit for bit, so the
+    # result is the block's own. In place, a skipped block allocates two tensors instead of four.
     attn_output = outputs["self_attn"] if gate_msa is None else gate_msa * outputs["self_attn"]
-    hidden = attn_output + hidden
+    hidden = _add(attn_output, hidden, fresh=gate_msa is not None)
     if "cross_attn" in outputs:
-        hidden = outputs["cross_attn"] + hidden
+        hidden = _add(hidden, outputs["cross_attn"], fresh=True)
     ff_output = outputs["ff"] if gate_mlp is None else gate_mlp * outputs["ff"]
-    return ff_output + hidden
+    return _add(ff_output, hidden, fresh=gate_mlp is not None)
+
+
+def _add(made_here: torch.Tensor, other: torch.Tensor, fresh: bool) -> torch.Tensor:
+    """``made_here + other``, in place when ``made_here`` is a tensor this rule made and the sum keeps its layout."""
+    if fresh and made_here.shape == other.shape and made_here.dtype == other.dtype and not made_here.requires_grad:
+        return made_here.add_(other)
+    return made_here + other
 
 
 def _wan_block_combine(block, args, kwargs, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
