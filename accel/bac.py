@@ -780,6 +780,14 @@ def _sample_count(output) -> int:
     raise ValueError(f"metric='sensitivity' cannot tell how many samples {type(output).__name__} holds.")
 
 
+def _rows(tensors: list, like: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Tensors flattened per batch row and concatenated; a ``None`` (a gradient that does not reach the sample) is
+    zeros shaped as its counterpart in ``like``."""
+    like = like or tensors
+    return torch.cat([(t if t is not None else torch.zeros_like(ref)).detach().reshape(ref.shape[0], -1)
+                      for t, ref in zip(tensors, like)], dim=1)
+
+
 class _SensitivityRecorder:
     """For ``metric="sensitivity"``: runs each calibration call with gradients and keeps, per branch, the outputs
     of every step projected on the gradients of random projections of the final sample (``sensitivity_gram``)."""
@@ -787,7 +795,7 @@ class _SensitivityRecorder:
     def __init__(self, projections: int) -> None:
         self.projections = projections
         self.live: dict[tuple[str, str], dict[int, Any]] = {}  # (branch, CFG branch) -> step -> output in the graph
-        self.products: dict[str, list[np.ndarray]] = {}  # branch -> [samples * projections, T, T] per call
+        self.products: dict[str, list[np.ndarray]] = {}  # branch -> [samples, T, T] per call and projection
 
     def record(self, name: str, branch: str, step: int, output) -> None:
         if any(t.requires_grad for t in _tensors(output)):
@@ -800,13 +808,10 @@ class _SensitivityRecorder:
             raise ValueError(f"metric='sensitivity' runs the pipeline with gradients through the undecorated __call__ "
                              f"of a diffusers pipeline; {type(pipe).__name__}.__call__ wraps none.")
         scheduler, final = pipe.scheduler, []
-        original_step, calls = scheduler.step, [0]
 
-        def step(*args, **step_kwargs):
+        def keep_final_sample(output, steps_done: int):
             # the last step's sample is the output: keep it in the graph, hand the pipeline a detached copy
-            output = original_step(*args, **step_kwargs)
-            calls[0] += 1
-            if calls[0] != len(scheduler.timesteps):
+            if steps_done != len(scheduler.timesteps):
                 return output
             sample = output[0] if isinstance(output, tuple) else output.prev_sample
             final.append(sample)
@@ -818,8 +823,7 @@ class _SensitivityRecorder:
 
         parameters = [p for model in scope.denoisers.values() for p in model.parameters()]
         flags = [p.requires_grad for p in parameters]
-        had_step = "step" in scheduler.__dict__
-        scheduler.step = step
+        scope.context.step_observers.append(keep_final_sample)
         try:
             for parameter in parameters:  # a frozen model would leave no graph from the branches to the sample
                 parameter.requires_grad_(True)
@@ -831,54 +835,42 @@ class _SensitivityRecorder:
             with torch.enable_grad():
                 self._project(final[-1], _sample_count(output), seed)
         finally:
-            if had_step:
-                scheduler.step = original_step
-            else:
-                scheduler.__dict__.pop("step", None)
+            scope.context.step_observers.remove(keep_final_sample)
             for parameter, flag in zip(parameters, flags):
                 parameter.requires_grad_(flag)
             self.live = {}
 
     def _project(self, final: torch.Tensor, samples: int, seed: int) -> None:
-        keys = list(self.live)
-        order = [(key, step) for key in keys for step in sorted(self.live[key])]
-        tensors = [t for key, step in order for t in _tensors(self.live[key][step])]
-        outputs = {}  # key -> [T, rows, D]: every step's output, flattened per batch row
-        for key in keys:
-            held = [_tensors(self.live[key][step]) for step in sorted(self.live[key])]
-            outputs[key] = torch.stack([torch.cat([t.detach().reshape(t.shape[0], -1) for t in ts], dim=1)
-                                        for ts in held]).cpu().double()
-            if outputs[key].shape[1] % samples:
-                raise ValueError(f"metric='sensitivity' cannot assign {outputs[key].shape[1]} batch rows to "
+        # key -> each step's output tensors, in step order; the gradients come back in this order
+        held = {key: [_tensors(outputs[step]) for step in sorted(outputs)] for key, outputs in self.live.items()}
+        tensors = [t for steps in held.values() for ts in steps for t in ts]
+        flattened = {}  # key -> [T, rows, D]: every step's output, flattened per batch row
+        for key, steps in held.items():
+            flattened[key] = torch.stack([_rows(ts) for ts in steps]).cpu().double()
+            if flattened[key].shape[1] % samples:
+                raise ValueError(f"metric='sensitivity' cannot assign {flattened[key].shape[1]} batch rows to "
                                  f"{samples} samples.")
-        per_name: dict[str, list[np.ndarray]] = {}
         for index in range(self.projections):
             generator = torch.Generator().manual_seed(seed * self.projections + index)
             direction = torch.randn(final.shape, generator=generator, dtype=final.dtype).to(final.device)
             grads = iter(torch.autograd.grad((final * direction).sum(), tensors, allow_unused=True,
                                              retain_graph=index < self.projections - 1))
             products: dict[str, np.ndarray] = {}
-            for key in keys:
-                gradients = []
-                for step in sorted(self.live[key]):
-                    held = _tensors(self.live[key][step])
-                    gradients.append(torch.cat([(g if g is not None else torch.zeros_like(t)).reshape(t.shape[0], -1)
-                                                for t, g in zip(held, [next(grads) for _ in held])], dim=1))
-                y, g = outputs[key], torch.stack(gradients).cpu().double()
-                steps = y.shape[0]
+            for key, steps in held.items():
+                g = torch.stack([_rows([next(grads) for _ in ts], like=ts) for ts in steps]).cpu().double()
+                y, count = flattened[key], len(steps)
                 # row r belongs to sample r % samples (CFG batches stack [uncond; cond] or [cond; uncond])
-                product = torch.einsum("krd,ird->rki", g, y).reshape(-1, samples, steps, steps).sum(0)
-                held = products.get(key[0])
-                if held is not None and held.shape != product.shape:
+                product = torch.einsum("krd,ird->rki", g, y).reshape(-1, samples, count, count).sum(0).numpy()
+                earlier = products.get(key[0])
+                if earlier is not None and earlier.shape != product.shape:
                     raise ValueError(f"metric='sensitivity' needs every CFG branch of {key[0]} on the same steps.")
-                products[key[0]] = product.numpy() if held is None else held + product.numpy()
+                products[key[0]] = product if earlier is None else earlier + product
             for name, product in products.items():
-                per_name.setdefault(name, []).append(product)
-        for name, arrays in per_name.items():
-            self.products.setdefault(name, []).append(np.concatenate(arrays))
+                self.products.setdefault(name, []).append(product)
 
     def gram(self, names: list[str]) -> np.ndarray:
-        """``sensitivity_gram`` of a group of branches: their projected errors add up before they are squared."""
+        """``sensitivity_gram`` of a group of branches: their projected errors add up before they are squared.
+        Rows of ``products[name]`` are (call, projection, sample) in the same order for every branch."""
         return sensitivity_gram(sum(np.concatenate(self.products[name]) for name in names))
 
 

@@ -155,6 +155,8 @@ class _CountingStep:
         context = _ACTIVE.get()
         if context is not None:
             context._scheduler_steps += 1
+            for observe in context.step_observers:
+                output = observe(output, context._scheduler_steps)
         return output
 
 
@@ -216,6 +218,8 @@ class PipelineContext:
         self.last_call: list[StepRecord] = []
         self.current: StepInfo | None = None
         self.attention_owners: dict[int, str] = {}
+        # called after every scheduler step of a call as observe(step output, steps done) -> the output to hand on
+        self.step_observers: list[Callable[[Any, int], Any]] = []
         self._lock = threading.Lock()
         self._installed: list[tuple[torch.nn.Module, str]] = []
         self._reset_call_counters()

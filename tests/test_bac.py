@@ -599,3 +599,30 @@ def test_sensitivity_calibration_runs_on_other_families(family):
     per_block = {name.rsplit(".", 1)[0]: steps for name, steps in schedule.updates.items()}
     assert all(steps[0] == 0 for steps in per_block.values())
     assert sum(map(len, per_block.values())) == 2 * len(per_block)  # budget 0.5 of 4 steps, shared
+
+
+def test_sensitivity_needs_a_pipeline_it_can_run_with_gradients():
+    pipe = tiny.build("dit")
+
+    class Undecorated(type(pipe)):  # a __call__ of its own, without diffusers' no_grad wrapper to unwrap
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs)
+
+    pipe.__class__ = Undecorated
+    inputs = tiny.example_inputs("dit", num_inference_steps=4)
+    del inputs["num_inference_steps"]
+    config = BACConfig(budget=0.5, forecast=1, metric="sensitivity", projections=1)
+    with pytest.raises(ValueError, match="undecorated __call__"):
+        accel.calibrate(pipe, config, [inputs], num_inference_steps=4, progress=False)
+    assert not accel.is_wrapped(pipe) and "step" not in pipe.scheduler.__dict__
+
+
+def test_sensitivity_needs_an_output_that_says_how_many_samples():
+    from types import SimpleNamespace
+
+    from accel.bac import _sample_count
+
+    assert _sample_count(SimpleNamespace(images=np.zeros((3, 4, 4, 1)))) == 3
+    assert _sample_count(SimpleNamespace(frames=np.zeros((2, 5, 4, 4, 3)))) == 2
+    with pytest.raises(ValueError, match="cannot tell how many samples"):
+        _sample_count(SimpleNamespace(latents=None))
