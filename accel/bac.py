@@ -67,14 +67,15 @@ Where this implementation departs from the paper, and why:
   correct cost little; errors the sampler carries to the output cost what they do there. Cross terms between
   errors at different steps or blocks are left out. The calibration holds the autograd graph of a whole call: fine
   for the reference models, too much memory for a large model at full batch (calibrate it with small batches).
-  On the shipped ``digits-dit`` at 50 steps (calibrated on 20 samples as the caching benchmark does; PSNR against
-  the uncached output on 100 other samples; throw-away probe, 2-core CPU, 2026-11-30), with ``forecast=1``,
+  On the shipped ``digits-dit`` at 50 steps (``benchmarks/bac_schedules.py``: calibrated on 20 samples as the
+  caching benchmark does, PSNR against the uncached output on 100 other samples; 2026-11-30), with ``forecast=1``,
   ``per_block`` and ``share_budget``: 34.54 dB at budget 0.28 and 35.69 dB at 0.3 with 16 projections, against
-  33.05 and 33.55 dB for ``metric="l2"``; with 4 projections 33.22 and 34.44 dB (the estimate is noisy: another draw
-  of 4 gave 35.59 dB at 0.3), hence the default of 16 (about 2 min of calibration per budget there). The caching
+  33.05 and 33.55 dB for ``metric="l2"``; with 4 projections 33.22 and 34.44 dB (``--projections 4``; the
+  estimate is noisy: another draw of 4, in a throw-away probe, gave 35.59 dB at 0.3), hence the default of 16
+  (about 2 min of calibration per budget there). The caching
   benchmark (500 samples, 2026-11-30) read 35.85 dB at 0.3 (2.84x), 34.80 dB at 0.28 (2.90x) and 33.48 dB at 0.26
   (3.23x), against 33.97 dB at 0.3 and 31.78 dB at 0.25 for the L2 schedule. At 20 steps
-  it is worse than L2 (same probe, 16 projections): 31.74 against 34.00 dB at 0.25 and 34.96 against 36.82 dB at
+  it is worse than L2 (the same script, 16 projections): 31.74 against 34.00 dB at 0.25 and 34.96 against 36.82 dB at
   0.3 (28.98 against 28.84 dB at 0.2), so the ``"bac-forecast"`` preset stays on L2. Why it helps at 50 steps and
   not at 20 is not established; a first-order estimate is the less faithful the larger each reused error is. Tried
   and not adopted: the errors of a segment summed before squaring, so a forecast's drift over the steps it

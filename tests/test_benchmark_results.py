@@ -107,3 +107,12 @@ def test_bars_are_read_from_the_rows():
     assert "**missed** for peer a (2.20×, 34.00 dB; our curve does not reach that speed)." in text
     assert "peer b" not in text and "peer c" not in text
     assert "Hook overhead ≤ 2% with nothing skipped: **missed** (0.97×; a second plain baseline reads 1.01×" in text
+
+
+def test_bac_schedule_quality_script_prints_one_row_per_budget(capsys):
+    from benchmarks import bac_schedules
+
+    bac_schedules.main(["--steps", "4", "--budgets", "0.5", "--metrics", "l2", "sensitivity", "--projections", "1",
+                        "--samples", "2"])
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0.5 |")]
+    assert len(table) == 1 and table[0].count(" dB") == 2
