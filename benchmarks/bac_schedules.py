@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,7 +42,6 @@ def main(argv=None) -> int:
     parser.add_argument("--projections", type=int, default=16)
     parser.add_argument("--samples", type=int, default=100)
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     baseline = images(reference.load(MODEL), args.steps, args.samples)
     print(f"{MODEL}, {args.steps} steps, {args.samples} samples; PSNR against the uncached output\n")
     print("| budget | " + " | ".join(args.metrics) + " |\n|---:|" + "---:|" * len(args.metrics))

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is a folder of scripts, not a package
 
@@ -116,3 +117,4 @@ def test_bac_schedule_quality_script_prints_one_row_per_budget(capsys):
                         "--samples", "2"])
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0.5 |")]
     assert len(table) == 1 and table[0].count(" dB") == 2
+    assert torch.is_grad_enabled()  # the script leaves the process's autograd mode alone
