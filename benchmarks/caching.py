@@ -21,6 +21,10 @@ its own ("baseline, second instance"): its speedup shows the timing noise of thi
   (per frame for video).
 
 BAC schedules and MagCache ratios are calibrated on inputs (labels and seeds) disjoint from the measured ones.
+The process keeps the memory it frees (``eval.allocator.retain_freed_memory``; ``--default-allocator`` leaves
+glibc's defaults): by default glibc returns freed tensors' pages to the OS and every row pays for faulting them in
+again, by an amount that depends on what the process ran before, which is noise in a speed ratio. Each section
+records which allocator setting it was measured with.
 Writes ``caching.json``, ``caching.md`` and ``caching-pareto.png`` to ``--out`` (default docs/benchmarks).
 """
 
@@ -49,6 +53,7 @@ import accel  # noqa: E402
 from accel._io import atomic_write  # noqa: E402
 from accel.bac import BACConfig  # noqa: E402
 from accel.delta_dit import DeltaDiTConfig  # noqa: E402
+from eval.allocator import retain_freed_memory  # noqa: E402
 from eval.metrics import digit_fid, psnr  # noqa: E402
 from pipelines import adapter_for, reference  # noqa: E402
 from pipelines.digits import split  # noqa: E402
@@ -381,6 +386,7 @@ def markdown(settings: list[dict], machine: dict) -> str:
                   f"{setting['samples']} samples", "",
                   *([f"Measured {setting['measured']}: `{setting['command']}`.", ""]
                     if setting.get("command", machine["command"]) != machine["command"] else []),
+                  f"Allocator: {setting.get('allocator', 'glibc defaults')} (see `eval/allocator.py`).", "",
                   "| method | speedup | branches run | PSNR dB | SSIM | FID | class acc | s / sample |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for row in setting["rows"]:
@@ -432,12 +438,15 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=None, help="default 500 images / 50 clips")
     parser.add_argument("--batch", type=int, default=None, help="default 100 images / 10 clips")
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's malloc thresholds alone (freed pages go back to the OS and fault again)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     parser.add_argument("--merge", action="store_true",
                         help="keep the model / step-count sections of an existing caching.json in --out that this "
                              "run does not measure (each section records its own date and command)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
+    allocator = "glibc defaults" if args.default_allocator or not retain_freed_memory() else "freed memory retained"
     if args.merge:
         merged_settings(args.out / "caching.json", [])  # a corrupt earlier file fails now, not after the run
     settings = []
@@ -450,10 +459,10 @@ def main(argv=None) -> int:
     import diffusers
 
     machine = {"machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "diffusers": diffusers.__version__, "date": time.strftime("%Y-%m-%d"),
+               "diffusers": diffusers.__version__, "date": time.strftime("%Y-%m-%d"), "allocator": allocator,
                "command": " ".join(["python benchmarks/caching.py", *(argv if argv is not None else sys.argv[1:])])}
     for setting in settings:
-        setting.update(measured=machine["date"], command=machine["command"])
+        setting.update(measured=machine["date"], command=machine["command"], allocator=allocator)
     if args.merge:
         settings = merged_settings(args.out / "caching.json", settings)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,8 @@
 Rows (each its own pipeline instance, same seeds, interleaved with the order rotating every repeat, one warm-up
 call each): plain; ``accel.wrap(pipe, [])`` (step tracking and counters only); BAC with budget 1.0; Δ-DiT with
 interval 1; both stacked. Prints the median over repeats of plain seconds / row seconds for the same repeat.
+The process keeps the memory it frees, as in ``benchmarks/caching.py`` (``--default-allocator`` to leave glibc's
+defaults).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import accel  # noqa: E402
 from accel.bac import BACConfig  # noqa: E402
 from accel.delta_dit import DeltaDiTConfig  # noqa: E402
+from eval.allocator import retain_freed_memory  # noqa: E402
 from pipelines import reference  # noqa: E402
 
 ROWS = {
@@ -38,7 +41,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--default-allocator", action="store_true", help="leave glibc's malloc thresholds alone")
     args = parser.parse_args(argv)
+    retained = not args.default_allocator and retain_freed_memory()
     labels = [i % 10 for i in range(args.batch)]
     pipes = {}
     for name, configs in ROWS.items():
@@ -56,7 +61,8 @@ def main(argv=None) -> int:
                 pipes[name](**kwargs)
                 if repeat:  # the first round warms up
                     seconds[name].append(time.perf_counter() - started)
-    print(f"digits-dit, batch {args.batch}, {args.steps} steps, median of {args.repeats} interleaved repeats")
+    print(f"digits-dit, batch {args.batch}, {args.steps} steps, median of {args.repeats} interleaved repeats, "
+          f"{'freed memory retained' if retained else 'glibc allocator defaults'}")
     for name in names:
         ratio = statistics.median(p / r for p, r in zip(seconds["plain"], seconds[name]))
         print(f"{name:<28} {statistics.median(seconds[name]):7.3f} s   speed vs plain {ratio:.3f}x")

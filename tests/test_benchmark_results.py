@@ -24,6 +24,8 @@ def test_merge_replaces_rerun_sections_and_keeps_the_rest(tmp_path):
     path.write_text(json.dumps({"machine": {"date": "2026-11-01", "command": "python benchmarks/caching.py"},
                                 "settings": earlier}))
     fresh = [_setting("moving-digits", 20, "new"), _setting("digits-dit", 50, "new")]
+    for setting in fresh:
+        setting["allocator"] = "freed memory retained"
     merged = caching.merged_settings(path, fresh)
     assert [(s["model"], s["steps"], s["marker"]) for s in merged] == [
         ("digits-dit", 20, "old"), ("digits-dit", 50, "new"), ("moving-digits", 20, "new")]
@@ -32,6 +34,9 @@ def test_merge_replaces_rerun_sections_and_keeps_the_rest(tmp_path):
                "command": "python benchmarks/caching.py --model moving-digits --merge"}
     text = caching.markdown(merged, machine)
     assert "Measured 2026-11-01: `python benchmarks/caching.py`." in text  # the kept section says when and how
+    sections = text.split("\n## ")[1:]
+    assert ["Allocator: glibc defaults" in section for section in sections] == [True, False, False]
+    assert ["Allocator: freed memory retained" in section for section in sections] == [False, True, True]
 
 
 def test_merge_without_an_earlier_file_and_with_a_corrupt_one(tmp_path):
