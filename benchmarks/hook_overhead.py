@@ -1,6 +1,6 @@
-"""Hook overhead: digits-dit with accel applied but nothing skipped, against the plain pipeline.
+"""Hook overhead: a reference model with accel applied but nothing skipped, against the plain pipeline.
 
-    python benchmarks/hook_overhead.py [--repeats 5] [--batch 50] [--steps 20]
+    python benchmarks/hook_overhead.py [--model digits-dit|moving-digits] [--repeats 5] [--batch 50] [--steps 20]
 
 Rows (each its own pipeline instance, same seeds, interleaved with the order rotating every repeat, one warm-up
 call each): plain; ``accel.wrap(pipe, [])`` (step tracking and counters only); BAC with budget 1.0; Δ-DiT with
@@ -38,16 +38,18 @@ ROWS = {
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=reference.MODELS, default="digits-dit")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=None, help="default 50 images / 5 clips")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--default-allocator", action="store_true", help="leave glibc's malloc thresholds alone")
     args = parser.parse_args(argv)
     retained = not args.default_allocator and retain_freed_memory()
-    labels = [i % 10 for i in range(args.batch)]
+    batch = args.batch or (50 if args.model == "digits-dit" else 5)
+    labels = [i % 10 for i in range(batch)]
     pipes = {}
     for name, configs in ROWS.items():
-        pipe = reference.load("digits-dit")
+        pipe = reference.load(args.model)
         pipes[name] = pipe if configs is None else accel.wrap(pipe, configs)
     seconds: dict[str, list[float]] = {name: [] for name in ROWS}
     names = list(ROWS)
@@ -55,13 +57,13 @@ def main(argv=None) -> int:
         for repeat in range(args.repeats + 1):
             order = names[repeat % len(names):] + names[: repeat % len(names)]
             for name in order:
-                kwargs = reference.call_kwargs("digits-dit", pipes[name], labels, seed=repeat,
+                kwargs = reference.call_kwargs(args.model, pipes[name], labels, seed=repeat,
                                                num_inference_steps=args.steps)
                 started = time.perf_counter()
                 pipes[name](**kwargs)
                 if repeat:  # the first round warms up
                     seconds[name].append(time.perf_counter() - started)
-    print(f"digits-dit, batch {args.batch}, {args.steps} steps, median of {args.repeats} interleaved repeats, "
+    print(f"{args.model}, batch {batch}, {args.steps} steps, median of {args.repeats} interleaved repeats, "
           f"{'freed memory retained' if retained else 'glibc allocator defaults'}")
     for name in names:
         ratio = statistics.median(p / r for p, r in zip(seconds["plain"], seconds[name]))
