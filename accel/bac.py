@@ -73,15 +73,19 @@ Where this implementation departs from the paper, and why:
   33.05 and 33.55 dB for ``metric="l2"``; with 4 projections 33.22 and 34.44 dB (``--projections 4``; the
   estimate is noisy: another draw of 4, in a throw-away probe, gave 35.59 dB at 0.3), hence the default of 16
   (about 2 min of calibration per budget there). The caching
-  benchmark (500 samples, 2026-11-30) read 35.85 dB at 0.3 (2.84x), 34.80 dB at 0.28 (2.90x) and 33.48 dB at 0.26
-  (3.23x), against 33.97 dB at 0.3 and 31.78 dB at 0.25 for the L2 schedule. At 20 steps
+  benchmark (500 samples, 2026-11-30, two runs) read 35.85 dB at 0.3 (2.84x, then 2.81x), 34.80 dB at 0.28 (2.90x,
+  3.04x) and 33.48 dB at 0.26 (3.23x, 3.02x), against 33.97 dB at 0.3 and 31.78 dB at 0.25 for the L2 schedule;
+  the speeds move by a few percent from run to run. At 20 steps
   it is worse than L2 (the same script, 16 projections): 31.74 against 34.00 dB at 0.25 and 34.96 against 36.82 dB at
   0.3 (28.98 against 28.84 dB at 0.2), so the ``"bac-forecast"`` preset stays on L2. Why it helps at 50 steps and
   not at 20 is not established; a first-order estimate is the less faithful the larger each reused error is. Tried
   and not adopted: the errors of a segment summed before squaring, so a forecast's drift over the steps it
   covers adds up (-0.3 to -0.6 dB against the per-step errors), and a least-squares forecast coefficient per
   reused step instead of ``(t - b) / (b - a)`` (-0.3 to +0.1 dB, with L2 errors), and 50 calibration samples
-  instead of 20 with L2 errors (+0.0 to +0.1 dB at 50 steps).
+  instead of 20 with L2 errors (+0.0 to +0.1 dB at 50 steps), and the exact ``J^T J`` in place of random
+  projections (the 64 unit directions of ``digits-dit``'s 8x8 sample, every sample at once since samples do not
+  interact: 33.80 dB at 0.26 and 34.30 dB at 0.28, against 34.54 dB at 0.28 for 16 random directions, for four
+  times the calibration time), so the sampling noise of 16 projections is not what limits the schedule.
 * ``per_block=True`` (ours, off by default): every branch of a block shares one schedule, chosen for the sum of
   their objectives, so a block whose branches are reused is skipped whole; per-branch schedules (the paper) leave
   a block running whenever any one of its branches updates.

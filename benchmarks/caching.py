@@ -111,7 +111,7 @@ def our_rows(steps: int, depth: int) -> list[Row]:
     sensitivity = dict(metric="sensitivity", per_block=True, share_budget=True, top_k=0)
     family = "BAC + forecast, sensitivity shared (ours)"
     rows += [Row(f"BAC + forecast, sensitivity shared schedule, budget {b}", family, bac(b, 1, **sensitivity), True)
-             for b in (0.3, 0.29, 0.28, 0.26)]
+             for b in (0.3, 0.28, 0.26)]
     return [row for row in rows if row.name != "Δ-DiT interval 2, 75% blocks"]
 
 
