@@ -53,7 +53,7 @@ import accel  # noqa: E402
 from accel._io import atomic_write  # noqa: E402
 from accel.bac import BACConfig  # noqa: E402
 from accel.delta_dit import DeltaDiTConfig  # noqa: E402
-from eval.allocator import retain_freed_memory  # noqa: E402
+from eval.allocator import timing_allocator  # noqa: E402
 from eval.metrics import digit_fid, psnr  # noqa: E402
 from pipelines import adapter_for, reference  # noqa: E402
 from pipelines.digits import split  # noqa: E402
@@ -446,7 +446,7 @@ def main(argv=None) -> int:
                              "run does not measure (each section records its own date and command)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
-    allocator = "glibc defaults" if args.default_allocator or not retain_freed_memory() else "freed memory retained"
+    allocator = timing_allocator(keep_defaults=args.default_allocator)
     if args.merge:
         merged_settings(args.out / "caching.json", [])  # a corrupt earlier file fails now, not after the run
     settings = []

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import accel  # noqa: E402
 from accel.bac import BACConfig  # noqa: E402
 from accel.delta_dit import DeltaDiTConfig  # noqa: E402
-from eval.allocator import retain_freed_memory  # noqa: E402
+from eval.allocator import timing_allocator  # noqa: E402
 from pipelines import reference  # noqa: E402
 
 ROWS = {
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--default-allocator", action="store_true", help="leave glibc's malloc thresholds alone")
     args = parser.parse_args(argv)
-    retained = not args.default_allocator and retain_freed_memory()
+    allocator = timing_allocator(keep_defaults=args.default_allocator)
     batch = args.batch or (50 if args.model == "digits-dit" else 5)
     labels = [i % 10 for i in range(batch)]
     pipes = {}
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
                 if repeat:  # the first round warms up
                     seconds[name].append(time.perf_counter() - started)
     print(f"{args.model}, batch {batch}, {args.steps} steps, median of {args.repeats} interleaved repeats, "
-          f"{'freed memory retained' if retained else 'glibc allocator defaults'}")
+          f"allocator: {allocator}")
     for name in names:
         ratio = statistics.median(p / r for p, r in zip(seconds["plain"], seconds[name]))
         print(f"{name:<28} {statistics.median(seconds[name]):7.3f} s   speed vs plain {ratio:.3f}x")

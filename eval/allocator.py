@@ -47,3 +47,8 @@ def retain_freed_memory() -> bool:
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_CEILING)) and bool(
         libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
+
+
+def timing_allocator(keep_defaults: bool = False) -> str:
+    """For a timing benchmark: ``retain_freed_memory()`` unless ``keep_defaults``; says which setting is in force."""
+    return "freed memory retained" if not keep_defaults and retain_freed_memory() else "glibc defaults"

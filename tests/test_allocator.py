@@ -16,9 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import resource, sys, torch
 sys.path.insert(0, {root!r})
-from eval.allocator import retain_freed_memory
-if {retain}:
-    assert retain_freed_memory()
+from eval.allocator import timing_allocator
+assert timing_allocator(keep_defaults=not {retain}) == ("freed memory retained" if {retain} else "glibc defaults")
 from pipelines import reference
 model = reference.load("digits-dit").transformer
 inputs = dict(hidden_states=torch.randn(200, 1, 8, 8), timestep=torch.full((200,), 500),
