@@ -38,6 +38,8 @@ def _faults_in_third_forward(retain: bool) -> int:
 
 @pytest.mark.skipif(_libc() is None, reason="glibc only")
 def test_retained_memory_is_reused_without_page_faults():
-    # Measured here: about 140,000 minor faults per forward by default, a few dozen once memory is retained.
-    assert _faults_in_third_forward(retain=False) > 20_000
-    assert _faults_in_third_forward(retain=True) < 2_000
+    # Measured here: 100,000-140,000 minor faults per forward by default; retained, none to a few dozen here and
+    # 2,312 once in a fresh CI clone, so the bound is relative to the default's count.
+    default = _faults_in_third_forward(retain=False)
+    assert default > 20_000
+    assert _faults_in_third_forward(retain=True) < default / 10
