@@ -40,7 +40,6 @@ def main(argv=None) -> int:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.28, 0.3])
     parser.add_argument("--metrics", nargs="+", default=["l2", "sensitivity"], choices=["cosine", "l2", "sensitivity"])
     parser.add_argument("--projections", type=int, default=16)
-    parser.add_argument("--candidates", type=int, default=1, help="with sensitivity: schedules built and tried")
     parser.add_argument("--samples", type=int, default=100)
     args = parser.parse_args(argv)
     baseline = images(reference.load(MODEL), args.steps, args.samples)
@@ -54,8 +53,7 @@ def main(argv=None) -> int:
                 MODEL, pipe, [(3 * i + 1) % 10 for i in range(10)], seed=CALIBRATION_SEED + call).items()
                 if key != "num_inference_steps"} for call in range(2)]
             config = BACConfig(budget=budget, forecast=1, metric=metric, per_block=True,
-                               share_budget=metric != "cosine", top_k=0, projections=args.projections,
-                               candidates=args.candidates if metric == "sensitivity" else 1)
+                               share_budget=metric != "cosine", top_k=0, projections=args.projections)
             accel.wrap_calibrated(pipe, config, calibration, num_inference_steps=args.steps)
             cells.append(f"{psnr(baseline, images(pipe, args.steps, args.samples)):.2f} dB")
         print(f"| {budget} | " + " | ".join(cells) + " |", flush=True)

@@ -592,39 +592,6 @@ def test_sensitivity_calibration_leaves_the_pipeline_as_it_was():
     assert accel.summary(wrapped).blocks_computed_share == pytest.approx(0.5)
 
 
-def test_sensitivity_candidates_keep_the_schedule_closest_to_the_uncached_samples():
-    from accel.bac import _candidate_error, _with_generator_copies
-
-    pipe = tiny.build("dit")
-    inputs = tiny.example_inputs("dit", num_inference_steps=12)
-    del inputs["num_inference_steps"]
-    config = BACConfig(budget=0.25, forecast=1, metric="sensitivity", per_block=True, share_budget=True, top_k=0,
-                       projections=4, candidates=4)
-    schedule = accel.calibrate(pipe, config, [inputs], num_inference_steps=12, progress=False)
-    assert not accel.is_wrapped(pipe) and "step" not in pipe.scheduler.__dict__
-    errors = schedule.metadata["candidate_errors"]
-    assert len(errors) == 4 and schedule.metadata["chosen_candidate"] == int(np.argmin(errors))
-    assert min(errors) < errors[0]  # on this model a resample beats the plain calibration's schedule
-    # the recorded error of the kept schedule is its own: rerun it against the uncached final sample
-    final = []
-    with accel.api.temporary_scope(pipe, "uncached", lambda scope: None) as scope:
-        scope.context.step_observers.append(lambda output, steps: final.append(output.prev_sample) or output)
-        pipe(**_with_generator_copies(inputs), num_inference_steps=12)
-    kept = _candidate_error(pipe, config, schedule, [inputs], [final[-1]], 12)
-    assert kept == pytest.approx(min(errors), rel=1e-4)
-    # one candidate is the plain calibration: the same inputs give the same schedule, and none is worse than it
-    single = accel.calibrate(pipe, config.replace(candidates=1), [inputs], num_inference_steps=12, progress=False)
-    assert _candidate_error(pipe, config, single, [inputs], [final[-1]], 12) == pytest.approx(errors[0], rel=1e-4)
-    assert accel.calibrate(pipe, config, [inputs], num_inference_steps=12, progress=False).updates == schedule.updates
-
-
-def test_candidates_need_the_sensitivity_metric():
-    with pytest.raises(ValueError, match="needs metric='sensitivity'"):
-        BACConfig(metric="l2", candidates=3)
-    with pytest.raises(ValueError, match="candidates"):
-        BACConfig(metric="sensitivity", candidates=0)
-
-
 @pytest.mark.parametrize("family", ["pixart-alpha", "wan"])
 def test_sensitivity_calibration_runs_on_other_families(family):
     _, schedule = calibrated(family, steps=4, budget=0.5, forecast=1, metric="sensitivity", per_block=True,
