@@ -36,16 +36,23 @@ ROWS = {
 }
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not accepted; give a whole number of 1 or more")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=reference.MODELS, default="digits-dit")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=None, help="default 50 images / 5 clips")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--batch", type=positive_int, default=None, help="default 50 images / 5 clips")
+    parser.add_argument("--steps", type=positive_int, default=20)
     parser.add_argument("--default-allocator", action="store_true", help="leave glibc's malloc thresholds alone")
     args = parser.parse_args(argv)
     allocator = timing_allocator(keep_defaults=args.default_allocator)
-    batch = args.batch or (50 if args.model == "digits-dit" else 5)
+    batch = args.batch if args.batch is not None else (50 if args.model == "digits-dit" else 5)
     labels = [i % 10 for i in range(batch)]
     pipes = {}
     for name, configs in ROWS.items():

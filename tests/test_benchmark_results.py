@@ -123,3 +123,12 @@ def test_bac_schedule_quality_script_prints_one_row_per_budget(capsys):
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0.5 |")]
     assert len(table) == 1 and table[0].count(" dB") == 2
     assert torch.is_grad_enabled()  # the script leaves the process's autograd mode alone
+
+
+@pytest.mark.parametrize("option", ["--batch", "--repeats", "--steps"])
+def test_hook_overhead_rejects_a_count_below_one(option, capsys):
+    import hook_overhead
+
+    with pytest.raises(SystemExit):
+        hook_overhead.main([option, "0"])
+    assert "0 is not accepted; give a whole number of 1 or more" in capsys.readouterr().err
