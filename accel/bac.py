@@ -177,6 +177,9 @@ class BACConfig(AccelConfig):
             (stored as its dict). ``None``: evenly spaced updates, with a warning.
         forecast: 0 reuses a branch's last update output (the paper); 1 extrapolates linearly from its last two
             updates (see the module docstring).
+        forecast_gain: with ``forecast=1``, the share of the linear extrapolation a reused branch takes (ours):
+            ``y_b + gain * (t - b) / (b - a) * (y_b - y_a)``. 1.0 is the plain first-order forecast; below 1 damps
+            it toward the last update. Calibration places the updates for the forecast with this gain.
         compute_final_step: make the last step an update of every branch (see the module docstring); ``False``
             follows the paper.
         skip_reused_blocks: a block all of whose branches are reused on a step does not run; its output is its
@@ -202,6 +205,7 @@ class BACConfig(AccelConfig):
     top_k: int = 4
     schedule: str | dict | None = None
     forecast: int = 0
+    forecast_gain: float = 1.0
     compute_final_step: bool = True
     skip_reused_blocks: bool = True
     metric: str = "cosine"
@@ -213,6 +217,7 @@ class BACConfig(AccelConfig):
         check_float("budget", self.budget, minimum=0.0, maximum=1.0, open_min=True)
         check_int("top_k", self.top_k, minimum=0)
         check_int("forecast", self.forecast, minimum=0, maximum=1)
+        check_float("forecast_gain", self.forecast_gain, minimum=0.0, maximum=2.0, open_min=True)
         check_bool("compute_final_step", self.compute_final_step)
         check_bool("skip_reused_blocks", self.skip_reused_blocks)
         check_bool("per_block", self.per_block)
@@ -412,21 +417,21 @@ def reuse_errors(gram: np.ndarray) -> np.ndarray:
     return g(k, k) + g(b, b) - 2 * g(k, b)
 
 
-def forecast_errors(gram: np.ndarray) -> np.ndarray:
-    """``F[a, b, k] = ||y_k - (y_b + r (y_b - y_a))||^2`` with ``r = (k - b) / (b - a)`` for ``a < b < k``, else 0:
-    the error of the first-order forecast from updates ``a`` and ``b`` at step ``k``, from the Gram matrix (or one
-    per step, as in ``reuse_errors``)."""
+def forecast_errors(gram: np.ndarray, gain: float = 1.0) -> np.ndarray:
+    """``F[a, b, k] = ||y_k - (y_b + r (y_b - y_a))||^2`` with ``r = gain * (k - b) / (b - a)`` for ``a < b < k``,
+    else 0: the error of the first-order forecast from updates ``a`` and ``b`` at step ``k``, from the Gram matrix
+    (or one per step, as in ``reuse_errors``)."""
     steps = gram.shape[-1]
     a, b, k = np.meshgrid(*(np.arange(steps),) * 3, indexing="ij")
     valid = (a < b) & (b < k)
-    ratio = np.where(valid, (k - b) / np.where(valid, b - a, 1), 0.0)
+    ratio = np.where(valid, gain * (k - b) / np.where(valid, b - a, 1), 0.0)
     g = _inner(gram, k)
     errors = (g(k, k) + (1 + ratio) ** 2 * g(b, b) + ratio**2 * g(a, a) - 2 * (1 + ratio) * g(k, b)
               + 2 * ratio * g(k, a) - 2 * ratio * (1 + ratio) * g(a, b))
     return np.where(valid, np.maximum(errors, 0.0), 0.0)
 
 
-def schedule_error(gram: np.ndarray, updates: list[int], forecast: int = 0) -> float:
+def schedule_error(gram: np.ndarray, updates: list[int], forecast: int = 0, gain: float = 1.0) -> float:
     """The summed squared L2 error of what the non-update steps return under ``updates``, from the Gram matrix (or
     one per step)."""
     total = 0.0
@@ -437,7 +442,7 @@ def schedule_error(gram: np.ndarray, updates: list[int], forecast: int = 0) -> f
         weights = {step: 1.0}
         if forecast and len(earlier) >= 2:
             a, b = earlier[-2:]
-            ratio = (step - b) / (b - a)
+            ratio = gain * (step - b) / (b - a)
             weights[b], weights[a] = -(1 + ratio), ratio
         else:
             weights[earlier[-1]] = -1.0
@@ -457,11 +462,13 @@ def sensitivity_gram(products: np.ndarray) -> np.ndarray:
     return np.einsum("nki,nkj->kij", centred, centred)
 
 
-def least_error_updates(gram: np.ndarray, count: int, forecast: int = 0, final_step: bool = False) -> list[int]:
+def least_error_updates(gram: np.ndarray, count: int, forecast: int = 0, final_step: bool = False,
+                        gain: float = 1.0) -> list[int]:
     """The ``count`` update steps (step 0 among them, and the last step with ``final_step``) that minimise the summed
     squared L2 error of what every other step reuses, under the reuse rule in force: the last update's output
     (``forecast=0``), or the first-order forecast from the last two updates (``forecast=1``; the steps before the
-    second update reuse the first). ``gram[i, j]`` is the inner product of the branch's outputs at steps i and j.
+    second update reuse the first; ``gain`` scales the forecast's extrapolation). ``gram[i, j]`` is the inner product
+    of the branch's outputs at steps i and j.
     """
     if not forecast:  # one program for this count, not one for every count up to it
         steps, count = gram.shape[-1], max(1, min(count, gram.shape[-1]))
@@ -469,11 +476,11 @@ def least_error_updates(gram: np.ndarray, count: int, forecast: int = 0, final_s
         if final_step and count >= 2:
             return [*optimal_updates(negated[:-1, :-1], count - 1), steps - 1]
         return optimal_updates(negated, count)
-    return least_error_schedules(gram, count, forecast, final_step)[-1]
+    return least_error_schedules(gram, count, forecast, final_step, gain)[-1]
 
 
-def least_error_schedules(gram: np.ndarray, max_count: int, forecast: int = 0,
-                          final_step: bool = False) -> list[list[int]]:
+def least_error_schedules(gram: np.ndarray, max_count: int, forecast: int = 0, final_step: bool = False,
+                          gain: float = 1.0) -> list[list[int]]:
     """``least_error_updates`` for every count from 1 to ``max_count``, in that order.
 
     ``forecast=0`` is ``optimal_updates`` on the negated error. ``forecast=1`` is one dynamic program over the last
@@ -486,7 +493,7 @@ def least_error_schedules(gram: np.ndarray, max_count: int, forecast: int = 0,
         return [least_error_updates(gram, count, 0, final_step) for count in range(1, max_count + 1)]
     reuse = reuse_errors(gram)
     # segment[a, b, c]: the forecast error of the steps strictly between updates b and c (c = steps: to the end)
-    partial = np.cumsum(forecast_errors(gram), axis=2)
+    partial = np.cumsum(forecast_errors(gram, gain), axis=2)
     segment = np.concatenate([np.zeros((steps, steps, 1)), partial], axis=2)  # F is 0 for k <= b: sums b < k < c
     # cost[a, b]: the best total over the steps before b, with a and b the last two updates (a < b)
     cost = np.full((steps, steps), np.inf)
@@ -601,7 +608,7 @@ class BACBranchHook(ModelHook):
         step, history = reuse
         if len(history) == 2:
             (earlier, older), (last, newest) = history
-            return _extrapolate(older, newest, (step - last) / (last - earlier))
+            return _extrapolate(older, newest, self.plan.config.forecast_gain * (step - last) / (last - earlier))
         return history[-1][1]
 
     @torch.compiler.disable
@@ -639,7 +646,10 @@ class BACBlockHook(ModelHook):
         if reuses is None:
             return self.fn_ref.original_forward(*args, **kwargs)
         outputs = {kind: self.branch_hooks[kind].reused_output(reuse) for kind, reuse in reuses.items()}
-        return self.rule.combine(module, args, kwargs, outputs)
+        # a forecast is a tensor made for this step alone (the extrapolation of the last two updates); the rule may
+        # gate it in place. A plainly reused output is the cache's own tensor.
+        owned = frozenset(kind for kind, (_, history) in reuses.items() if len(history) == 2)
+        return self.rule.combine(module, args, kwargs, outputs, owned)
 
     @torch.compiler.disable
     def _reuses(self, module, args, kwargs) -> dict[str, Any] | None:
@@ -953,8 +963,10 @@ def _shared_schedules(groups: list[list[str]], statistics: dict[str, tuple], cou
         gram = group_gram(group) if steps else np.zeros((1, 1))
         final_step = config.compute_final_step and len(steps) >= 2
         size = gram.shape[-1]
-        tables.append(least_error_schedules(gram, min(size, 2 * count), config.forecast, final_step))
-        errors.append([schedule_error(gram, updates, config.forecast) for updates in tables[-1]])
+        tables.append(least_error_schedules(gram, min(size, 2 * count), config.forecast, final_step,
+                                            config.forecast_gain))
+        errors.append([schedule_error(gram, updates, config.forecast, config.forecast_gain)
+                       for updates in tables[-1]])
         total += min(count, size)
     return [table[group_count - 1] for table, group_count in zip(tables, share_updates(errors, total))]
 
@@ -1010,7 +1022,8 @@ def calibrate_bac(pipe, config: BACConfig, inputs: Iterable[dict], *, num_infere
         if shared is not None:
             chosen = shared[index]
         elif config.metric in ("l2", "sensitivity"):
-            chosen = least_error_updates(group_gram(group), count, config.forecast, final_step)
+            chosen = least_error_updates(group_gram(group), count, config.forecast, final_step,
+                                         config.forecast_gain)
         else:
             similarity = sum(statistics[name][1] for name in group)
             if final_step and count >= 2:
@@ -1029,6 +1042,7 @@ def calibrate_bac(pipe, config: BACConfig, inputs: Iterable[dict], *, num_infere
         "updates_per_branch": count,
         "final_step_computed": config.compute_final_step,
         "forecast": config.forecast,
+        **({"forecast_gain": config.forecast_gain} if config.forecast else {}),
         "top_k": config.top_k,
         "per_block": config.per_block,
         "share_budget": config.share_budget,

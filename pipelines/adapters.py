@@ -62,14 +62,16 @@ class ResidualRule:
     cache reuses every branch of a block, that sum is all the block has left to compute: its norms and the input
     modulation only feed the branches. ``combine(block, args, kwargs, outputs)`` returns the block's output from
     ``outputs`` (branch kind -> output, every branch of the block) with the operations of the block's own forward, in
-    its order, so the result is bit-identical to running the block with those branch outputs. ``covers(block, args,
-    kwargs)`` says whether this call is one the rule reproduces; when it is not, the block runs.
+    its order, so the result is bit-identical to running the block with those branch outputs. ``owned`` names the
+    branches whose output tensors were made for this call alone (a forecast, say): the rule may compute in them in
+    place, which spares a pass over memory; the others (a cache's held tensors) it leaves untouched. ``covers(block,
+    args, kwargs)`` says whether this call is one the rule reproduces; when it is not, the block runs.
 
     Each branch's input has the shape of the block's ``hidden_states`` in the blocks a rule is written for.
     """
 
     covers: Callable[[torch.nn.Module, tuple, dict], bool]
-    combine: Callable[[torch.nn.Module, tuple, dict, dict[str, torch.Tensor]], torch.Tensor]
+    combine: Callable[[torch.nn.Module, tuple, dict, dict[str, torch.Tensor], frozenset[str]], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -280,7 +282,8 @@ def _basic_block_covers(block, args, kwargs) -> bool:
     )
 
 
-def _basic_block_combine(block, args, kwargs, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def _basic_block_combine(block, args, kwargs, outputs: dict[str, torch.Tensor],
+                         owned: frozenset[str] = frozenset()) -> torch.Tensor:
     hidden = _arg(args, kwargs, "hidden_states", 0)
     timestep = _arg(args, kwargs, "timestep", 4)
     gate_msa = gate_mlp = None
@@ -292,14 +295,25 @@ def _basic_block_combine(block, args, kwargs, outputs: dict[str, torch.Tensor]) 
     elif block.norm_type == "ada_norm_single":
         chunks = (block.scale_shift_table[None] + timestep.reshape(hidden.shape[0], 6, -1)).chunk(6, dim=1)
         gate_msa, gate_mlp = chunks[2], chunks[5]
-    # Sums land in place in tensors made here, never in a cached branch output; a + b is b + a bit for bit, so the
-    # result is the block's own. In place, a skipped block allocates two tensors instead of four.
-    attn_output = outputs["self_attn"] if gate_msa is None else gate_msa * outputs["self_attn"]
-    hidden = _add(attn_output, hidden, fresh=gate_msa is not None)
+    # Products and sums land in place in tensors made here or owned, never in a cached branch output; a * b is b * a
+    # and a + b is b + a bit for bit, so the result is the block's own. In place, a skipped block whose branches are
+    # forecast allocates no tensor beyond the forecasts, and a plainly reused one two instead of four.
+    attn_output = _gated(outputs["self_attn"], gate_msa, "self_attn" in owned)
+    hidden = _add(attn_output, hidden, fresh=gate_msa is not None or "self_attn" in owned)
     if "cross_attn" in outputs:
         hidden = _add(hidden, outputs["cross_attn"], fresh=True)
-    ff_output = outputs["ff"] if gate_mlp is None else gate_mlp * outputs["ff"]
-    return _add(ff_output, hidden, fresh=gate_mlp is not None)
+    ff_output = _gated(outputs["ff"], gate_mlp, "ff" in owned)
+    return _add(ff_output, hidden, fresh=gate_mlp is not None or "ff" in owned)
+
+
+def _gated(output: torch.Tensor, gate: torch.Tensor | None, owned: bool) -> torch.Tensor:
+    """``gate * output`` (``output`` without a gate), in place when ``output`` is owned and keeps its layout."""
+    if gate is None:
+        return output
+    if (owned and torch.broadcast_shapes(gate.shape, output.shape) == output.shape and gate.dtype == output.dtype
+            and not output.requires_grad):
+        return output.mul_(gate)
+    return gate * output
 
 
 def _add(made_here: torch.Tensor, other: torch.Tensor, fresh: bool) -> torch.Tensor:
@@ -309,7 +323,8 @@ def _add(made_here: torch.Tensor, other: torch.Tensor, fresh: bool) -> torch.Ten
     return made_here + other
 
 
-def _wan_block_combine(block, args, kwargs, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def _wan_block_combine(block, args, kwargs, outputs: dict[str, torch.Tensor],
+                       owned: frozenset[str] = frozenset()) -> torch.Tensor:
     hidden = _arg(args, kwargs, "hidden_states", 0)
     temb = _arg(args, kwargs, "temb", 2)
     if temb.ndim == 4:  # Wan 2.2 TI2V: per-token modulation

@@ -103,7 +103,7 @@ def test_dynamic_programming_matches_brute_force(seed):
         assert _segment_value(similarity, chosen) == pytest.approx(best)
 
 
-def _reuse_error(features: np.ndarray, updates: list[int], forecast: int) -> float:
+def _reuse_error(features: np.ndarray, updates: list[int], forecast: int, gain: float = 1.0) -> float:
     """What a schedule costs, step by step: the squared error of each reused step's output under the reuse rule."""
     total = 0.0
     for step in range(len(features)):
@@ -112,7 +112,7 @@ def _reuse_error(features: np.ndarray, updates: list[int], forecast: int) -> flo
             continue
         if forecast and len(earlier) >= 2:
             a, b = earlier[-2:]
-            guess = features[b] + (step - b) / (b - a) * (features[b] - features[a])
+            guess = features[b] + gain * (step - b) / (b - a) * (features[b] - features[a])
         else:
             guess = features[earlier[-1]]
         total += float(((features[step] - guess) ** 2).sum())
@@ -120,21 +120,21 @@ def _reuse_error(features: np.ndarray, updates: list[int], forecast: int) -> flo
 
 
 @pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("forecast", [0, 1])
+@pytest.mark.parametrize("forecast, gain", [(0, 1.0), (1, 1.0), (1, 0.7)])
 @pytest.mark.parametrize("final_step", [False, True])
-def test_least_error_program_matches_brute_force(seed, forecast, final_step):
+def test_least_error_program_matches_brute_force(seed, forecast, gain, final_step):
     rng = np.random.default_rng(seed)
     features = rng.normal(size=(8, 5)).cumsum(axis=0) + 0.3 * rng.normal(size=(8, 5))
     gram = features @ features.T
     for count in range(1, 9):
-        chosen = least_error_updates(gram, count, forecast, final_step)
+        chosen = least_error_updates(gram, count, forecast, final_step, gain)
         assert chosen[0] == 0 and len(chosen) == count == len(set(chosen))
         if final_step and count >= 2:
             assert chosen[-1] == 7
         candidates = [[0, *rest] for rest in itertools.combinations(range(1, 8), count - 1)
                       if not (final_step and count >= 2) or rest[-1] == 7]
-        best = min(_reuse_error(features, updates, forecast) for updates in candidates)
-        assert _reuse_error(features, chosen, forecast) == pytest.approx(best, rel=1e-9, abs=1e-9)
+        best = min(_reuse_error(features, updates, forecast, gain) for updates in candidates)
+        assert _reuse_error(features, chosen, forecast, gain) == pytest.approx(best, rel=1e-9, abs=1e-9)
 
 
 def test_least_error_program_places_updates_for_the_forecast():
@@ -147,17 +147,18 @@ def test_least_error_program_places_updates_for_the_forecast():
     assert _reuse_error(features, least_error_updates(gram, 3, forecast=0), 0) > 0
 
 
-@pytest.mark.parametrize("forecast", [0, 1])
-def test_schedules_for_every_count_and_their_errors(forecast):
+@pytest.mark.parametrize("forecast, gain", [(0, 1.0), (1, 1.0), (1, 0.6)])
+def test_schedules_for_every_count_and_their_errors(forecast, gain):
     rng = np.random.default_rng(5)
     features = rng.normal(size=(9, 4)).cumsum(axis=0)
     gram = features @ features.T
-    schedules = least_error_schedules(gram, 9, forecast, final_step=True)
+    schedules = least_error_schedules(gram, 9, forecast, final_step=True, gain=gain)
     assert [len(updates) for updates in schedules] == list(range(1, 10))
     for updates in schedules:
-        assert updates == least_error_updates(gram, len(updates), forecast, final_step=True)
-        assert schedule_error(gram, updates, forecast) == pytest.approx(_reuse_error(features, updates, forecast))
-    assert schedule_error(gram, schedules[-1], forecast) == 0.0
+        assert updates == least_error_updates(gram, len(updates), forecast, final_step=True, gain=gain)
+        assert schedule_error(gram, updates, forecast, gain) == pytest.approx(
+            _reuse_error(features, updates, forecast, gain))
+    assert schedule_error(gram, schedules[-1], forecast, gain) == 0.0
 
 
 def test_shared_updates_minimise_the_summed_error():
@@ -301,14 +302,14 @@ def test_corrupt_or_mismatched_schedules_raise(tmp_path):
         accel.wrap(tiny.build("pixart-alpha"), "bac", schedule=schedule)
 
 
-@pytest.mark.parametrize("family", ["dit", "flux"])
-def test_forecast_extrapolates_the_last_two_updates(family):
-    """Updates on steps 0 and 1 only: a reused branch returns y1 + (t - 1) (y1 - y0), for tensors and tuples."""
+@pytest.mark.parametrize("family, gain", [("dit", 1.0), ("flux", 1.0), ("dit", 0.5)])
+def test_forecast_extrapolates_the_last_two_updates(family, gain):
+    """Updates on steps 0 and 1 only: a reused branch returns y1 + gain (t - 1) (y1 - y0), for tensors and tuples."""
     steps = 4
     pipe, schedule = calibrated(family, steps=steps)
     schedule.updates = {name: [0, 1] for name in schedule.updates}
     # The branch modules must run to be observed: a block whose branches are all reused would skip them.
-    accel.wrap(pipe, BACConfig(schedule=schedule, forecast=1, skip_reused_blocks=False))
+    accel.wrap(pipe, BACConfig(schedule=schedule, forecast=1, forecast_gain=gain, skip_reused_blocks=False))
     block = pipe.transformer.transformer_blocks[0]
     seen = []
     (block.attn1 if family == "dit" else block.attn).register_forward_hook(lambda m, args, out: seen.append(out))
@@ -319,7 +320,7 @@ def test_forecast_extrapolates_the_last_two_updates(family):
         outputs = [o if isinstance(o, torch.Tensor) else o[0] for o in seen[stream::calls]]
         y0, y1 = outputs[0].double(), outputs[1].double()
         for t in (2, 3):
-            torch.testing.assert_close(outputs[t].double(), y1 + (t - 1) * (y1 - y0), rtol=1e-3, atol=1e-4)
+            torch.testing.assert_close(outputs[t].double(), y1 + gain * (t - 1) * (y1 - y0), rtol=1e-3, atol=1e-4)
         assert not torch.equal(outputs[2], outputs[1])
 
 
@@ -332,6 +333,9 @@ def test_forecast_with_every_step_computed_is_bit_identical():
 @pytest.mark.parametrize("changes, match", [({"budget": 0.0}, "greater than 0.0"), ({"budget": 1.5}, "at most 1.0"),
                                             ({"top_k": -1}, "at least 0"), ({"top_k": 1.5}, "integer"),
                                             ({"forecast": 2}, "at most 1"), ({"forecast": True}, "integer"),
+                                            ({"forecast_gain": 0.0}, "greater than 0.0"),
+                                            ({"forecast_gain": 2.5}, "at most 2.0"),
+                                            ({"forecast_gain": "1"}, "finite number"),
                                             ({"compute_final_step": "yes"}, "True or False"),
                                             ({"skip_reused_blocks": 1}, "True or False"),
                                             ({"per_block": "no"}, "True or False"),
@@ -408,12 +412,16 @@ def test_torch_compile_still_runs():
 
 
 @pytest.mark.parametrize("family", ["dit", "pixart-alpha", "pixart-sigma", "wan", "wan2.2", "sd15", "sdxl"])
-def test_blocks_whose_branches_are_all_reused_do_not_run_and_give_the_same_output(family):
-    # Uncalibrated budget 0.5 of 3 steps: steps 0 and 2 update every branch, step 1 reuses every branch.
+@pytest.mark.parametrize("forecast", [0, 1])
+def test_blocks_whose_branches_are_all_reused_do_not_run_and_give_the_same_output(family, forecast):
+    # Uncalibrated, every branch on one schedule. Without the forecast, budget 0.5 of 3 steps: steps 0 and 2 update,
+    # step 1 reuses. With it, 0.6 of 5 steps: 0, 2 and 4 update; step 1 reuses, step 3 forecasts (gated in place).
+    budget, steps = (0.6, 5) if forecast else (0.5, 3)
     outputs, summaries = {}, {}
     for skip in (True, False):
-        pipe = accel.wrap(tiny.build(family), BACConfig(budget=0.5, skip_reused_blocks=skip))
-        outputs[skip], summaries[skip] = run(pipe, family, num_inference_steps=3), accel.summary(pipe)
+        config = BACConfig(budget=budget, forecast=forecast, forecast_gain=0.8, skip_reused_blocks=skip)
+        pipe = accel.wrap(tiny.build(family), config)
+        outputs[skip], summaries[skip] = run(pipe, family, num_inference_steps=steps), accel.summary(pipe)
     np.testing.assert_array_equal(outputs[True], outputs[False])
     for with_skip, without in zip(summaries[True].steps, summaries[False].steps):
         assert with_skip.branches_computed == without.branches_computed
