@@ -209,13 +209,13 @@ def test_recorded_gram_gives_the_reuse_errors_of_the_outputs():
 
 
 def test_l2_metric_and_one_schedule_per_block():
-    _, schedule = calibrated("dit", budget=0.5, top_k=0, metric="l2", forecast=1, per_block=True)
+    _, schedule = calibrated("dit", budget=0.5, top_k=0, metric="l2", forecast=1, forecast_gain=0.9, per_block=True)
     blocks: dict[str, set] = {}
     for name, steps in schedule.updates.items():
         blocks.setdefault(name.rsplit(".", 1)[0], set()).add(tuple(steps))
     assert len(blocks) > 1 and all(len(schedules) == 1 for schedules in blocks.values())
     meta = schedule.metadata
-    assert "L2" in meta["metric"] and meta["per_block"] and meta["forecast"] == 1
+    assert "L2" in meta["metric"] and meta["per_block"] and meta["forecast"] == 1 and meta["forecast_gain"] == 0.9
     _, per_branch = calibrated("dit", budget=0.5, top_k=0, metric="l2", forecast=1)
     assert not per_branch.metadata["per_block"]
     assert all(len(steps) == 3 and steps[0] == 0 and steps[-1] == 5 for steps in per_branch.updates.values())
