@@ -236,6 +236,9 @@ class BACConfig(AccelConfig):
         check_int("top_k", self.top_k, minimum=0)
         check_int("forecast", self.forecast, minimum=0, maximum=1)
         check_float("forecast_gain", self.forecast_gain, minimum=0.0, maximum=2.0, open_min=True)
+        if self.forecast_gain != 1.0 and not self.forecast:
+            raise ValueError(f"forecast_gain={self.forecast_gain!r} scales the forecast; it needs forecast=1 "
+                             "(forecast=0 reuses the last update as it is).")
         check_bool("compute_final_step", self.compute_final_step)
         check_bool("skip_reused_blocks", self.skip_reused_blocks)
         check_bool("per_block", self.per_block)
@@ -624,7 +627,7 @@ class BACBranchHook(ModelHook):
     def reused_output(self, reuse):
         """The last update's output, or with ``forecast=1`` the extrapolation of the last two."""
         step, history = reuse
-        if len(history) == 2:
+        if _forecasts(reuse):
             (earlier, older), (last, newest) = history
             return _extrapolate(older, newest, self.plan.config.forecast_gain * (step - last) / (last - earlier))
         return history[-1][1]
@@ -639,6 +642,11 @@ class BACBranchHook(ModelHook):
             # memory all call long. Holding each new output made the allocator map fresh pages step after step.
             output = history[0][1].copy_(output)
         self.state.cache[key] = (shape, [*history, (self.scope.current.step, output)][-keep:])
+
+
+def _forecasts(reuse) -> bool:
+    """Whether ``reused_output`` extrapolates for this reuse (a new tensor) rather than return the held output."""
+    return len(reuse[1]) == 2
 
 
 def _same_layout(held, output) -> bool:
@@ -666,7 +674,7 @@ class BACBlockHook(ModelHook):
         outputs = {kind: self.branch_hooks[kind].reused_output(reuse) for kind, reuse in reuses.items()}
         # a forecast is a tensor made for this step alone (the extrapolation of the last two updates); the rule may
         # gate it in place. A plainly reused output is the cache's own tensor.
-        owned = frozenset(kind for kind, (_, history) in reuses.items() if len(history) == 2)
+        owned = frozenset(kind for kind, reuse in reuses.items() if _forecasts(reuse))
         return self.rule.combine(module, args, kwargs, outputs, owned)
 
     @torch.compiler.disable

@@ -333,9 +333,10 @@ def test_forecast_with_every_step_computed_is_bit_identical():
 @pytest.mark.parametrize("changes, match", [({"budget": 0.0}, "greater than 0.0"), ({"budget": 1.5}, "at most 1.0"),
                                             ({"top_k": -1}, "at least 0"), ({"top_k": 1.5}, "integer"),
                                             ({"forecast": 2}, "at most 1"), ({"forecast": True}, "integer"),
-                                            ({"forecast_gain": 0.0}, "greater than 0.0"),
-                                            ({"forecast_gain": 2.5}, "at most 2.0"),
-                                            ({"forecast_gain": "1"}, "finite number"),
+                                            ({"forecast": 1, "forecast_gain": 0.0}, "greater than 0.0"),
+                                            ({"forecast": 1, "forecast_gain": 2.5}, "at most 2.0"),
+                                            ({"forecast": 1, "forecast_gain": "1"}, "finite number"),
+                                            ({"forecast_gain": 0.9}, "it needs forecast=1"),
                                             ({"compute_final_step": "yes"}, "True or False"),
                                             ({"skip_reused_blocks": 1}, "True or False"),
                                             ({"per_block": "no"}, "True or False"),
@@ -419,7 +420,8 @@ def test_blocks_whose_branches_are_all_reused_do_not_run_and_give_the_same_outpu
     budget, steps = (0.6, 5) if forecast else (0.5, 3)
     outputs, summaries = {}, {}
     for skip in (True, False):
-        config = BACConfig(budget=budget, forecast=forecast, forecast_gain=0.8, skip_reused_blocks=skip)
+        config = BACConfig(budget=budget, forecast=forecast, forecast_gain=0.8 if forecast else 1.0,
+                           skip_reused_blocks=skip)
         pipe = accel.wrap(tiny.build(family), config)
         outputs[skip], summaries[skip] = run(pipe, family, num_inference_steps=steps), accel.summary(pipe)
     np.testing.assert_array_equal(outputs[True], outputs[False])
