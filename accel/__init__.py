@@ -7,7 +7,7 @@
 
 Accelerators (one file each, registered on import): ``delta_dit`` (Δ-DiT), ``bac`` (BAC), ``adaspa`` (AdaSpa) and
 ``vmoba`` (VMoBA) block-sparse attention. Model-family knowledge
-lives in ``pipelines.adapters``.
+lives in ``accel.pipelines.adapters``.
 """
 
 from .adaspa import AdaSpaConfig

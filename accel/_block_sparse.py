@@ -1,5 +1,5 @@
 """What the two block-sparse attention accelerators (``adaspa``, ``vmoba``) share: where the image and text tokens
-of an intercepted attention call sit, running a block selection through ``kernels.block_sparse_attention`` with
+of an intercepted attention call sit, running a block selection through ``accel.kernels.block_sparse_attention`` with
 text tokens kept, and the bookkeeping of density and recall.
 
 Conventions: a *selection* is ``(kv_block_index [B, H, Qb, N] int32, kv_block_count [B, H, Qb] int32)`` over the
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import attention_with_lse, block_sparse_attention
+from accel.kernels import attention_with_lse, block_sparse_attention
 
 from .attention import AttentionCall
 

@@ -7,7 +7,7 @@ arXiv 2502.21079. Spec: ../shared/design/METHODS.md ("AdaSpa"). No public code e
 What it does, in three lines: the first ``warmup`` share of the steps run dense. At the first search step the
 attention runs dense while also returning each row's LSE; a block-mass pass then gives every (query block, key
 block) its exact attention mass, and each query-block row keeps its ``k`` heaviest key blocks (row-wise top-k, so
-every row keeps the same number). All later steps use that selection through ``kernels.block_sparse_attention``;
+every row keeps the same number). All later steps use that selection through ``accel.kernels.block_sparse_attention``;
 at each ``research`` step the selection is searched again in one pass, from the current q, k and the LSE cached at
 the first search.
 
@@ -35,8 +35,8 @@ import math
 
 import torch
 
-from kernels import block_mass
-from pipelines.adapters import ADAPTERS
+from accel.kernels import block_mass
+from accel.pipelines.adapters import ADAPTERS
 
 from . import _block_sparse as sparse
 from .attention import AttentionCall

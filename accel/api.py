@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from pipelines.adapters import adapter_for
+from accel.pipelines.adapters import adapter_for
 
 from .config import AccelConfig
 from .hooks import MethodScope, PipelineContext
@@ -73,7 +73,7 @@ def wrap(pipe, methods: str | AccelConfig | list[str | AccelConfig], **overrides
     """Apply accelerators to this pipeline instance, in place, and return it.
 
     Args:
-        pipe: a diffusers pipeline of a supported family (see ``pipelines.adapters``).
+        pipe: a diffusers pipeline of a supported family (see ``accel.pipelines.adapters``).
         methods: a preset name (``"bac"``), a config object (``BACConfig(...)``), or a list of them to stack.
             An empty list installs only accel's step tracking, so ``accel.summary`` measures a plain run.
         **overrides: config fields to change, applied to every chosen config that has the field.

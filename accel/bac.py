@@ -17,7 +17,7 @@ Where this implementation departs from the paper, and why:
   caching the module's output is caching before the gate.
 * A block all of whose branches are reused on a step does not run (``skip_reused_blocks=True``, the default): its
   output is its input plus each reused output under the step's gate, by the family's ``ResidualRule`` in
-  ``pipelines.adapters`` (DiT, PixArt, the U-Net's attentions, Wan; other families run the block). Its norms and
+  ``accel.pipelines.adapters`` (DiT, PixArt, the U-Net's attentions, Wan; other families run the block). Its norms and
   input modulation only feed the branches, yet they are not cheap: on ``digits-dit`` (batch 100, 20 steps) a
   block's norms, modulation and residual adds take 11.7 of its 62.5 ms. The output is bit-identical to running
   the block; the paper's BAC runs it.
@@ -159,7 +159,7 @@ import numpy as np
 import torch
 from diffusers.hooks import ModelHook
 
-from pipelines.adapters import BlockInfo
+from accel.pipelines.adapters import BlockInfo
 
 from ._io import atomic_write
 from .config import AccelConfig, check_bool, check_choice, check_float, check_int
@@ -655,7 +655,7 @@ def _same_layout(held, output) -> bool:
 
 
 class BACBlockHook(ModelHook):
-    """On each block with a residual rule (``pipelines.adapters.ResidualRule``), when ``skip_reused_blocks``.
+    """On each block with a residual rule (``accel.pipelines.adapters.ResidualRule``), when ``skip_reused_blocks``.
 
     When every branch of the block is reused this step, the block does not run: its output is its input plus each
     reused output under the current step's gate, bit-identical to what the block itself would return. Its norms and

@@ -33,7 +33,7 @@ import dataclasses
 import torch
 from diffusers.hooks import ModelHook
 
-from pipelines.adapters import ADAPTERS, BlockInfo
+from accel.pipelines.adapters import ADAPTERS, BlockInfo
 
 from .config import AccelConfig, check_bool, check_float, check_int
 from .hooks import MethodScope

@@ -30,7 +30,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from pipelines.adapters import ATTENTION_BRANCHES, BlockInfo, FamilyAdapter, TokenLayout
+from accel.pipelines.adapters import ATTENTION_BRANCHES, BlockInfo, FamilyAdapter, TokenLayout
 
 from .summary import CallRecorder, StepRecord
 

@@ -141,7 +141,7 @@ def resolve(methods: Any, overrides: dict[str, Any] | None = None) -> list[Accel
 
 def available() -> list[dict[str, Any]]:
     """Every registered accelerator: name, one-line description, supported families and preset names."""
-    from pipelines.adapters import FAMILY_NAMES
+    from accel.pipelines.adapters import FAMILY_NAMES
 
     return [
         {

@@ -31,8 +31,8 @@ import math
 
 import torch
 
-from kernels import block_mass
-from pipelines.adapters import ADAPTERS
+from accel.kernels import block_mass
+from accel.pipelines.adapters import ADAPTERS
 
 from . import _block_sparse as sparse
 from .attention import AttentionCall

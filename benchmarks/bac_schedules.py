@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT))
 
 import accel  # noqa: E402
 from accel.bac import BACConfig  # noqa: E402
-from eval.metrics import psnr  # noqa: E402
-from pipelines import reference  # noqa: E402
+from accel.eval.metrics import psnr  # noqa: E402
+from accel.pipelines import reference  # noqa: E402
 
 MODEL = "digits-dit"
 CALIBRATION_SEED = 90_000  # as benchmarks/caching.py

@@ -21,7 +21,7 @@ its own ("baseline, second instance"): its speedup shows the timing noise of thi
   (per frame for video).
 
 BAC schedules and MagCache ratios are calibrated on inputs (labels and seeds) disjoint from the measured ones.
-The process keeps the memory it frees (``eval.allocator.retain_freed_memory``; ``--default-allocator`` leaves
+The process keeps the memory it frees (``accel.eval.allocator.retain_freed_memory``; ``--default-allocator`` leaves
 glibc's defaults): by default glibc returns freed tensors' pages to the OS and every row pays for faulting them in
 again, by an amount that depends on what the process ran before, which is noise in a speed ratio. Each section
 records which allocator setting it was measured with.
@@ -53,10 +53,10 @@ import accel  # noqa: E402
 from accel._io import atomic_write  # noqa: E402
 from accel.bac import BACConfig  # noqa: E402
 from accel.delta_dit import DeltaDiTConfig  # noqa: E402
-from eval.allocator import timing_allocator  # noqa: E402
-from eval.metrics import digit_fid, psnr  # noqa: E402
-from pipelines import adapter_for, reference  # noqa: E402
-from pipelines.digits import split  # noqa: E402
+from accel.eval.allocator import timing_allocator  # noqa: E402
+from accel.eval.metrics import digit_fid, psnr  # noqa: E402
+from accel.pipelines import adapter_for, reference  # noqa: E402
+from accel.pipelines.digits import split  # noqa: E402
 
 CALIBRATION_SEED = 90_000
 DAMPED_GAIN = 0.95  # forecast_gain of the damped-forecast rows at 50 steps
@@ -160,7 +160,7 @@ def _first_linear(module: torch.nn.Module) -> torch.nn.Module:
 
 def count_branch_calls(pipe, row: Row) -> None:
     """Count calls into the first linear layer of every branch: a skipped branch never reaches it."""
-    from pipelines.adapters import adapter_for
+    from accel.pipelines.adapters import adapter_for
 
     adapter = adapter_for(pipe)
     for attr in adapter.denoiser_attrs:
@@ -395,7 +395,7 @@ def markdown(settings: list[dict], machine: dict) -> str:
                   f"{setting['samples']} samples", "",
                   *([f"Measured {setting['measured']}: `{setting['command']}`.", ""]
                     if setting.get("command", machine["command"]) != machine["command"] else []),
-                  f"Allocator: {setting.get('allocator', 'glibc defaults')} (see `eval/allocator.py`).", "",
+                  f"Allocator: {setting.get('allocator', 'glibc defaults')} (see `accel/eval/allocator.py`).", "",
                   "| method | speedup | branches run | PSNR dB | SSIM | FID | class acc | s / sample |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for row in setting["rows"]:

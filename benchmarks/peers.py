@@ -20,7 +20,7 @@ The peers and the configuration each gets (the library's documented defaults unl
   float32 included (bfloat16 measured the same RMSE on digits-dit and only adds casts; second order was slightly
   worse there, RMSE 0.037 instead of 0.034 against the baseline). diffusers' default identifiers
   (``^transformer_blocks.*attn``, full match) hook nothing on DiT or Wan, whose attention modules are called
-  ``attn1``/``attn2``, so both variants name their modules from ``pipelines.adapters``:
+  ``attn1``/``attn2``, so both variants name their modules from ``accel.pipelines.adapters``:
   ``-blocks`` skips every block but the last on forecast steps and forecasts the last block's output (the final
   norm and projection still run with the current timestep's modulation; diffusers' "lite" mode, moved from
   ``proj_out`` to the last block because DiT has no ``proj_out``); ``-blocks-final`` is the same with
@@ -135,7 +135,7 @@ from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROAD
 from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
 
 from accel.api import call_wrapping_class
-from pipelines.adapters import ATTENTION_BRANCHES, FamilyAdapter, adapter_for
+from accel.pipelines.adapters import ATTENTION_BRANCHES, FamilyAdapter, adapter_for
 
 _CONTEXT_HOOK = "benchmarks.peers.context"
 _RESET_ATTR = "_benchmarks_peers_reset"  # on a pipeline instance: what its __call__ runs around every call

@@ -7,8 +7,8 @@ Sections (``--sections``, comma-separated):
 
 * ``op``: one attention call, fp32, 1 x 4 heads x 64, at 4K-32K tokens and densities 0.1 / 0.25 / 0.5 (random
   key blocks of 64, each query block's own block kept, the same count in every row): dense SDPA, our PyTorch path
-  (``kernels.block_sparse_attention``), and compiled FlexAttention with the same blocks as a ``BlockMask``. Median
-  of ``--repeats`` calls after a warm-up, methods interleaved; FLOPs saved = 1 - density computed.
+  (``accel.kernels.block_sparse_attention``), and compiled FlexAttention with the same blocks as a ``BlockMask``.
+  Median of ``--repeats`` calls after a warm-up, methods interleaved; FLOPs saved = 1 - density computed.
 * ``synthetic``: a random-init ``WanTransformer3DModel`` (2 layers, 4 heads x 64) at 16,384 tokens per clip
   (4 latent frames of 64 x 64), 8 steps without guidance: wall-clock of the whole pipeline call, dense vs AdaSpa vs
   VMoBA. Random weights: speed alone, labelled synthetic.
@@ -43,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import accel  # noqa: E402
 from accel.attention import AttentionCall, intercept_sdpa  # noqa: E402
+from accel.kernels import block_sparse_attention  # noqa: E402
 from benchmarks.caching import _fmt  # noqa: E402
-from kernels import block_sparse_attention  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 SECTIONS = ("op", "synthetic", "moving-digits", "oracle")
@@ -127,8 +127,8 @@ def _mask(index, count, length: int) -> torch.Tensor:
 def _wan_pipeline(layers: int, heads: int, head_dim: int, temporal_factor: int):
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
-    from pipelines.adapters import ready_for_inference
-    from pipelines.pixel_space import FramePackingVAE
+    from accel.pipelines.adapters import ready_for_inference
+    from accel.pipelines.pixel_space import FramePackingVAE
 
     torch.manual_seed(0)
     model = WanTransformer3DModel(
@@ -182,7 +182,7 @@ def _mean_recall(summary_extras: dict, method: str, exact_only: bool) -> float |
 
 
 def _tokens_per_clip(pipe) -> int:
-    from pipelines import reference
+    from accel.pipelines import reference
 
     call = reference.DEFAULT_CALL["moving-digits"]
     _, patch_h, patch_w = pipe.transformer.config.patch_size
@@ -191,9 +191,9 @@ def _tokens_per_clip(pipe) -> int:
 
 
 def moving_digits_section(clips: int, batch: int, model: str = "moving-digits") -> list[dict]:
+    from accel.eval.metrics import psnr
+    from accel.pipelines import reference
     from benchmarks.caching import ssim
-    from eval.metrics import psnr
-    from pipelines import reference
 
     classifier = reference.classifier()
     methods = {"dense": None,
@@ -272,7 +272,7 @@ def oracle_recall(probabilities: torch.Tensor, density: float, block_size: int |
 
 def oracle_section(model: str = "moving-digits", clips: int = 2, densities=(0.3, 0.5),
                    block_sizes=(None, 64, 16)) -> list[dict]:
-    from pipelines import reference
+    from accel.pipelines import reference
 
     pipe = reference.load(model)
     sums: dict[tuple, list] = {(d, b): [] for d in densities for b in block_sizes}

@@ -19,7 +19,7 @@ import threading
 import numpy as np
 
 import accel
-from pipelines import tiny
+from accel.pipelines import tiny
 
 _LARGER_SIZE = {"wan": 32, "wan2.2": 32, "cogvideox": 48, "hunyuan-video": 32}
 _MORE_FRAMES = {"wan": 9, "wan2.2": 9, "cogvideox": 13, "hunyuan-video": 9}

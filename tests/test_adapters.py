@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines import FAMILY_NAMES, adapter_for, get_adapter, tiny
-from pipelines.adapters import ATTENTION_BRANCHES, TokenLayout, adapter_for_model
+from accel.pipelines import FAMILY_NAMES, adapter_for, get_adapter, tiny
+from accel.pipelines.adapters import ATTENTION_BRANCHES, TokenLayout, adapter_for_model
 
 TINY_TO_ADAPTER = {"wan2.2": "wan", "sd15": "unet", "sdxl": "unet"}
 

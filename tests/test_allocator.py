@@ -1,4 +1,5 @@
-"""eval.allocator.retain_freed_memory: a forward's freed tensors are reused, not faulted in again page by page."""
+"""accel.eval.allocator.retain_freed_memory: a forward's freed tensors are reused, not faulted in again page by
+page."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.allocator import _libc
+from accel.eval.allocator import _libc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import resource, sys, torch
 sys.path.insert(0, {root!r})
-from eval.allocator import timing_allocator
+from accel.eval.allocator import timing_allocator
 assert timing_allocator(keep_defaults=not {retain}) == ("freed memory retained" if {retain} else "glibc defaults")
-from pipelines import reference
+from accel.pipelines import reference
 model = reference.load("digits-dit").transformer
 inputs = dict(hidden_states=torch.randn(200, 1, 8, 8), timestep=torch.full((200,), 500),
               class_labels=torch.arange(200) % 10)

@@ -33,7 +33,7 @@ from accel.bac import (
     share_updates,
     uniform_updates,
 )
-from pipelines import tiny
+from accel.pipelines import tiny
 
 SINGLE_DENOISER = tuple(f for f in tiny.FAMILIES if f != "wan2.2")
 

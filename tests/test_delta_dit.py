@@ -9,7 +9,7 @@ from accelerator_tester import AcceleratorTesterMixin, run
 
 import accel
 from accel.delta_dit import FAMILIES, DeltaDiTConfig, delta_dit_plan
-from pipelines import tiny
+from accel.pipelines import tiny
 
 TINY_FAMILIES = tuple(f for f in tiny.FAMILIES if f not in ("sd15", "sdxl"))
 

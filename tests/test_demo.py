@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from demo.app import DemoBackend, run_comparison
+from accel.demo.app import DemoBackend, run_comparison
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +67,8 @@ def test_bad_input_is_a_clear_error(backend, args, match):
 def test_app_through_gradio_client():
     from gradio_client import Client
 
-    from demo.app import build_demo
-    from demo.screenshot import free_port
+    from accel.demo.app import build_demo
+    from accel.demo.screenshot import free_port
 
     app = build_demo(["digits-dit"])
     port = free_port()
@@ -98,7 +98,7 @@ def test_app_through_gradio_client():
 @pytest.mark.skipif(shutil.which("chromium") is None and not os.environ.get("ACCEL_REQUIRE_BROWSER"),
                     reason="Debian's chromium is not installed (.ci/run installs it and sets ACCEL_REQUIRE_BROWSER)")
 def test_page_in_headless_chromium(tmp_path):
-    from demo.screenshot import screenshot
+    from accel.demo.screenshot import screenshot
 
     shown = screenshot(tmp_path / "demo.png", chromium=shutil.which("chromium"))
     assert shown["images"] >= 2 and "speedup" in shown["figures"]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval import harness
+from accel.eval import harness
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_a_killed_run_resumes_to_the_same_results(tmp_path):
                 "--steps", "4", "--no-flops", "--out", str(out)]
 
     killed, uninterrupted = tmp_path / "killed", tmp_path / "uninterrupted"
-    command = [sys.executable, "-m", "eval.harness", *args(killed)]
+    command = [sys.executable, "-m", "accel.eval.harness", *args(killed)]
     process = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(killed.glob("*/.batches/*.json"))) < 4:
@@ -114,7 +114,7 @@ def test_two_processes_give_the_same_images(tiny_run, tmp_path):
     out = tmp_path / "two"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "eval.harness", *_args(out)]
+               "-m", "accel.eval.harness", *_args(out)]
     result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in out.glob("baseline/.batches/*.json")]
@@ -143,7 +143,7 @@ def test_prompts_files_and_video(tmp_path):
 
 
 def test_a_local_pipeline_folder(tmp_path):
-    from pipelines import tiny
+    from accel.pipelines import tiny
 
     folder = tmp_path / "my-dit"
     tiny.build("dit").save_pretrained(folder)

@@ -12,7 +12,7 @@ from diffusers.hooks import ModelHook
 from toy_accelerators import ProbeConfig, ReuseBlocksConfig
 
 import accel
-from pipelines import tiny
+from accel.pipelines import tiny
 
 ALL = tiny.FAMILIES
 

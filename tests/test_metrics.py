@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from eval.metrics import digit_fid, psnr
-from pipelines import reference
-from pipelines.digits import split
+from accel.eval.metrics import digit_fid, psnr
+from accel.pipelines import reference
+from accel.pipelines.digits import split
 
 
 def test_psnr():

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import accel
-from pipelines import reference
-from pipelines.classifier import crop_inkiest_window, to_digit_batch
-from pipelines.digits import moving_digit_clips, split
-from pipelines.pixel_space import FramePackingVAE
+from accel.pipelines import reference
+from accel.pipelines.classifier import crop_inkiest_window, to_digit_batch
+from accel.pipelines.digits import moving_digit_clips, split
+from accel.pipelines.pixel_space import FramePackingVAE
 
 # The shipped moving-digits scores 95.0% per frame on the slow test's 20 clips (92.2% on the model card's 100); the
 # issue's floor for a small batch is 0.9.
@@ -107,7 +107,7 @@ def test_digits_dit_loads_offline_and_is_seeded(digits_dit):
 
 
 def test_moving_digits_training_script_writes_a_loadable_checkpoint(tmp_path):
-    from pipelines.training import train_moving_digits
+    from training import train_moving_digits
 
     folder = tmp_path / "moving-digits"
     assert train_moving_digits.main(["--steps", "2", "--set", "frames_only_steps=1", "--set", "frames_only_batch=2",
@@ -119,7 +119,7 @@ def test_moving_digits_training_script_writes_a_loadable_checkpoint(tmp_path):
 
 
 def test_moving_digits_recipe_overrides_are_checked():
-    from pipelines.training import train_moving_digits as training
+    from training import train_moving_digits as training
 
     assert training.parse_overrides(["lr=1e-3", "patch=1", "timestep_sampling=logit-normal"]) == {
         "lr": 1e-3, "patch": 1, "timestep_sampling": "logit-normal"}
@@ -144,7 +144,7 @@ def test_moving_digits_recipe_overrides_are_checked():
 
 
 def test_moving_digits_learning_rate_warms_up_holds_and_decays_to_zero():
-    from pipelines.training import train_moving_digits as training
+    from training import train_moving_digits as training
 
     recipe = training.Recipe(warmup_steps=10, decay_steps=20)
     factors = [training.learning_rate_factor(recipe, step, 100) for step in range(1, 101)]
@@ -156,7 +156,7 @@ def test_moving_digits_learning_rate_warms_up_holds_and_decays_to_zero():
 
 
 def test_moving_digits_curriculum_trains_single_frames_first(monkeypatch):
-    from pipelines.training import train_moving_digits as training
+    from training import train_moving_digits as training
 
     seen = []
     real_loss = training.flow_matching_loss
@@ -170,8 +170,8 @@ def test_moving_digits_curriculum_trains_single_frames_first(monkeypatch):
 
 
 def test_moving_digits_one_latent_frame_samples_are_stills_and_pairs_as_the_vae_packs_them():
-    from pipelines.digits import moving_digit_clips, split
-    from pipelines.training import train_moving_digits as training
+    from accel.pipelines.digits import moving_digit_clips, split
+    from training import train_moving_digits as training
 
     data = split()["train"]
     vae = training.make_vae(training.Recipe())
@@ -193,7 +193,7 @@ def test_moving_digits_one_latent_frame_samples_are_stills_and_pairs_as_the_vae_
 
 
 def test_moving_digits_ink_weight_counts_errors_near_the_digit_more():
-    from pipelines.training import train_moving_digits as training
+    from training import train_moving_digits as training
 
     clean = -torch.ones(1, 2, 1, 16, 16)
     clean[..., 4:8, 4:8] = 0.5  # the ink
@@ -269,7 +269,7 @@ def test_digits_dit_generates_the_requested_classes(digits_dit, classifier):
 
 @pytest.mark.slow
 def test_moving_digits_draws_the_requested_class_frame_by_frame(moving_digits, classifier):
-    # The model card's figure comes from 100 clips (python -m pipelines.training.evaluate moving-digits); 20 clips
+    # The model card's figure comes from 100 clips (python -m training.evaluate moving-digits); 20 clips
     # here are a regression floor with room for the spread of a small sample.
     labels = [label for label in range(10) for _ in range(2)]
     clips = _run("moving-digits", moving_digits, labels, seed=123)
@@ -277,7 +277,7 @@ def test_moving_digits_draws_the_requested_class_frame_by_frame(moving_digits, c
 
 
 def test_moving_digits_default_call_is_the_one_it_was_trained_and_measured_with():
-    from pipelines.training.train_moving_digits import Recipe
+    from training.train_moving_digits import Recipe
 
     folder = reference.model_dir("moving-digits")
     recipe = Recipe(**json.loads((folder / "training.json").read_text())["recipe"])

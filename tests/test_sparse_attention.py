@@ -17,9 +17,9 @@ from accel import _block_sparse as sparse
 from accel.adaspa import AdaSpaAttention, AdaSpaConfig, blocks_kept, head_sparsities
 from accel.attention import AttentionCall
 from accel.hooks import StepInfo
+from accel.pipelines import tiny
+from accel.pipelines.adapters import TokenLayout
 from accel.vmoba import VMoBAConfig, make_partition, vmoba_selection
-from pipelines import tiny
-from pipelines.adapters import TokenLayout
 
 FAMILIES = tuple(f for f in tiny.FAMILIES if f not in ("sd15", "sdxl"))
 
@@ -189,7 +189,7 @@ def test_adaspa_at_zero_sparsity_equals_dense():
 
 
 def test_recall_is_the_exact_mass_kept():
-    from kernels import block_mass
+    from accel.kernels import block_mass
 
     call = make_call(VIDEO, "self_attn")
     _, lse = sparse.dense_with_lse(call)
@@ -246,8 +246,8 @@ def test_vmoba_selection_matches_a_token_by_token_reference():
 def test_vmoba_at_full_threshold_equals_dense_and_layers_cycle_partitions():
     from diffusers import WanPipeline, WanTransformer3DModel
 
-    from pipelines.adapters import ready_for_inference
-    from pipelines.training.train_moving_digits import RECIPE, make_vae, sampling_scheduler
+    from accel.pipelines.adapters import ready_for_inference
+    from training.train_moving_digits import RECIPE, make_vae, sampling_scheduler
 
     def build():
         torch.manual_seed(0)

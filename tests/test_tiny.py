@@ -7,9 +7,9 @@ import pytest
 import torch
 from accelerator_tester import run
 
-from eval import quick
-from pipelines import tiny
-from pipelines.tokenizers import clip_tokenizer, t5_tokenizer
+from accel.eval import quick
+from accel.pipelines import tiny
+from accel.pipelines.tokenizers import clip_tokenizer, t5_tokenizer
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)

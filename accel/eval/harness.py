@@ -1,0 +1,465 @@
+"""The eval harness: generate the same seeded samples with several methods, then measure them.
+
+    accel-eval --model digits-dit --methods baseline,delta-dit,bac --num-images 500 --steps 20 --out runs/x
+    accelerate launch --multi_gpu --num_processes 2 -m accel.eval.harness ...    # the same, split over 2 processes
+
+Input ``i`` is the condition ``i`` (class ``i % classes`` for class-conditional models unless ``--classes`` lists
+them, else prompt ``i % len(prompts)`` from ``--prompts``) generated from seed ``--seed + i``, so every method sees
+the same noise. Inputs are grouped in fixed batches of ``--batch-size``; batch ``k`` runs on process
+``k % num_processes``, so the split changes nothing in what is computed. Within a batch the methods run one after
+the other, their order rotating from batch to batch, so machine drift hits every method alike.
+
+Files: ``{out}/{method}/{index:06d}.png`` (an image, or a video's frames side by side; ``.gif`` next to it for
+videos), written atomically; ``{out}/{method}/.batches/{k:06d}.json`` with the batch's timing, peak memory and
+``accel.summary`` figures; ``{out}/run.json`` with the settings. A rerun skips batches whose files are all present
+and readable and regenerates the rest; metrics are always recomputed from what is on disk (``accel.eval.report``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import accel
+from accel._io import atomic_write
+from accel.registry import resolve, spec_for
+
+from .models import ModelHandle, load_model, output_array
+
+RUN_FORMAT = "accel.eval.run/1"
+CALIBRATION_SEED_OFFSET = 1_000_000  # calibration inputs use seeds no measured input uses
+
+
+@dataclass
+class EvalSettings:
+    model: str
+    methods: list[str]  # "baseline", presets, stacks "a+b"
+    num_images: int
+    out: str
+    steps: int | None = None
+    guidance_scale: float | None = None
+    batch_size: int = 10
+    seed: int = 0
+    classes: list[int] | None = None
+    prompts_file: str | None = None
+    prompts: list[str] = field(default_factory=list)
+    fid: str = "auto"  # "auto", "digit", "inception", "none"
+    inception_weights: str | None = None
+    fid_reference: str | None = None
+    clip_model: str = "ViT-B-32"
+    clip_weights: str | None = None
+    flops: bool = True
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts from a .txt (one per line), .json (a list of strings or of {"prompt": ...}) or .csv ("prompt"
+    column) file; ``ValueError`` for a missing, empty or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Prompts file {path} does not exist.")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}.") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path} must hold a JSON list of prompts (strings or objects with a 'prompt' key).")
+        prompts = []
+        for item in data:
+            if isinstance(item, dict) and isinstance(item.get("prompt"), str):
+                item = item["prompt"]
+            if not isinstance(item, str):
+                raise ValueError(f"{path}: every entry must be a string or {{\"prompt\": ...}}, got {item!r}.")
+            prompts.append(item)
+    elif suffix == ".csv":
+        try:
+            rows = list(csv.DictReader(text.splitlines()))
+        except csv.Error as error:
+            raise ValueError(f"{path} is not valid CSV: {error}.") from None
+        if not rows or "prompt" not in rows[0]:
+            raise ValueError(f"{path} must be a CSV file with a 'prompt' column and at least one row.")
+        prompts = [row["prompt"] or "" for row in rows]
+    elif suffix in (".txt", ""):
+        prompts = [line for line in text.splitlines()]
+    else:
+        raise ValueError(f"{path}: prompts files are .txt, .json or .csv, got {suffix!r}.")
+    prompts = [prompt.strip() for prompt in prompts if prompt and prompt.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts.")
+    return prompts
+
+
+def conditions(settings: EvalSettings, model: ModelHandle) -> list:
+    """The condition of every input index."""
+    if model.conditioning == "class":
+        classes = settings.classes or list(range(min(model.num_classes or 10, 10)))
+        return [classes[i % len(classes)] for i in range(settings.num_images)]
+    return [settings.prompts[i % len(settings.prompts)] for i in range(settings.num_images)]
+
+
+def batches(settings: EvalSettings) -> list[list[int]]:
+    size, count = settings.batch_size, settings.num_images
+    return [list(range(start, min(start + size, count))) for start in range(0, count, size)]
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [item.strip() for item in text.split(",") if item.strip()]
+    if not methods:
+        raise ValueError("--methods is empty; give e.g. baseline,delta-dit,bac (stack with '+': bac+vmoba).")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"--methods lists a method twice: {text!r}.")
+    return methods
+
+
+def method_configs(method: str) -> list:
+    if method == "baseline":
+        return []
+    return resolve([name.strip() for name in method.split("+")])
+
+
+def check_settings(settings: EvalSettings) -> ModelHandle:
+    """Every check that can fail, before any generation starts. Returns the model handle."""
+    if settings.num_images < 1:
+        raise ValueError(f"--num-images must be at least 1, got {settings.num_images}.")
+    if settings.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {settings.batch_size}.")
+    if settings.steps is not None and settings.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {settings.steps}.")
+    model = load_model(settings.model)
+    from accel.pipelines.adapters import adapter_for
+
+    family = None
+    for method in settings.methods:
+        for config in method_configs(method):
+            spec = spec_for(config)
+            if family is None:
+                family = adapter_for(model.build()).name
+            if not spec.supports(family):
+                raise ValueError(f"{spec.name!r} does not support {settings.model} (family {family!r}); supported: "
+                                 f"{', '.join(spec.families or ())}.")
+    if model.conditioning == "prompt":
+        if settings.prompts_file is None and not settings.prompts:
+            raise ValueError(f"{settings.model} is prompt-conditioned: pass --prompts FILE (.txt, .json or .csv).")
+        if settings.prompts_file is not None:
+            settings.prompts = read_prompts(settings.prompts_file)
+    elif settings.prompts_file is not None:
+        raise ValueError(f"{settings.model} is class-conditional: use --classes, not --prompts.")
+    if settings.classes is not None:
+        limit = model.num_classes or 10
+        if not settings.classes or any(not 0 <= c < limit for c in settings.classes):
+            raise ValueError(f"--classes must list class ids in 0..{limit - 1}, got {settings.classes}.")
+    from .report import check_metric_settings
+
+    check_metric_settings(settings, model)
+    out = Path(settings.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"Cannot write to the output folder {out}: {error}.") from None
+    previous = out / "run.json"
+    if previous.is_file():
+        try:
+            earlier = json.loads(previous.read_text())
+        except json.JSONDecodeError:
+            earlier = None
+        if earlier is not None and _generation_key(earlier.get("settings", {})) != _generation_key(asdict(settings)):
+            raise ValueError(
+                f"{out} holds a run with other generation settings ({previous}); use a new --out folder, or the "
+                "same model, steps, guidance, seed, batch size and inputs to resume it."
+            )
+    return model
+
+
+def _generation_key(settings: dict) -> tuple:
+    return tuple(json.dumps(settings.get(key), sort_keys=True) for key in
+                 ("model", "steps", "guidance_scale", "batch_size", "seed", "classes", "prompts"))
+
+
+# --------------------------------------------------------------------------------------------- files
+
+
+def sample_path(out: Path, method: str, index: int) -> Path:
+    return out / method / f"{index:06d}.png"
+
+
+def to_png_array(sample: np.ndarray) -> np.ndarray:
+    """An image [H, W, C] or video [F, H, W, C] in [0, 1] as a uint8 picture (video frames side by side)."""
+    sample = np.clip(np.asarray(sample, np.float32), 0, 1)
+    if sample.ndim == 4:
+        sample = np.concatenate(list(sample), axis=1)
+    sample = (sample * 255).round().astype(np.uint8)
+    return sample[..., 0] if sample.shape[-1] == 1 else sample
+
+
+def from_png_array(picture: np.ndarray, frames: int | None) -> np.ndarray:
+    """Inverse of ``to_png_array``: [H, W, C] or [F, H, W, C] floats in [0, 1]."""
+    array = picture.astype(np.float32) / 255
+    if array.ndim == 2:
+        array = array[..., None]
+    if frames:
+        array = np.stack(np.split(array, frames, axis=1))
+    return array
+
+
+def write_sample(path: Path, sample: np.ndarray) -> None:
+    from io import BytesIO
+
+    from PIL import Image
+
+    picture = to_png_array(sample)
+    buffer = BytesIO()
+    Image.fromarray(picture).save(buffer, format="PNG")
+    atomic_write(path, buffer.getvalue())
+    if sample.ndim == 4:  # a video: also an animation to look at
+        frames = [Image.fromarray(to_png_array(frame)) for frame in sample]
+        buffer = BytesIO()
+        frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+        atomic_write(path.with_suffix(".gif"), buffer.getvalue())
+
+
+def read_sample(path: Path, frames: int | None) -> np.ndarray | None:
+    """The sample stored at ``path``, or ``None`` if it is missing, truncated or otherwise unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            picture = np.asarray(image)
+    except (OSError, ValueError, SyntaxError):
+        return None
+    if frames and picture.shape[1] % frames:
+        return None
+    return from_png_array(picture, frames)
+
+
+# --------------------------------------------------------------------------------------------- generation
+
+
+def _peak_rss_reset() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak resident set size
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def build_method(model: ModelHandle, method: str, settings: EvalSettings, calibration_conditions: list):
+    """A fresh pipeline with ``method`` applied; methods with an offline pass are calibrated on seeds no measured
+    input uses."""
+    pipe = model.build()
+    steps = settings.steps or model.steps
+    guidance = settings.guidance_scale if settings.guidance_scale is not None else model.guidance_scale
+    seeds = [settings.seed + CALIBRATION_SEED_OFFSET + i for i in range(len(calibration_conditions))]
+    kwargs = model.call_kwargs(pipe, calibration_conditions, seeds, steps, guidance)
+    del kwargs["num_inference_steps"]
+    return accel.wrap_calibrated(pipe, method_configs(method), kwargs, num_inference_steps=steps)
+
+
+def count_flops(pipe, model: ModelHandle, condition, settings: EvalSettings) -> float | None:
+    """FLOPs of one single-sample call (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    steps = settings.steps or model.steps
+    guidance = settings.guidance_scale if settings.guidance_scale is not None else model.guidance_scale
+    kwargs = model.call_kwargs(pipe, [condition], [settings.seed], steps, guidance)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        pipe(**kwargs)
+    return float(counter.get_total_flops())
+
+
+def remove_stale_temporaries(out: Path, methods: list[str]) -> None:
+    """Temporary files a killed run left behind (``atomic_write`` names them ``.<name>.<random>``)."""
+    for method in methods:
+        for folder in (out / method, out / method / ".batches"):
+            for path in folder.glob(".*.*"):
+                if path.is_file():
+                    path.unlink(missing_ok=True)
+
+
+def generate(settings: EvalSettings, model: ModelHandle, *, process_index: int = 0, num_processes: int = 1,
+             progress: bool = True) -> dict[str, int]:
+    """Generate this process's share of every method's samples; returns how many batches each generated."""
+    from tqdm.auto import tqdm
+
+    out = Path(settings.out)
+    all_conditions = conditions(settings, model)
+    steps = settings.steps or model.steps
+    guidance = settings.guidance_scale if settings.guidance_scale is not None else model.guidance_scale
+    frames = None
+    mine = [(k, batch) for k, batch in enumerate(batches(settings)) if k % num_processes == process_index]
+
+    def done(method: str, batch: list[int]) -> bool:
+        record = out / method / ".batches" / f"{batch[0] // settings.batch_size:06d}.json"
+        if not record.is_file():
+            return False
+        try:
+            frames = json.loads(record.read_text()).get("frames")
+        except json.JSONDecodeError:
+            return False
+        return all(read_sample(sample_path(out, method, i), frames) is not None for i in batch)
+
+    todo = {method: [(k, b) for k, b in mine if not done(method, b)] for method in settings.methods}
+    total = sum(map(len, todo.values()))
+    generated = {method: 0 for method in settings.methods}
+    if total == 0:
+        return generated
+    pipes = {method: build_method(model, method, settings, all_conditions[: settings.batch_size])
+             for method in settings.methods if todo[method]}
+    for pipe in pipes.values():  # warm-up, not timed
+        pipe(**model.call_kwargs(pipe, all_conditions[:1], [settings.seed], steps, guidance))
+    flops_file = out / ".flops.json"
+    if settings.flops and process_index == 0 and not flops_file.is_file():
+        flops = {method: count_flops(pipe, model, all_conditions[0], settings) for method, pipe in pipes.items()}
+        atomic_write(flops_file, json.dumps(flops))
+    bar = tqdm(total=total * 1, desc=f"generate [{process_index + 1}/{num_processes}]", unit="batch",
+               disable=not progress)
+    for position, (k, batch) in enumerate(mine):
+        shift = position % len(settings.methods)
+        order = settings.methods[shift:] + settings.methods[:shift]
+        for method in order:
+            if (k, batch) not in todo[method]:
+                continue
+            pipe = pipes[method]
+            kwargs = model.call_kwargs(pipe, [all_conditions[i] for i in batch], [settings.seed + i for i in batch],
+                                       steps, guidance)
+            _peak_rss_reset()
+            started = time.perf_counter()
+            samples = output_array(pipe(**kwargs))
+            seconds = time.perf_counter() - started
+            frames = samples.shape[1] if samples.ndim == 5 else None
+            for index, sample in zip(batch, samples):
+                write_sample(sample_path(out, method, index), sample)
+            summary = accel.summary(pipe) if accel.is_wrapped(pipe) else None
+            record = {
+                "batch": k, "indices": batch, "seconds": seconds, "seconds_per_sample": seconds / len(batch),
+                "peak_rss_mb": _peak_rss_mb(), "frames": frames, "process": process_index,
+                "blocks_computed": summary.blocks_computed_share if summary else None,
+                "branches_computed": summary.branches_computed_share if summary else None,
+                "attention_density": summary.attention_density if summary else None,
+            }
+            if torch.cuda.is_available():
+                record["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            atomic_write(out / method / ".batches" / f"{k:06d}.json", json.dumps(record))
+            generated[method] += 1
+            bar.update()
+    bar.close()
+    return generated
+
+
+# --------------------------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="accel-eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="digits-dit",
+                        help="reference model name, tiny:<family>, or a local diffusers pipeline folder")
+    parser.add_argument("--methods", default="baseline,delta-dit,bac",
+                        help="comma-separated: baseline, preset names, stacks with '+' (bac+vmoba)")
+    parser.add_argument("--num-images", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=None, help="default: the model's")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="default: the model's")
+    parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0, help="input i uses seed SEED + i")
+    parser.add_argument("--classes", default=None, help="class ids to cycle through, e.g. 3,7 (class models)")
+    parser.add_argument("--prompts", default=None, help="prompts file: .txt (one per line), .json or .csv")
+    parser.add_argument("--fid", default="auto", choices=("auto", "digit", "inception", "none"),
+                        help="FID features: auto = digit classifier on reference models, Inception if weights given")
+    parser.add_argument("--inception-weights", default=None,
+                        help="local pt_inception-2015-12-05 weights for Inception FID (needs torch-fidelity)")
+    parser.add_argument("--fid-reference", default=None, help="folder of real images for Inception FID")
+    parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name for CLIP score")
+    parser.add_argument("--clip-weights", default=None, help="local open_clip weights file for CLIP score")
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    parser.add_argument("--out", required=True, help="output folder (rerun with the same folder to resume)")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> EvalSettings:
+    classes = None
+    if args.classes is not None:
+        try:
+            classes = [int(c) for c in args.classes.split(",") if c.strip()]
+        except ValueError:
+            raise ValueError(f"--classes must be comma-separated integers, got {args.classes!r}.") from None
+    return EvalSettings(
+        model=args.model, methods=parse_methods(args.methods), num_images=args.num_images, out=args.out,
+        steps=args.steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size, seed=args.seed,
+        classes=classes, prompts_file=args.prompts, fid=args.fid, inception_weights=args.inception_weights,
+        fid_reference=args.fid_reference, clip_model=args.clip_model, clip_weights=args.clip_weights,
+        flops=not args.no_flops,
+    )
+
+
+def run(settings: EvalSettings, *, progress: bool = True) -> dict | None:
+    """Check, generate (this process's share), then on the main process compute the metrics and write reports.
+    Returns the results on the main process, ``None`` on the others."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    model = check_settings(settings)  # every process checks, so a bad setting stops all of them
+    out = Path(settings.out)
+    if state.is_main_process:
+        atomic_write(out / "run.json", json.dumps({"format": RUN_FORMAT, "settings": asdict(settings)}, indent=1))
+        remove_stale_temporaries(out, settings.methods)
+    state.wait_for_everyone()
+    with torch.no_grad():
+        generate(settings, model, process_index=state.process_index, num_processes=state.num_processes,
+                 progress=progress)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    from .report import compute_results, write_reports
+
+    with torch.no_grad():
+        results = compute_results(settings, model, progress=progress)
+    write_reports(results, out)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+        results = run(settings)
+    except ValueError as error:
+        print(f"accel-eval: {error}", file=sys.stderr)
+        return 2
+    if results is not None:
+        print((Path(settings.out) / "report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

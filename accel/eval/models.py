@@ -1,0 +1,99 @@
+"""What the eval harness knows about a model: how to build it, how to condition it, how to read its outputs.
+
+``load_model(name)`` takes a reference model name (``digits-dit``, ``moving-digits``), ``tiny:<family>`` (random
+weights, for plumbing tests), or a local diffusers pipeline folder (``model_index.json``; loaded with
+``local_files_only``). Class-conditional models (DiT, the reference models) take class ids; the others take
+prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from accel.pipelines.adapters import adapter_for, adapter_for_pipeline_class, ready_for_inference
+
+
+@dataclass
+class ModelHandle:
+    name: str
+    build: Callable[[], Any]  # a fresh pipeline (CPU, eval mode, progress bar off)
+    conditioning: str  # "class" or "prompt"
+    video: bool
+    steps: int  # defaults for the call
+    guidance_scale: float
+    num_classes: int | None = None  # class-conditional models
+    digit_metrics: bool = False  # the digit classifier applies (class accuracy, digit-feature FID)
+    extra_call: dict[str, Any] | None = None  # fixed call kwargs (size, frames)
+
+    def call_kwargs(self, pipe, conditions: list, seeds: list[int], steps: int, guidance_scale: float) -> dict:
+        """Call kwargs for one batch: one condition and one seeded generator per sample."""
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        kwargs: dict[str, Any] = {"num_inference_steps": steps, "guidance_scale": guidance_scale,
+                                  "generator": generators, "output_type": "np", **(self.extra_call or {})}
+        if self.name == "moving-digits" or getattr(pipe, "digit_class_embeddings", None) is not None:
+            from accel.pipelines.reference import class_prompt_embeds
+
+            kwargs.update(class_prompt_embeds(pipe, conditions))
+        elif self.conditioning == "class":
+            kwargs["class_labels"] = [int(c) for c in conditions]
+        else:
+            kwargs["prompt"] = list(conditions)
+        return kwargs
+
+
+def load_model(name: str) -> ModelHandle:
+    from accel.pipelines import reference
+
+    if name in reference.MODELS:
+        reference.model_dir(name)  # a clear error now if the weights are missing
+        call = reference.DEFAULT_CALL[name]
+        extra = {k: v for k, v in call.items() if k not in ("num_inference_steps", "guidance_scale")}
+        return ModelHandle(name, lambda: reference.load(name), "class", name == "moving-digits",
+                           call["num_inference_steps"], call["guidance_scale"], 10, True, extra)
+    if name.startswith("tiny:"):
+        from accel.pipelines import tiny
+
+        family = name.split(":", 1)[1]
+        if family not in tiny.FAMILIES:
+            raise ValueError(f"Unknown tiny family {family!r}; choose one of {', '.join(tiny.FAMILIES)}.")
+        example = tiny.example_inputs(family)
+        extra = {k: v for k, v in example.items()
+                 if k not in ("num_inference_steps", "guidance_scale", "generator", "output_type", "prompt",
+                              "class_labels", "prompt_embeds", "negative_prompt_embeds")}
+        if family == "hunyuan-video":
+            raise ValueError("tiny:hunyuan-video takes prompt_embeds only; the eval harness needs prompts.")
+        conditioning = adapter_for(tiny.build(family)).conditioning
+        return ModelHandle(name, lambda: tiny.build(family), conditioning, family in tiny.VIDEO_FAMILIES,
+                           example["num_inference_steps"], example.get("guidance_scale", 4.0),
+                           10 if conditioning == "class" else None, False, extra)
+    folder = Path(name)
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(
+            f"Unknown model {name!r}: use a reference model ({', '.join(reference.MODELS)}), tiny:<family>, or a "
+            "local diffusers pipeline folder (one with model_index.json)."
+        )
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
+    adapter = adapter_for_pipeline_class(class_name)  # a clear error for a pipeline accel does not support
+    conditioning, video = adapter.conditioning, adapter.video
+
+    def build():
+        return ready_for_inference(DiffusionPipeline.from_pretrained(folder, local_files_only=True))
+
+    return ModelHandle(str(folder), build, conditioning, video, 28, 4.5 if conditioning == "prompt" else 1.5,
+                       1000 if conditioning == "class" else None, False, {})
+
+
+def output_array(output) -> Any:
+    import numpy as np
+
+    array = output.images if hasattr(output, "images") else output.frames
+    return np.asarray(array, dtype=np.float32)

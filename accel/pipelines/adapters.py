@@ -1,0 +1,523 @@
+"""Model-family adapters: everything accel knows about the layout of a diffusers denoiser.
+
+One declarative ``FamilyAdapter`` per family says where the transformer blocks are, which sub-modules of a block
+are its *branches* (self/joint attention, cross-attention, feed-forward, context feed-forward), which layers carry
+the time embedding / AdaLN modulation, how classifier-free guidance reaches the denoiser, and how the input shape
+maps to a token layout (frames x height x width after patching, plus where text tokens sit in joint attention).
+Accelerators read these facts through the adapter and never name a model's modules themselves.
+
+Adding a family is one ``FamilyAdapter(...)`` entry here plus a tiny builder in ``accel.pipelines.tiny``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+BranchKind = Literal["self_attn", "cross_attn", "joint_attn", "ff", "ff_context"]
+ATTENTION_BRANCHES: frozenset[str] = frozenset({"self_attn", "cross_attn", "joint_attn"})
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """The token sequence one transformer forward works on, after patching.
+
+    Image tokens are ordered frame-major (frame, row, column). ``text_tokens`` is the length of the text sequence
+    the model attends to. In joint attention the text tokens are concatenated with the image tokens and
+    ``text_position`` says on which side; ``None`` means the text is reached through cross-attention only.
+    """
+
+    frames: int
+    height: int
+    width: int
+    text_tokens: int = 0
+    text_position: Literal["first", "last"] | None = None
+
+    @property
+    def image_tokens(self) -> int:
+        return self.frames * self.height * self.width
+
+    @property
+    def joint_tokens(self) -> int:
+        return self.image_tokens + (self.text_tokens if self.text_position else 0)
+
+    def image_slice(self) -> slice:
+        """Where the image tokens sit in the joint-attention sequence."""
+        start = self.text_tokens if self.text_position == "first" else 0
+        return slice(start, start + self.image_tokens)
+
+
+BlockReturns = Literal["hidden", "context_hidden", "hidden_context"]
+
+
+@dataclass(frozen=True)
+class ResidualRule:
+    """How a block's output follows from its branches' outputs, for a block none of whose branches runs.
+
+    A block adds each branch's output, times that branch's gate for the current step, to its residual stream. When a
+    cache reuses every branch of a block, that sum is all the block has left to compute: its norms and the input
+    modulation only feed the branches. ``combine(block, args, kwargs, outputs)`` returns the block's output from
+    ``outputs`` (branch kind -> output, every branch of the block) with the operations of the block's own forward, in
+    its order, so the result is bit-identical to running the block with those branch outputs. ``owned`` names the
+    branches whose output tensors were made for this call alone (a forecast, say): the rule may compute in them in
+    place, which spares a pass over memory; the others (a cache's held tensors) it leaves untouched. ``covers(block,
+    args, kwargs)`` says whether this call is one the rule reproduces; when it is not, the block runs.
+
+    Each branch's input has the shape of the block's ``hidden_states`` in the blocks a rule is written for.
+    """
+
+    covers: Callable[[torch.nn.Module, tuple, dict], bool]
+    combine: Callable[[torch.nn.Module, tuple, dict, dict[str, torch.Tensor], frozenset[str]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BlockGroup:
+    """A run of transformer blocks matched by ``pattern`` (``*`` matches one dotted name segment).
+
+    ``branches`` maps a branch kind to the attribute that holds it inside one block. ``returns`` says what a block
+    returns: the image stream alone, or a (text/context stream, image stream) pair in either order. Blocks that
+    return a pair take ``hidden_states`` and ``encoder_hidden_states`` as their first two arguments.
+    """
+
+    pattern: str
+    branches: dict[str, str]
+    dual_stream: bool = False  # the block updates image and text streams with separate weights (MMDiT double)
+    returns: BlockReturns = "hidden"
+    residual_rule: ResidualRule | None = None  # None: every forward of the block runs the block
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """One resolved block of a concrete model."""
+
+    name: str
+    module: torch.nn.Module
+    group: str
+    index: int  # position in the whole ordered block sequence
+    branches: dict[str, tuple[str, torch.nn.Module]]  # kind -> (qualified name, module)
+    dual_stream: bool
+    returns: BlockReturns = "hidden"
+    residual_rule: ResidualRule | None = None
+
+    def streams_in(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(image stream, context stream or None) of this block's call arguments."""
+        hidden = _arg(args, kwargs, "hidden_states", 0)
+        if self.returns == "hidden":
+            return hidden, None
+        return hidden, _arg(args, kwargs, "encoder_hidden_states", 1)
+
+    def streams_out(self, output) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(image stream, context stream or None) of this block's output."""
+        if self.returns == "hidden":
+            return output, None
+        first, second = output
+        return (second, first) if self.returns == "context_hidden" else (first, second)
+
+    def make_output(self, hidden: torch.Tensor, context: torch.Tensor | None):
+        """A block output with the given streams, in this block's return layout."""
+        if self.returns == "hidden":
+            return hidden
+        return (context, hidden) if self.returns == "context_hidden" else (hidden, context)
+
+    @property
+    def attentions(self) -> dict[str, tuple[str, torch.nn.Module]]:
+        return {kind: value for kind, value in self.branches.items() if kind in ATTENTION_BRANCHES}
+
+
+def _arg(args: tuple, kwargs: dict, name: str, position: int) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    return args[position] if len(args) > position else None
+
+
+def _patch_size(value: Any) -> tuple[int, int, int]:
+    if isinstance(value, (tuple, list)):
+        return tuple(int(v) for v in value)  # type: ignore[return-value]
+    return 1, int(value), int(value)
+
+
+def _image_layout(model, args, kwargs, text_position=None) -> TokenLayout:
+    hidden_states = _arg(args, kwargs, "hidden_states", 0)
+    patch = int(getattr(model.config, "patch_size", None) or 1)
+    text = _arg(args, kwargs, "encoder_hidden_states", 1)
+    height, width = hidden_states.shape[-2] // patch, hidden_states.shape[-1] // patch
+    text_tokens = int(text.shape[1]) if isinstance(text, torch.Tensor) and text.ndim == 3 else 0
+    return TokenLayout(1, height, width, text_tokens, text_position if text_tokens else None)
+
+
+def _flux_layout(model, args, kwargs) -> TokenLayout:
+    # Flux packs latents into [B, S, C]; the image ids hold each token's (frame, row, column).
+    img_ids = kwargs["img_ids"]
+    img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+    height, width = int(img_ids[:, 1].max()) + 1, int(img_ids[:, 2].max()) + 1
+    text = _arg(args, kwargs, "encoder_hidden_states", 1)
+    return TokenLayout(1, height, width, int(text.shape[1]), "first")
+
+
+def _video_layout(channels_first: bool, text_position=None):
+    def layout(model, args, kwargs) -> TokenLayout:
+        hidden_states = _arg(args, kwargs, "hidden_states", 0)
+        if channels_first:  # [B, C, F, H, W]
+            frames, height, width = hidden_states.shape[2:]
+        else:  # CogVideoX: [B, F, C, H, W]
+            frames, height, width = hidden_states.shape[1], *hidden_states.shape[3:]
+        config = model.config
+        if hasattr(config, "patch_size_t"):
+            p_t, p_h, p_w = int(config.patch_size_t or 1), int(config.patch_size), int(config.patch_size)
+        else:
+            p_t, p_h, p_w = _patch_size(config.patch_size)
+        text = _arg(args, kwargs, "encoder_hidden_states", 1)
+        text_tokens = int(text.shape[1]) if isinstance(text, torch.Tensor) and text.ndim == 3 else 0
+        position = text_position if text_tokens else None
+        return TokenLayout(frames // p_t, height // p_h, width // p_w, text_tokens, position)
+
+    return layout
+
+
+def _unet_layout(model, args, kwargs) -> TokenLayout:
+    sample = _arg(args, kwargs, "sample", 0)
+    text = _arg(args, kwargs, "encoder_hidden_states", 2)
+    return TokenLayout(1, sample.shape[-2], sample.shape[-1], int(text.shape[1]) if text is not None else 0, None)
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """What accel needs to know about one model family. See the module docstring."""
+
+    name: str
+    denoiser_classes: tuple[str, ...]
+    pipeline_classes: tuple[str, ...]
+    block_groups: tuple[BlockGroup, ...]
+    modulation: tuple[str, ...]  # fnmatch patterns over the denoiser's module names
+    token_layout: Callable[[torch.nn.Module, tuple, dict], TokenLayout]
+    cfg: Literal["batched", "separate"]
+    cfg_batch_order: tuple[str, str] | None = None  # batched CFG: which half of the batch is which
+    video: bool = False
+    conditioning: Literal["prompt", "class"] = "prompt"  # what the pipeline is called with
+    denoiser_attrs: tuple[str, ...] = ("transformer", "transformer_2")
+    # Whether the blocks form one residual chain (each block's output is the next one's input). The U-Net's
+    # transformer blocks do not: resnets and resampling sit between them.
+    sequential_blocks: bool = True
+    notes: str = ""
+
+    def blocks(self, model: torch.nn.Module) -> list[BlockInfo]:
+        """The model's blocks in execution order, each with its branches."""
+        modules = dict(model.named_modules())
+        blocks: list[BlockInfo] = []
+        for group in self.block_groups:
+            for name in _match(group.pattern, modules):
+                branches = {}
+                for kind, attr in group.branches.items():
+                    branch = modules.get(f"{name}.{attr}")
+                    if branch is not None:
+                        branches[kind] = (f"{name}.{attr}", branch)
+                info = BlockInfo(
+                    name, modules[name], group.pattern, len(blocks), branches, group.dual_stream, group.returns,
+                    group.residual_rule,
+                )
+                blocks.append(info)
+        return blocks
+
+    def modulation_layers(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        """Time-embedding and AdaLN-modulation layers (module or parameter holders), in module order."""
+        return [
+            (name, module)
+            for name, module in model.named_modules()
+            if name and any(fnmatch.fnmatchcase(name, pattern) for pattern in self.modulation)
+        ]
+
+    def denoisers(self, pipe) -> dict[str, torch.nn.Module]:
+        """The pipeline's denoiser modules of this family, by attribute name."""
+        found = {}
+        for attr in self.denoiser_attrs:
+            module = getattr(pipe, attr, None)
+            if isinstance(module, torch.nn.Module) and type(module).__name__ in self.denoiser_classes:
+                found[attr] = module
+        return found
+
+
+def ready_for_inference(pipe):
+    """Every torch module of ``pipe`` in eval mode (diffusers builds models from configs in train mode) and the
+    progress bar off; returns ``pipe``."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _match(pattern: str, modules: dict[str, torch.nn.Module]) -> list[str]:
+    """Module names matching ``pattern`` segment by segment, in module (execution) order."""
+    parts = pattern.split(".")
+    return [
+        name
+        for name in modules
+        if len(name.split(".")) == len(parts)
+        and all(p == "*" or p == s for p, s in zip(parts, name.split(".")))
+    ]
+
+
+# ----------------------------------------------------------------------------------------- residual rules
+# Each mirrors the output arithmetic of one diffusers block class (diffusers 0.42); tests/test_bac.py checks them
+# bit for bit against the blocks themselves on every family that uses them.
+
+_GATED_NORMS = ("ada_norm_zero", "ada_norm_single")
+_UNGATED_NORMS = ("layer_norm", "layer_norm_i2vgen")
+
+
+def _basic_block_covers(block, args, kwargs) -> bool:
+    """BasicTransformerBlock (DiT, PixArt, the U-Net's attentions) with AdaLN-Zero, AdaLN-single or plain norms."""
+    hidden = _arg(args, kwargs, "hidden_states", 0)
+    cross_attention_kwargs = _arg(args, kwargs, "cross_attention_kwargs", 5) or {}
+    if block.norm_type == "ada_norm_zero" and block.norm1.emb is None:
+        return False
+    return (
+        block.norm_type in _GATED_NORMS + _UNGATED_NORMS
+        and hidden.ndim == 3
+        and cross_attention_kwargs.get("gligen") is None
+    )
+
+
+def _basic_block_combine(block, args, kwargs, outputs: dict[str, torch.Tensor],
+                         owned: frozenset[str] = frozenset()) -> torch.Tensor:
+    hidden = _arg(args, kwargs, "hidden_states", 0)
+    timestep = _arg(args, kwargs, "timestep", 4)
+    gate_msa = gate_mlp = None
+    if block.norm_type == "ada_norm_zero":  # AdaLayerNormZero.forward, less its norm and modulation
+        norm = block.norm1
+        emb = norm.emb(timestep, _arg(args, kwargs, "class_labels", 6), hidden_dtype=hidden.dtype)
+        chunks = norm.linear(norm.silu(emb)).chunk(6, dim=1)
+        gate_msa, gate_mlp = chunks[2].unsqueeze(1), chunks[5].unsqueeze(1)
+    elif block.norm_type == "ada_norm_single":
+        chunks = (block.scale_shift_table[None] + timestep.reshape(hidden.shape[0], 6, -1)).chunk(6, dim=1)
+        gate_msa, gate_mlp = chunks[2], chunks[5]
+    # Products and sums land in place in tensors made here or owned, never in a cached branch output; a * b is b * a
+    # and a + b is b + a bit for bit, so the result is the block's own. In place, a skipped block whose branches are
+    # forecast allocates no tensor beyond the forecasts, and a plainly reused one two instead of four.
+    attn_output = _gated(outputs["self_attn"], gate_msa, "self_attn" in owned)
+    hidden = _add(attn_output, hidden, fresh=gate_msa is not None or "self_attn" in owned)
+    if "cross_attn" in outputs:
+        hidden = _add(hidden, outputs["cross_attn"], fresh=True)
+    ff_output = _gated(outputs["ff"], gate_mlp, "ff" in owned)
+    return _add(ff_output, hidden, fresh=gate_mlp is not None or "ff" in owned)
+
+
+def _gated(output: torch.Tensor, gate: torch.Tensor | None, owned: bool) -> torch.Tensor:
+    """``gate * output`` (``output`` without a gate), in place when ``output`` is owned and keeps its layout."""
+    if gate is None:
+        return output
+    if (owned and torch.broadcast_shapes(gate.shape, output.shape) == output.shape and gate.dtype == output.dtype
+            and not output.requires_grad):
+        return output.mul_(gate)
+    return gate * output
+
+
+def _add(made_here: torch.Tensor, other: torch.Tensor, fresh: bool) -> torch.Tensor:
+    """``made_here + other``, in place when ``made_here`` is a tensor this rule made and the sum keeps its layout."""
+    if fresh and made_here.shape == other.shape and made_here.dtype == other.dtype and not made_here.requires_grad:
+        return made_here.add_(other)
+    return made_here + other
+
+
+def _wan_block_combine(block, args, kwargs, outputs: dict[str, torch.Tensor],
+                       owned: frozenset[str] = frozenset()) -> torch.Tensor:
+    hidden = _arg(args, kwargs, "hidden_states", 0)
+    temb = _arg(args, kwargs, "temb", 2)
+    if temb.ndim == 4:  # Wan 2.2 TI2V: per-token modulation
+        chunks = (block.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)
+        gate_msa, c_gate_msa = chunks[2].squeeze(2), chunks[5].squeeze(2)
+    else:
+        chunks = (block.scale_shift_table + temb.float()).chunk(6, dim=1)
+        gate_msa, c_gate_msa = chunks[2], chunks[5]
+    hidden = (hidden.float() + outputs["self_attn"] * gate_msa).type_as(hidden)
+    hidden = hidden + outputs["cross_attn"]
+    return (hidden.float() + outputs["ff"].float() * c_gate_msa).type_as(hidden)
+
+
+BASIC_BLOCK_RULE = ResidualRule(_basic_block_covers, _basic_block_combine)
+WAN_BLOCK_RULE = ResidualRule(lambda block, args, kwargs: True, _wan_block_combine)
+
+_DIT_BRANCHES = {"self_attn": "attn1", "cross_attn": "attn2", "ff": "ff"}
+_MMDIT_BRANCHES = {"joint_attn": "attn", "ff": "ff", "ff_context": "ff_context"}
+_SINGLE_STREAM_BRANCHES = {"joint_attn": "attn", "ff": "proj_mlp"}
+
+ADAPTERS: tuple[FamilyAdapter, ...] = (
+    FamilyAdapter(
+        name="dit",
+        denoiser_classes=("DiTTransformer2DModel",),
+        pipeline_classes=("DiTPipeline",),
+        block_groups=(BlockGroup("transformer_blocks.*", _DIT_BRANCHES, residual_rule=BASIC_BLOCK_RULE),),
+        modulation=("transformer_blocks.*.norm1", "transformer_blocks.*.norm1.*", "proj_out_1"),
+        token_layout=_image_layout,
+        cfg="batched",
+        cfg_batch_order=("cond", "uncond"),
+        conditioning="class",
+        notes="Each block's AdaLayerNormZero holds its own timestep + class embedder.",
+    ),
+    FamilyAdapter(
+        name="pixart-alpha",
+        denoiser_classes=("PixArtTransformer2DModel",),
+        pipeline_classes=("PixArtAlphaPipeline",),
+        block_groups=(BlockGroup("transformer_blocks.*", _DIT_BRANCHES, residual_rule=BASIC_BLOCK_RULE),),
+        modulation=("adaln_single", "adaln_single.*"),
+        token_layout=_image_layout,
+        cfg="batched",
+        cfg_batch_order=("uncond", "cond"),
+        notes="AdaLN-single: one shared modulation MLP plus a per-block scale_shift_table parameter.",
+    ),
+    FamilyAdapter(
+        name="pixart-sigma",
+        denoiser_classes=("PixArtTransformer2DModel",),
+        pipeline_classes=("PixArtSigmaPipeline",),
+        block_groups=(BlockGroup("transformer_blocks.*", _DIT_BRANCHES, residual_rule=BASIC_BLOCK_RULE),),
+        modulation=("adaln_single", "adaln_single.*"),
+        token_layout=_image_layout,
+        cfg="batched",
+        cfg_batch_order=("uncond", "cond"),
+    ),
+    FamilyAdapter(
+        name="sd3",
+        denoiser_classes=("SD3Transformer2DModel",),
+        pipeline_classes=("StableDiffusion3Pipeline",),
+        block_groups=(
+            BlockGroup(
+                "transformer_blocks.*", {**_MMDIT_BRANCHES, "self_attn": "attn2"}, dual_stream=True,
+                returns="context_hidden",
+            ),
+        ),
+        modulation=("time_text_embed", "time_text_embed.*", "transformer_blocks.*.norm1*", "norm_out", "norm_out.*"),
+        token_layout=lambda model, args, kwargs: _image_layout(model, args, kwargs, text_position="last"),
+        cfg="batched",
+        cfg_batch_order=("uncond", "cond"),
+        notes="Joint attention concatenates [image, text]; SD3.5's optional attn2 is image-only self-attention.",
+    ),
+    FamilyAdapter(
+        name="flux",
+        denoiser_classes=("FluxTransformer2DModel",),
+        pipeline_classes=("FluxPipeline",),
+        block_groups=(
+            BlockGroup("transformer_blocks.*", _MMDIT_BRANCHES, dual_stream=True, returns="context_hidden"),
+            BlockGroup("single_transformer_blocks.*", _SINGLE_STREAM_BRANCHES, returns="context_hidden"),
+        ),
+        modulation=("time_text_embed", "time_text_embed.*", "*.norm1.linear", "*.norm1_context.linear",
+                    "single_transformer_blocks.*.norm.linear", "norm_out.linear"),
+        token_layout=_flux_layout,
+        cfg="separate",
+        notes="Joint attention concatenates [text, image]; true CFG runs cond and uncond in separate calls.",
+    ),
+    FamilyAdapter(
+        name="wan",
+        denoiser_classes=("WanTransformer3DModel",),
+        pipeline_classes=("WanPipeline",),
+        block_groups=(
+            BlockGroup(
+                "blocks.*", {"self_attn": "attn1", "cross_attn": "attn2", "ff": "ffn"}, residual_rule=WAN_BLOCK_RULE
+            ),
+        ),
+        modulation=("condition_embedder.time_embedder*", "condition_embedder.time_proj"),
+        token_layout=_video_layout(channels_first=True),
+        cfg="separate",
+        video=True,
+        notes="Wan 2.2 A14B has two experts (transformer, transformer_2); per-block scale_shift_table parameters.",
+    ),
+    FamilyAdapter(
+        name="cogvideox",
+        denoiser_classes=("CogVideoXTransformer3DModel",),
+        pipeline_classes=("CogVideoXPipeline",),
+        block_groups=(
+            BlockGroup(
+                "transformer_blocks.*", {"joint_attn": "attn1", "ff": "ff"}, dual_stream=True, returns="hidden_context"
+            ),
+        ),
+        modulation=("time_embedding", "time_embedding.*", "transformer_blocks.*.norm*.linear", "norm_out.linear"),
+        token_layout=_video_layout(channels_first=False, text_position="first"),
+        cfg="batched",
+        cfg_batch_order=("uncond", "cond"),
+        video=True,
+        notes="Joint attention concatenates [text, video].",
+    ),
+    FamilyAdapter(
+        name="hunyuan-video",
+        denoiser_classes=("HunyuanVideoTransformer3DModel",),
+        pipeline_classes=("HunyuanVideoPipeline",),
+        block_groups=(
+            BlockGroup("transformer_blocks.*", _MMDIT_BRANCHES, dual_stream=True, returns="hidden_context"),
+            BlockGroup("single_transformer_blocks.*", _SINGLE_STREAM_BRANCHES, returns="hidden_context"),
+        ),
+        modulation=("time_text_embed", "time_text_embed.*", "*.norm1.linear", "*.norm1_context.linear",
+                    "single_transformer_blocks.*.norm.linear", "norm_out.linear"),
+        token_layout=_video_layout(channels_first=True, text_position="last"),
+        cfg="separate",
+        video=True,
+        notes="Joint attention concatenates [video, text]; true CFG runs cond and uncond in separate calls.",
+    ),
+    FamilyAdapter(
+        name="unet",
+        denoiser_classes=("UNet2DConditionModel",),
+        pipeline_classes=("StableDiffusionPipeline", "StableDiffusionXLPipeline"),
+        block_groups=tuple(
+            BlockGroup(f"{stage}.attentions.*.transformer_blocks.*", _DIT_BRANCHES, residual_rule=BASIC_BLOCK_RULE)
+            for stage in ("down_blocks.*", "mid_block", "up_blocks.*")
+        ),
+        modulation=("time_embedding", "time_embedding.*", "add_embedding", "add_embedding.*", "*.time_emb_proj"),
+        token_layout=_unet_layout,
+        cfg="batched",
+        cfg_batch_order=("uncond", "cond"),
+        denoiser_attrs=("unet",),
+        sequential_blocks=False,
+        notes="SD 1.5 / SDXL: the 'blocks' are the BasicTransformerBlocks inside the U-Net's attention stages.",
+    ),
+)
+
+FAMILY_NAMES: tuple[str, ...] = tuple(adapter.name for adapter in ADAPTERS)
+
+
+def supported_denoiser_classes() -> list[str]:
+    return sorted({name for adapter in ADAPTERS for name in adapter.denoiser_classes})
+
+
+def adapter_for_model(model: torch.nn.Module, pipeline_class: str | None = None) -> FamilyAdapter:
+    """The adapter for a denoiser, looked up by its class (and the pipeline class where two families share one)."""
+    class_name = type(model).__name__
+    matches = [adapter for adapter in ADAPTERS if class_name in adapter.denoiser_classes]
+    if not matches:
+        raise ValueError(
+            f"accel has no adapter for the denoiser class {class_name!r}. Supported: "
+            f"{', '.join(supported_denoiser_classes())}."
+        )
+    for adapter in matches:
+        if pipeline_class in adapter.pipeline_classes:
+            return adapter
+    return matches[0]
+
+
+def adapter_for(pipe) -> FamilyAdapter:
+    """The adapter for a diffusers pipeline instance."""
+    for attr in ("transformer", "unet"):
+        model = getattr(pipe, attr, None)
+        if isinstance(model, torch.nn.Module):
+            return adapter_for_model(model, type(pipe).__name__)
+    raise ValueError(
+        f"{type(pipe).__name__} has no `transformer` or `unet` component; accel wraps diffusers pipelines whose "
+        f"denoiser is one of: {', '.join(supported_denoiser_classes())}."
+    )
+
+
+def adapter_for_pipeline_class(class_name: str) -> FamilyAdapter:
+    """The adapter for a pipeline class name (as in a saved pipeline's ``model_index.json``)."""
+    for adapter in ADAPTERS:
+        if class_name in adapter.pipeline_classes:
+            return adapter
+    known = sorted({name for adapter in ADAPTERS for name in adapter.pipeline_classes})
+    raise ValueError(f"accel has no adapter for the pipeline class {class_name!r}. Supported: {', '.join(known)}.")
+
+
+def get_adapter(name: str) -> FamilyAdapter:
+    for adapter in ADAPTERS:
+        if adapter.name == name:
+            return adapter
+    raise ValueError(f"Unknown family {name!r}; known families: {', '.join(FAMILY_NAMES)}.")

@@ -1,0 +1,330 @@
+"""Random-init tiny pipelines of every supported family, built fully offline.
+
+``build(family)`` returns a real diffusers pipeline of that family (real pipeline, model, scheduler and VAE
+classes; tiny configs; random weights; eval mode; CPU; float32). ``example_inputs(family)`` returns call kwargs
+that run it in well under a second, so ``pipe(**example_inputs(family))`` works for every name in ``FAMILIES``.
+
+These models prove plumbing only: random weights have none of the step-to-step or attention structure that
+accelerators exploit, so no quality or speed figure may come from them (see ``accel.pipelines.reference``).
+Prompt strings work for every family whose tokenizers can be built offline (see ``accel.pipelines.tokenizers``);
+HunyuanVideo's Llama tokenizer cannot, so its examples pass ``prompt_embeds``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .adapters import ready_for_inference
+from .tokenizers import CLIP_VOCAB_SIZE, clip_tokenizer, t5_tokenizer, t5_vocab_size
+
+_TEXT_DIM = 32  # hidden size of every tiny text encoder
+
+
+def _seeded(seed: int = 0) -> None:
+    torch.manual_seed(seed)
+
+
+def _t5_encoder(d_model: int = _TEXT_DIM):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=t5_vocab_size(), d_model=d_model, d_ff=2 * d_model, d_kv=8, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8, dropout_rate=0.0,
+    )
+    return T5EncoderModel(config)
+
+
+def _umt5_encoder():
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=t5_vocab_size(), d_model=_TEXT_DIM, d_ff=64, d_kv=8, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8, dropout_rate=0.0,
+    )
+    return UMT5EncoderModel(config)
+
+
+def _clip_encoder(with_projection: bool = False, hidden_size: int = _TEXT_DIM, projection_dim: int = _TEXT_DIM):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77, projection_dim=projection_dim,
+        hidden_act="gelu",
+    )
+    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
+
+
+def _vae(latent_channels: int = 4, **extra):
+    from diffusers import AutoencoderKL
+
+    # One block: no down-sampling, so an 8x8 image is an 8x8 latent.
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), layers_per_block=1,
+        norm_num_groups=8, sample_size=8, **extra,
+    )
+
+
+def _build_dit():
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    transformer = DiTTransformer2DModel(
+        sample_size=8, in_channels=4, out_channels=8, patch_size=2, num_layers=2, num_attention_heads=2,
+        attention_head_dim=8, num_embeds_ada_norm=1000,
+    )
+    return DiTPipeline(transformer=transformer, vae=_vae(), scheduler=DDIMScheduler())
+
+
+def _pixart_transformer():
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2,
+        caption_channels=_TEXT_DIM, in_channels=4, out_channels=8, cross_attention_dim=16, attention_bias=True,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6,
+    )
+
+
+def _build_pixart(pipeline_cls_name: str):
+    import diffusers
+    from diffusers import DDIMScheduler
+
+    pipeline_cls = getattr(diffusers, pipeline_cls_name)
+    return pipeline_cls(
+        tokenizer=t5_tokenizer(), text_encoder=_t5_encoder(), vae=_vae(), transformer=_pixart_transformer(),
+        scheduler=DDIMScheduler(),
+    )
+
+
+def _build_sd3():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        caption_projection_dim=16, joint_attention_dim=2 * _TEXT_DIM, pooled_projection_dim=2 * _TEXT_DIM,
+        out_channels=4,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(shift_factor=0.0),
+        text_encoder=_clip_encoder(with_projection=True), tokenizer=clip_tokenizer(),
+        text_encoder_2=_clip_encoder(with_projection=True), tokenizer_2=clip_tokenizer(),
+        text_encoder_3=_t5_encoder(d_model=2 * _TEXT_DIM), tokenizer_3=t5_tokenizer(),
+    )
+
+
+def _build_flux():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=_TEXT_DIM, pooled_projection_dim=_TEXT_DIM,
+        axes_dims_rope=(4, 4, 8),
+    )
+    return FluxPipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(shift_factor=0.0),
+        text_encoder=_clip_encoder(), tokenizer=clip_tokenizer(), text_encoder_2=_t5_encoder(),
+        tokenizer_2=t5_tokenizer(),
+    )
+
+
+def _wan_transformer():
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=_TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    )
+
+
+def _build_wan(two_stage: bool = False):
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    extra: dict[str, Any] = {}
+    if two_stage:  # Wan 2.2 A14B: a high-noise and a low-noise expert, switched at `boundary_ratio`
+        _seeded(1)
+        extra = {"transformer_2": _wan_transformer(), "boundary_ratio": 0.5}
+        _seeded(0)
+    return WanPipeline(
+        tokenizer=t5_tokenizer(), text_encoder=_umt5_encoder(), vae=vae, transformer=_wan_transformer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **extra,
+    )
+
+
+def _build_cogvideox():
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
+
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+        text_embed_dim=_TEXT_DIM, num_layers=2, sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=32,
+    )
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=2,
+        temporal_compression_ratio=4,
+        down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+    )
+    return CogVideoXPipeline(
+        tokenizer=t5_tokenizer(), text_encoder=_t5_encoder(), vae=vae, transformer=transformer,
+        scheduler=CogVideoXDDIMScheduler(),
+    )
+
+
+def _build_hunyuan_video():
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=2,
+        num_single_layers=2, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4),
+    )
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4, up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, act_fn="silu", norm_num_groups=4,
+        scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    )
+    # No Llama tokenizer can be built offline: the text encoders are absent and callers pass prompt_embeds.
+    return HunyuanVideoPipeline(
+        text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None, tokenizer_2=None,
+    )
+
+
+def _build_sd15():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=_TEXT_DIM, norm_num_groups=4, attention_head_dim=4,
+    )
+    return StableDiffusionPipeline(
+        unet=unet, vae=_vae(), text_encoder=_clip_encoder(), tokenizer=clip_tokenizer(),
+        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _build_sdxl():
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2 * _TEXT_DIM, norm_num_groups=4, attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=_TEXT_DIM + 6 * 8,
+    )
+    return StableDiffusionXLPipeline(
+        vae=_vae(), unet=unet, scheduler=EulerDiscreteScheduler(), text_encoder=_clip_encoder(),
+        tokenizer=clip_tokenizer(), text_encoder_2=_clip_encoder(with_projection=True), tokenizer_2=clip_tokenizer(),
+    )
+
+
+_BUILDERS: dict[str, Callable[..., Any]] = {
+    "dit": _build_dit,
+    "pixart-alpha": lambda: _build_pixart("PixArtAlphaPipeline"),
+    "pixart-sigma": lambda: _build_pixart("PixArtSigmaPipeline"),
+    "sd3": _build_sd3,
+    "flux": _build_flux,
+    "wan": _build_wan,
+    "wan2.2": lambda: _build_wan(two_stage=True),
+    "cogvideox": _build_cogvideox,
+    "hunyuan-video": _build_hunyuan_video,
+    "sd15": _build_sd15,
+    "sdxl": _build_sdxl,
+}
+
+FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
+
+VIDEO_FAMILIES: frozenset[str] = frozenset({"wan", "wan2.2", "cogvideox", "hunyuan-video"})
+
+
+def _check_family(family: str) -> None:
+    if family not in _BUILDERS:
+        raise ValueError(f"Unknown tiny family {family!r}; choose one of {', '.join(FAMILIES)}.")
+
+
+def build(family: str, seed: int = 0):
+    """A random-init tiny pipeline of ``family`` (one of ``FAMILIES``), in eval mode on the CPU.
+
+    The same ``seed`` gives the same weights, so two builds are two identical, independent instances.
+    """
+    _check_family(family)
+    _seeded(seed)
+    return ready_for_inference(_BUILDERS[family]())
+
+
+def example_inputs(
+    family: str,
+    *,
+    batch_size: int = 1,
+    num_inference_steps: int = 3,
+    guidance: bool = True,
+    size: int | None = None,
+    num_frames: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Call kwargs that run ``build(family)``: ``pipe(**example_inputs(family))``.
+
+    ``guidance`` switches classifier-free guidance on or off; ``size`` is the image height = width in pixels and
+    ``num_frames`` the video length, each left at the family's smallest valid value when ``None``.
+    """
+    _check_family(family)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    kwargs: dict[str, Any] = {"num_inference_steps": num_inference_steps, "generator": generator}
+    prompts = ["a photo of a cat", "a red bicycle"] * batch_size
+    if family == "dit":
+        return {**kwargs, "class_labels": [(3 * i + 1) % 10 for i in range(batch_size)], "output_type": "np",
+                "guidance_scale": 4.0 if guidance else 1.0}
+    kwargs["output_type"] = "np"
+    if family in ("pixart-alpha", "pixart-sigma", "sd3", "sd15", "sdxl"):
+        extra = {} if family in ("sd15", "sdxl") else {"max_sequence_length": 32}
+        if family.startswith("pixart"):
+            extra.update(use_resolution_binning=False, clean_caption=False)
+        return {**kwargs, "prompt": prompts[:batch_size], "height": size or 8, "width": size or 8,
+                "guidance_scale": 4.5 if guidance else 1.0, **extra}
+    if family == "flux":
+        return {**kwargs, "prompt": prompts[:batch_size], "height": size or 8, "width": size or 8,
+                "max_sequence_length": 32, "negative_prompt": ["blurry"] * batch_size,
+                "true_cfg_scale": 4.0 if guidance else 1.0}
+    if family in ("wan", "wan2.2"):
+        return {**kwargs, "prompt": prompts[:batch_size], "height": size or 16, "width": size or 16,
+                "num_frames": num_frames or 5, "guidance_scale": 5.0 if guidance else 1.0, "max_sequence_length": 32}
+    if family == "cogvideox":
+        return {**kwargs, "prompt": prompts[:batch_size], "height": size or 32, "width": size or 32,
+                "num_frames": num_frames or 9, "guidance_scale": 6.0 if guidance else 1.0, "max_sequence_length": 32}
+    if family == "hunyuan-video":
+        embed_generator = torch.Generator("cpu").manual_seed(1234)
+        embeds = torch.randn(batch_size, 8, 16, generator=embed_generator)
+        pooled = torch.randn(batch_size, 8, generator=embed_generator)
+        mask = torch.ones(batch_size, 8, dtype=torch.long)
+        extra = {}
+        if guidance:
+            extra = {"negative_prompt_embeds": torch.zeros_like(embeds), "true_cfg_scale": 4.0,
+                     "negative_pooled_prompt_embeds": torch.zeros_like(pooled),
+                     "negative_prompt_attention_mask": mask.clone()}
+        return {**kwargs, "prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "prompt_attention_mask": mask,
+                "height": size or 16, "width": size or 16, "num_frames": num_frames or 5, **extra}
+    raise AssertionError(family)

@@ -1,2 +1,0 @@
-"""Evaluation: the main job's quick comparison (``eval.quick``) and, later, the full harness (FID, CLIP score,
-fidelity, latency, FLOPs) with batch evaluation under ``accelerate launch``."""

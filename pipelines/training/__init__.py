@@ -1,1 +1,0 @@
-"""Training and evaluation scripts of the reference models (run as ``python -m pipelines.training.<script>``)."""
