@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import configparser
 import importlib
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -64,3 +65,49 @@ def test_console_scripts_point_into_accel(wheel_files):
         module, function = target.split(":")
         assert module.startswith("accel.")
         assert callable(getattr(importlib.import_module(module), function))
+
+
+def load_ci_script():
+    spec = importlib.util.spec_from_file_location("ci_unpinned", ROOT / ".ci" / "unpinned.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class FakeJob:
+    """An unpinned venv in which the imports break while ``breaker`` is at its new version."""
+
+    def __init__(self, installed: dict[str, str], breaker: str | None):
+        self.versions, self.breaker, self.locked = dict(installed), breaker, {}
+
+    def installed(self):
+        return dict(self.versions)
+
+    def pip_install(self, requirement):
+        name, version = requirement.split("==")
+        self.versions[name] = version
+        return True
+
+    def check(self, name):
+        return self.breaker is None or self.versions[self.breaker] == self.locked[self.breaker]
+
+
+def test_unpinned_job_names_the_upstream_release_that_broke_it(tmp_path):
+    ci = load_ci_script()
+    lock = tmp_path / "constraints.txt"
+    lock.write_text("# header\nnumpy==2.4.6\nTransformers==5.24.0\nzipp==3.0\ntqdm==4.67.0\n")
+    installed = {"numpy": "2.4.6", "transformers": "5.25.0", "zipp": "3.1", "tqdm": "4.67.1"}
+    assert ci.differences(installed, ci.parse_pins(lock.read_text())) == {
+        "tqdm": ("4.67.0", "4.67.1"), "transformers": ("5.24.0", "5.25.0"), "zipp": ("3.0", "3.1")}
+    # accel's direct dependencies are tried first, in pyproject order (transformers before tqdm), then the rest.
+    assert ci.suspects_in_order({"zipp": 0, "tqdm": 0, "transformers": 0},
+                                ci.direct_dependencies(ROOT / "pyproject.toml")) == ["transformers", "tqdm", "zipp"]
+
+    job = FakeJob(installed, breaker="zipp")
+    job.locked = ci.parse_pins(lock.read_text())
+    message = ci.diagnose(job, ["imports"], lock)
+    assert message.startswith("UPSTREAM BREAK: zipp 3.1") and "zipp==3.0" in message
+    assert job.versions["transformers"] == "5.25.0"  # a pin that did not help is put back
+
+    job = FakeJob({**installed, "zipp": "3.0", "transformers": "5.24.0", "tqdm": "4.67.0"}, breaker=None)
+    assert "the break is ours" in ci.diagnose(job, ["accel-run"], lock)  # nothing differs from the lock
