@@ -28,7 +28,7 @@ Where this implementation departs from the paper, and why:
   change of its (single-scale) policy network.
 * The final step is always an update (``compute_final_step=True``, the default; ``False`` is the paper's
   schedule): its output is the sample itself, and no later step corrects an error made there. The dynamic program
-  then places the other ``M - 1`` updates over steps ``0..T-2``. On the shipped ``digits-dit`` (20 steps, guidance
+  then places the other ``M - 1`` updates over steps ``0..T-2``. On the 2026-11 ``digits-dit`` (20 steps, guidance
   1.5, 200 samples, budget 0.35, ``top_k=2``, 36.5% of the branches computed either way) it took the PSNR against
   the uncached output from 31.14 to 33.57 dB with plain reuse and from 33.92 to 37.20 dB with ``forecast=1``.
 * Budget ``M = max(1, round(budget * T))`` updates per branch, step 0 always one of them. The Bubbling Union then
@@ -67,7 +67,7 @@ Where this implementation departs from the paper, and why:
   correct cost little; errors the sampler carries to the output cost what they do there. Cross terms between
   errors at different steps or blocks are left out. The calibration holds the autograd graph of a whole call: fine
   for the reference models, too much memory for a large model at full batch (calibrate it with small batches).
-  On the shipped ``digits-dit`` at 50 steps (``benchmarks/bac_schedules.py``: calibrated on 20 samples as the
+  On the 2026-11 ``digits-dit`` at 50 steps (``benchmarks/bac_schedules.py``: calibrated on 20 samples as the
   caching benchmark does, PSNR against the uncached output on 100 other samples; 2026-11-30), with ``forecast=1``,
   ``per_block`` and ``share_budget``: 34.54 dB at budget 0.28 and 35.69 dB at 0.3 with 16 projections, against
   33.05 and 33.55 dB for ``metric="l2"``; with 4 projections 33.22 and 34.44 dB (``--projections 4``; the
@@ -98,7 +98,7 @@ Where this implementation departs from the paper, and why:
   34.89 dB at 0.26 and 0.28 on the caching benchmark's 500 samples, against 33.48 and 34.80 dB.
 * ``forecast_gain`` (ours, 1.0 by default): a reused branch takes that share of the forecast's extrapolation, ``y_b +
   gain * (t - b) / (b - a) * (y_b - y_a)``, and the L2 and sensitivity programs place the updates for the same gain.
-  On the shipped ``digits-dit`` at 50 steps the full forecast moves the samples away from the real digits in the
+  On the 2026-11 ``digits-dit`` at 50 steps the full forecast moves the samples away from the real digits in the
   digit classifier's features while it keeps them close to the uncached ones: at budget 0.28 (sensitivity, the
   caching benchmark's 500 samples) 34.80 dB but FID 48.03 against the baseline's 45.24, where plain reuse lowers the
   FID well below the baseline's (26.10-31.78 at 26.50-30.62 dB in the 2026-11-30 run). Damping trades the one for the
@@ -122,7 +122,7 @@ Where this implementation departs from the paper, and why:
   error for each count of updates, and a second dynamic program over the groups picks the counts with the least
   summed error. With ``"l2"`` the errors are compared across blocks unweighted, in the units of the branch outputs
   before their gates; with ``"sensitivity"`` in their effect on the final sample.
-* Measured on the shipped ``digits-dit`` (200 samples at 20 steps, 100 at 50; calibrated as the caching benchmark
+* Measured on the 2026-11 ``digits-dit`` (200 samples at 20 steps, 100 at 50; calibrated as the caching benchmark
   does; PSNR against the uncached output; throw-away probe), ``forecast=1`` with ``top_k=0`` (the Bubbling Union
   only adds updates, and did not raise the PSNR here):
 

@@ -378,6 +378,28 @@ def _fmt(value, spec: str) -> str:
     return format(value, spec)
 
 
+def weights_digest(model: str) -> str:
+    """The first 16 hex digits of the SHA-256 of the reference model's transformer weights: which checkpoint a
+    section was measured on."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((reference.model_dir(model) / "transformer").glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _stale_weights_note(setting: dict) -> list[str]:
+    """Which weights a section was measured on, with a warning when they are not the shipped ones."""
+    measured = setting.get("weights")
+    if measured is None:
+        return ["Weights: not recorded.", ""]
+    if measured != weights_digest(setting["model"]):
+        return [f"**Measured on earlier weights** (transformer sha256 {measured}…), not the shipped "
+                f"{setting['model']}: these figures are not yet rerun on it.", ""]
+    return [f"Weights: the shipped {setting['model']} (transformer sha256 {measured}…).", ""]
+
+
 def markdown(settings: list[dict], machine: dict) -> str:
     lines = ["# Caching benchmark", "",
              f"Measured {machine['date']} on {machine['machine']} ({machine['threads']} threads, CPU), torch "
@@ -395,6 +417,7 @@ def markdown(settings: list[dict], machine: dict) -> str:
                   f"{setting['samples']} samples", "",
                   *([f"Measured {setting['measured']}: `{setting['command']}`.", ""]
                     if setting.get("command", machine["command"]) != machine["command"] else []),
+                  *_stale_weights_note(setting),
                   f"Allocator: {setting.get('allocator', 'glibc defaults')} (see `accel/eval/allocator.py`).", "",
                   "| method | speedup | branches run | PSNR dB | SSIM | FID | class acc | s / sample |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -464,7 +487,8 @@ def main(argv=None) -> int:
         samples = args.samples or (500 if model == "digits-dit" else 50)
         batch = args.batch or (100 if model == "digits-dit" else 10)
         for steps in args.steps or default_steps:
-            settings.append(run_setting(model, steps, samples, batch, not args.no_peers))
+            settings.append({**run_setting(model, steps, samples, batch, not args.no_peers),
+                             "weights": weights_digest(model)})
     import diffusers
 
     machine = {"machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,

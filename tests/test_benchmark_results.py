@@ -39,6 +39,21 @@ def test_merge_replaces_rerun_sections_and_keeps_the_rest(tmp_path):
     assert ["Allocator: freed memory retained" in section for section in sections] == [False, True, True]
 
 
+def test_caching_sections_say_whether_they_were_measured_on_the_shipped_weights():
+    shipped = caching.weights_digest("digits-dit")
+    assert len(shipped) == 16 and shipped == caching.weights_digest("digits-dit")
+    assert shipped != caching.weights_digest("moving-digits")
+    current = {**_setting("digits-dit", 20, "new"), "weights": shipped}
+    earlier = {**_setting("digits-dit", 50, "old"), "weights": "0123456789abcdef"}
+    unrecorded = _setting("moving-digits", 20, "old")
+    machine = {"date": "2026-12-05", "machine": "x86_64", "threads": 2, "torch": "t", "diffusers": "d",
+               "command": "python benchmarks/caching.py"}
+    sections = caching.markdown([current, earlier, unrecorded], machine).split("\n## ")[1:]
+    assert f"Weights: the shipped digits-dit (transformer sha256 {shipped}…)." in sections[0]
+    assert "**Measured on earlier weights** (transformer sha256 0123456789abcdef…)" in sections[1]
+    assert "Weights: not recorded." in sections[2]
+
+
 def test_merge_without_an_earlier_file_and_with_a_corrupt_one(tmp_path):
     fresh = [_setting("digits-dit", 20, "new")]
     assert caching.merged_settings(tmp_path / "missing.json", fresh) == fresh

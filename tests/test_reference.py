@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -95,7 +96,9 @@ def test_frame_packing_vae_round_trips():
 
 
 def test_digits_dit_loads_offline_and_is_seeded(digits_dit):
-    assert type(digits_dit).__name__ == "DiTPipeline" and len(digits_dit.transformer.transformer_blocks) >= 12
+    from diffusers import DiTPipeline
+
+    assert isinstance(digits_dit, DiTPipeline) and len(digits_dit.transformer.transformer_blocks) >= 12
     assert not digits_dit.transformer.training
     first = _run("digits-dit", digits_dit, [3, 7], num_inference_steps=5)
     assert first.shape == (2, 8, 8, 1) and 0 <= first.min() and first.max() <= 1
@@ -219,7 +222,9 @@ def test_moving_digits_ink_weight_counts_errors_near_the_digit_more():
 
 
 def test_moving_digits_checkpoint_loads_offline_and_is_seeded(moving_digits):
-    assert type(moving_digits).__name__ == "WanPipeline" and len(moving_digits.transformer.blocks) >= 8
+    from diffusers import WanPipeline
+
+    assert isinstance(moving_digits, WanPipeline) and len(moving_digits.transformer.blocks) >= 8
     first = _run("moving-digits", moving_digits, [4], num_inference_steps=3)
     assert first.shape == (1, 17, 16, 16, 1)
     np.testing.assert_array_equal(_run("moving-digits", moving_digits, [4], num_inference_steps=3), first)
@@ -283,3 +288,120 @@ def test_moving_digits_default_call_is_the_one_it_was_trained_and_measured_with(
     recipe = Recipe(**json.loads((folder / "training.json").read_text())["recipe"])
     assert reference.DEFAULT_CALL["moving-digits"] == recipe.call()
     assert json.loads((folder / "metrics.json").read_text())["settings"] == recipe.call()
+
+
+def test_digits_dit_default_call_is_the_documented_one(digits_dit):
+    """``pipe(class_labels=...)`` alone runs the card's call: the same images as the explicit call."""
+    implicit = digits_dit(class_labels=[3, 7], generator=torch.Generator().manual_seed(0), output_type="np").images
+    explicit = _run("digits-dit", digits_dit, [3, 7], seed=0)
+    np.testing.assert_array_equal(implicit, explicit)
+    steps = []
+    original = digits_dit.scheduler.step
+    try:
+        digits_dit.scheduler.step = lambda *a, **k: steps.append(1) or original(*a, **k)
+        digits_dit(class_labels=[5])
+    finally:
+        del digits_dit.scheduler.step
+    assert len(steps) == reference.DEFAULT_CALL["digits-dit"]["num_inference_steps"]
+
+
+def test_moving_digits_takes_class_labels_with_the_documented_defaults(moving_digits):
+    implicit = moving_digits(class_labels=[4], generator=torch.Generator().manual_seed(0), output_type="np",
+                             num_inference_steps=2).frames
+    np.testing.assert_array_equal(implicit, _run("moving-digits", moving_digits, [4], num_inference_steps=2))
+    with pytest.raises(ValueError, match="class_labels or prompt embeddings"):
+        moving_digits(class_labels=[4], prompt_embeds=torch.zeros(1, 4, 64), num_inference_steps=1)
+    with pytest.raises(ValueError, match="no text encoder"):
+        moving_digits(num_inference_steps=1)
+
+
+def test_reference_pipelines_keep_the_undecorated_call_for_gradients(digits_dit):
+    """BAC's sensitivity calibration runs ``type(pipe).__call__.__wrapped__`` with gradients."""
+    undecorated = type(digits_dit).__call__.__wrapped__
+    with torch.enable_grad():
+        for parameter in digits_dit.transformer.parameters():
+            parameter.requires_grad_(True)
+        try:
+            output = undecorated(digits_dit, [2], num_inference_steps=1, output_type="pt").images
+        finally:
+            for parameter in digits_dit.transformer.parameters():
+                parameter.requires_grad_(False)
+    assert output.requires_grad
+
+
+def test_digits_dit_recipe_overrides_are_checked():
+    from training import train_digits_dit as training
+
+    assert training.parse_overrides(["lr=1e-3", "zero_terminal_snr=false", "prediction=epsilon"]) == {
+        "lr": 1e-3, "zero_terminal_snr": False, "prediction": "epsilon"}
+    for bad in (["lr"], ["learning_rate=1"], ["zero_terminal_snr=maybe"]):
+        with pytest.raises(ValueError):
+            training.parse_overrides(bad)
+    with pytest.raises(ValueError, match="zero_terminal_snr needs"):
+        training.Recipe(prediction="epsilon", zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="prediction must be"):
+        training.Recipe(prediction="x0")
+    assert not training.Recipe().sampling_scheduler().config.clip_sample
+
+
+def test_digits_dit_min_snr_weighting_matches_its_definition():
+    """Min-SNR-gamma weights the x0 error by min(SNR, gamma): for a v target that is min(SNR, gamma) / (SNR + 1)."""
+    from diffusers import DDPMScheduler
+
+    from training import train_digits_dit as training
+
+    recipe = training.Recipe(zero_terminal_snr=False, min_snr_gamma=5.0)
+    scheduler = DDPMScheduler(**recipe.noise())
+    clean = torch.rand(6, 1, 8, 8) * 2 - 1
+    zero_model = lambda noisy, timestep, class_labels: type("Out", (), {"sample": torch.zeros_like(noisy)})()  # noqa: E731
+    weighted = training.diffusion_loss(recipe, zero_model, scheduler, clean, torch.zeros(6, dtype=torch.long),
+                                       torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(clean.shape, generator=generator)
+    timesteps = torch.randint(0, 1000, (6,), generator=generator)
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    v_error = scheduler.get_velocity(clean, noise, timesteps).pow(2).mean(dim=(1, 2, 3))
+    expected = (v_error * snr.clamp(max=5.0) / (snr + 1)).mean()
+    torch.testing.assert_close(weighted, expected)
+    unweighted = training.diffusion_loss(dataclasses.replace(recipe, min_snr_gamma=0.0), zero_model, scheduler, clean,
+                                         torch.zeros(6, dtype=torch.long), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(unweighted, v_error.mean())
+
+
+def test_digits_dit_training_script_writes_a_loadable_checkpoint(tmp_path):
+    from training import train_digits_dit
+
+    folder = tmp_path / "digits-dit"
+    assert train_digits_dit.main(["--steps", "2", "--check-every", "0", "--out", str(folder),
+                                  "--set", "batch_size=4"]) == 0
+    saved = json.loads((folder / "training.json").read_text())
+    assert saved["steps"] == 2 and saved["recipe"]["prediction"] == "v_prediction"
+    pipe = reference.load(folder)
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and not pipe.scheduler.config.clip_sample
+    assert pipe(class_labels=[1], num_inference_steps=2, output_type="np").images.shape == (1, 8, 8, 1)
+
+
+def test_digits_dit_card_checks_the_bars_against_the_measured_grid(tmp_path):
+    from training.model_cards import digits_dit_card
+
+    def cell(steps, guidance, fid, accuracy):
+        return {f"{steps}_steps_guidance_{guidance}": {"num_inference_steps": steps, "guidance_scale": guidance,
+                                                       "class_accuracy": accuracy, "fid_vs_held_out": fid,
+                                                       "seconds_per_image": 0.1}}
+
+    settings = {**cell(20, 1.5, 17.0, 0.99), **cell(50, 1.5, 18.0, 0.97), **cell(50, 4.0, 40.0, 0.96)}
+    metrics = {"samples": 1000, "settings": settings, "no_argument_call": {"samples": 40, "class_accuracy": 0.975}}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "training.json").write_text(json.dumps({"steps": 10, "recipe": {"prediction": "v_prediction"}}))
+    card = digits_dit_card(tmp_path)
+    assert "- met: FID at 50 steps <= 1.1 x FID at 20 steps (guidance 1.5): 18.00 vs 18.70" in card
+    assert "- met: FID at 20 steps, guidance 1.5 <= 18: 17.00" in card
+    assert "- met: class accuracy >= 95% in every cell: lowest 96.0%" in card
+    assert "| proxy: v-prediction, zero terminal SNR, cosine |" in card  # the ablation table is rendered
+
+    settings.update(cell(50, 1.5, 19.0, 0.94))
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    card = digits_dit_card(tmp_path)
+    assert "- **not met**: FID at 50 steps <= 1.1 x FID at 20 steps (guidance 1.5): 19.00 vs 18.70" in card
+    assert "- **not met**: class accuracy >= 95% in every cell: lowest 94.0%" in card

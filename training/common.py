@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -84,3 +85,33 @@ def atomic_directory(target: Path):
 
 def write_json_atomic(path: Path, data) -> None:
     atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def parse_overrides(recipe_class: type, pairs: list[str]) -> dict:
+    """``["lr=1e-3", "layers=12"]`` -> typed overrides of a recipe dataclass's fields; unknown names or bad values
+    raise ValueError."""
+    fields = {field.name: field.type for field in dataclasses.fields(recipe_class)}
+    overrides = {}
+    for pair in pairs:
+        name, separator, value = pair.partition("=")
+        if not separator or name not in fields:
+            raise ValueError(f"Recipe overrides are NAME=VALUE with NAME one of {', '.join(fields)}; got {pair!r}.")
+        try:
+            if fields[name] == "bool":
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                overrides[name] = value.lower() in ("true", "1")
+            else:
+                overrides[name] = {"int": int, "float": float, "str": str}[fields[name]](value)
+        except ValueError as error:
+            raise ValueError(f"{name} takes a {fields[name]}, got {value!r}") from error
+    return overrides
+
+
+def learning_rate_factor(recipe, step: int, steps: int) -> float:
+    """Multiplier of ``recipe.lr`` at 1-based ``step`` of ``steps``: linear warm-up over ``recipe.warmup_steps``,
+    constant, linear decay to 0 over the last ``recipe.decay_steps`` (ending at ``steps``, so a run stopped early by
+    time never reaches it)."""
+    warm = min(1.0, step / max(recipe.warmup_steps, 1))
+    decay = min(1.0, (steps - step + 1) / recipe.decay_steps) if recipe.decay_steps else 1.0
+    return max(0.0, min(warm, decay))

@@ -98,7 +98,8 @@ from tqdm import tqdm
 from accel.pipelines.digits import moving_digit_clips, split
 from accel.pipelines.pixel_space import FramePackingVAE
 from accel.pipelines.reference import MODELS_DIR
-from training.common import EMA, atomic_directory, get_logger, seed_everything, write_json_atomic
+from training import common
+from training.common import EMA, atomic_directory, get_logger, learning_rate_factor, seed_everything, write_json_atomic
 
 DEFAULT_OUT = MODELS_DIR / "moving-digits"
 CLASS_TOKENS, TEXT_DIM, NULL_CLASS = 4, 64, 10
@@ -173,18 +174,7 @@ RECIPE = Recipe()
 
 def parse_overrides(pairs: list[str]) -> dict:
     """``["lr=1e-3", "layers=12"]`` -> typed Recipe overrides; unknown names or bad values raise ValueError."""
-    fields = {field.name: field.type for field in dataclasses.fields(Recipe)}
-    overrides = {}
-    for pair in pairs:
-        name, separator, value = pair.partition("=")
-        if not separator or name not in fields:
-            raise ValueError(f"Recipe overrides are NAME=VALUE with NAME one of {', '.join(fields)}; got {pair!r}.")
-        kind = {"int": int, "float": float, "str": str}[fields[name]]
-        try:
-            overrides[name] = kind(value)
-        except ValueError as error:
-            raise ValueError(f"{name} takes a {fields[name]}, got {value!r}") from error
-    return overrides
+    return common.parse_overrides(Recipe, pairs)
 
 
 class ClassConditioning(torch.nn.Module):
@@ -215,14 +205,6 @@ def noise_levels(recipe: Recipe, count: int, generator: torch.Generator) -> torc
     # the high-noise steps where the digit's class and position are decided
     uniform = torch.rand(count, generator=generator)
     return recipe.sampling_shift * uniform / (1 + (recipe.sampling_shift - 1) * uniform)
-
-
-def learning_rate_factor(recipe: Recipe, step: int, steps: int) -> float:
-    """Multiplier of ``recipe.lr`` at 1-based ``step`` of ``steps``: linear warm-up, constant, linear decay to 0 over
-    the last ``decay_steps`` (the decay ends at ``steps``, so a run stopped early by time never reaches it)."""
-    warm = min(1.0, step / max(recipe.warmup_steps, 1))
-    decay = min(1.0, (steps - step + 1) / recipe.decay_steps) if recipe.decay_steps else 1.0
-    return max(0.0, min(warm, decay))
 
 
 def flow_matching_loss(recipe, model, conditioning, clean, labels, generator) -> torch.Tensor:

@@ -495,12 +495,19 @@ def adapter_for_model(model: torch.nn.Module, pipeline_class: str | None = None)
     return matches[0]
 
 
+def diffusers_pipeline_class(pipe) -> str:
+    """The name of the known pipeline class ``pipe`` is an instance of (a subclass of ``DiTPipeline`` counts as one),
+    or its own class name."""
+    known = {name for adapter in ADAPTERS for name in adapter.pipeline_classes}
+    return next((cls.__name__ for cls in type(pipe).__mro__ if cls.__name__ in known), type(pipe).__name__)
+
+
 def adapter_for(pipe) -> FamilyAdapter:
     """The adapter for a diffusers pipeline instance."""
     for attr in ("transformer", "unet"):
         model = getattr(pipe, attr, None)
         if isinstance(model, torch.nn.Module):
-            return adapter_for_model(model, type(pipe).__name__)
+            return adapter_for_model(model, diffusers_pipeline_class(pipe))
     raise ValueError(
         f"{type(pipe).__name__} has no `transformer` or `unet` component; accel wraps diffusers pipelines whose "
         f"denoiser is one of: {', '.join(supported_denoiser_classes())}."

@@ -1,17 +1,19 @@
 """The reference models trained and shipped in this repository, loaded offline on the CPU.
 
 * ``digits-dit``: class-conditional 8x8 digit images, a ``DiTPipeline`` (12-block ``DiTTransformer2DModel``) in
-  pixel space. Call it as any DiTPipeline: ``pipe(class_labels=[3, 7], generator=g, output_type="np")``;
-  ``DEFAULT_CALL[name]`` holds the steps and guidance its model card was measured with.
+  pixel space. ``pipe(class_labels=[3, 7])`` needs nothing else: the loaded pipeline is a ``DigitsDiTPipeline``, a
+  ``DiTPipeline`` whose call defaults are the documented call (``DEFAULT_CALL[name]``: the steps and guidance its
+  model card was measured with).
 * ``moving-digits``: class-conditional 17-frame 16x16 clips of a bouncing digit, a ``WanPipeline`` (8-block
-  ``WanTransformer3DModel``). It is conditioned through ``prompt_embeds``: ``class_prompt_embeds(pipe, labels)``
-  returns them (and the null-class negative embeddings for guidance), and ``call_kwargs`` builds a whole call.
-  Its per-frame class accuracy is 92.2% (model card; the bar set for it is 80%).
+  ``WanTransformer3DModel``) conditioned through ``prompt_embeds``. The loaded ``MovingDigitsPipeline`` (a
+  ``WanPipeline``) also takes ``class_labels=[3, 7]`` and builds them (with the null-class negative embeddings for
+  guidance), and defaults to the documented call; ``class_prompt_embeds(pipe, labels)`` gives the embeddings alone.
 * ``classifier()``: the digit classifier / feature extractor behind every quality figure
   (``accel.pipelines.classifier``).
 
-Weights are fp16 safetensors in diffusers ``save_pretrained`` layout under ``accel/pipelines/reference_models/<name>``;
-``load`` also takes the path of such a folder (a retrained copy, say). Model cards sit next to the weights.
+``call_kwargs`` builds a complete, seeded call with ``output_type="np"``. Weights are fp16 safetensors in diffusers
+``save_pretrained`` layout under ``accel/pipelines/reference_models/<name>``; ``load`` also takes the path of such
+a folder (a retrained copy, say). Model cards sit next to the weights.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import DiTPipeline, WanPipeline
 from safetensors.torch import load_file
 
 from .adapters import ready_for_inference
@@ -33,6 +36,55 @@ DEFAULT_CALL: dict[str, dict[str, Any]] = {
     "digits-dit": {"num_inference_steps": 20, "guidance_scale": 1.5},
     "moving-digits": {"num_inference_steps": 20, "guidance_scale": 6.0, "height": 16, "width": 16, "num_frames": 17},
 }
+
+
+class DigitsDiTPipeline(DiTPipeline):
+    """A ``DiTPipeline`` whose call defaults are digits-dit's documented call (20 steps, its card's guidance)."""
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: list[int],
+        guidance_scale: float = DEFAULT_CALL["digits-dit"]["guidance_scale"],
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = DEFAULT_CALL["digits-dit"]["num_inference_steps"],
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+    ):
+        # The undecorated parent, so that this __call__'s own __wrapped__ runs with gradients when asked to.
+        return DiTPipeline.__call__.__wrapped__(self, class_labels, guidance_scale=guidance_scale, generator=generator,
+                                                num_inference_steps=num_inference_steps, output_type=output_type,
+                                                return_dict=return_dict)
+
+
+class MovingDigitsPipeline(WanPipeline):
+    """A ``WanPipeline`` that also takes ``class_labels`` (digit classes 0..9, instead of prompt embeddings) and whose
+    call defaults are moving-digits' documented call (17 frames of 16x16, 20 steps, its card's guidance)."""
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        *args,
+        class_labels: list[int] | None = None,
+        height: int = DEFAULT_CALL["moving-digits"]["height"],
+        width: int = DEFAULT_CALL["moving-digits"]["width"],
+        num_frames: int = DEFAULT_CALL["moving-digits"]["num_frames"],
+        num_inference_steps: int = DEFAULT_CALL["moving-digits"]["num_inference_steps"],
+        guidance_scale: float = DEFAULT_CALL["moving-digits"]["guidance_scale"],
+        **kwargs,
+    ):
+        if class_labels is not None:
+            given = [name for name in ("prompt", "prompt_embeds", "negative_prompt", "negative_prompt_embeds")
+                     if kwargs.get(name) is not None] + (["a positional prompt"] if args else [])
+            if given:
+                raise ValueError(f"Pass class_labels or prompt embeddings, not both (also given: {', '.join(given)}).")
+            kwargs.update(class_prompt_embeds(self, class_labels))
+        elif kwargs.get("prompt_embeds") is None:
+            raise ValueError("moving-digits has no text encoder: pass class_labels=[...] (digit classes 0..9) or "
+                             "prompt_embeds (see class_prompt_embeds).")
+        return WanPipeline.__call__.__wrapped__(self, *args, height=height, width=width, num_frames=num_frames,
+                                                num_inference_steps=num_inference_steps,
+                                                guidance_scale=guidance_scale, **kwargs)
 
 
 def model_dir(name_or_path: str | Path) -> Path:
@@ -61,18 +113,18 @@ def load(name_or_path: str | Path = "digits-dit", *, dtype: torch.dtype = torch.
     folder = model_dir(name_or_path)
     transformer_class = json.loads((folder / "transformer" / "config.json").read_text())["_class_name"]
     if transformer_class == "DiTTransformer2DModel":
-        from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+        from diffusers import DDIMScheduler, DiTTransformer2DModel
 
-        pipe = DiTPipeline(
+        pipe = DigitsDiTPipeline(
             transformer=DiTTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype),
             vae=PixelSpaceVAE(),
             scheduler=DDIMScheduler.from_pretrained(folder / "scheduler"),
             id2label=dict(enumerate(CLASS_NAMES)),
         )
     elif transformer_class == "WanTransformer3DModel":
-        from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+        from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
-        pipe = WanPipeline(
+        pipe = MovingDigitsPipeline(
             tokenizer=None,
             text_encoder=None,
             transformer=WanTransformer3DModel.from_pretrained(folder / "transformer", torch_dtype=dtype),
