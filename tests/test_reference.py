@@ -405,3 +405,15 @@ def test_digits_dit_card_checks_the_bars_against_the_measured_grid(tmp_path):
     card = digits_dit_card(tmp_path)
     assert "- **not met**: FID at 50 steps <= 1.1 x FID at 20 steps (guidance 1.5): 19.00 vs 18.70" in card
     assert "- **not met**: class accuracy >= 95% in every cell: lowest 94.0%" in card
+
+
+def test_ablation_script_rejects_a_bad_grid_and_bad_overrides():
+    from training.ablate_digits_dit import parse_grid, parse_scheduler_overrides
+
+    assert parse_grid("20:1.5,50:4") == [(20, 1.5), (50, 4.0)]
+    assert parse_scheduler_overrides(["clip_sample=False", "sample_max_value=3"]) == {
+        "clip_sample": False, "sample_max_value": 3}
+    with pytest.raises(ValueError, match="STEPS:GUIDANCE"):
+        parse_grid("20-1.5")
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        parse_scheduler_overrides(["clip_sample"])
