@@ -140,7 +140,7 @@ def summary(pipe) -> Summary:
         raise ValueError(f"This {type(pipe).__name__} is not wrapped by accel; call accel.wrap(pipe, ...) first.")
     return Summary(
         family=context.family,
-        methods=[scope.config.to_dict() for scope in context.scopes],
+        methods=[scope.config.to_dict() for scope in context.scopes if scope.config is not None],
         steps=list(context.last_call),
         extras={scope.name: dict(scope.extras) for scope in context.scopes if scope.extras},
     )

@@ -44,22 +44,22 @@ class BACConfig(AccelConfig):
         budget: the share of the steps on which each branch is recomputed, ``M = max(1, round(budget * steps))``
             (1.0 computes everything). Used by ``accel.calibrate`` and by the uncalibrated fallback.
         top_k: how many of the most volatile branches get the Bubbling Union (0 turns it off).
-        schedule: a calibrated schedule: the path of its JSON file, its ``to_dict()``, or a ``BACSchedule``
-            (stored as its dict). ``None``: evenly spaced updates, with a warning.
+        schedule: a calibrated ``BACSchedule``, or the path of its JSON file or its ``to_dict()``, read into one
+            when the config is made. ``None``: evenly spaced updates, with a warning.
         forecast: 0 reuses a branch's last update output (the paper); 1 extrapolates linearly from its last two
-            updates (see the module docstring).
+            updates (package docstring).
         forecast_gain: with ``forecast=1``, the share of the linear extrapolation a reused branch takes (ours):
             ``y_b + gain * (t - b) / (b - a) * (y_b - y_a)``. 1.0 is the plain first-order forecast; below 1 damps
             it toward the last update. Calibration places the updates for the forecast with this gain.
-        compute_final_step: make the last step an update of every branch (see the module docstring); ``False``
+        compute_final_step: make the last step an update of every branch (package docstring); ``False``
             follows the paper.
         skip_reused_blocks: a block all of whose branches are reused on a step does not run; its output is its
-            input plus the reused outputs under the step's gates (see the module docstring). ``False`` runs the
+            input plus the reused outputs under the step's gates (package docstring). ``False`` runs the
             block's norms and modulation anyway, as the paper does; the output is the same bit for bit.
         metric: what the calibration's dynamic program optimises. ``"cosine"`` (the paper): the summed cosine
             similarity between each update's output and the outputs of the steps that reuse it. ``"l2"`` (ours): the
             summed squared L2 error of what each reused step returns, under the reuse rule in force, so with
-            ``forecast=1`` the program places the updates for the forecast (see the module docstring).
+            ``forecast=1`` the program places the updates for the forecast (package docstring).
             ``"sensitivity"`` (ours): the same errors, each measured by the first-order change it makes to the final
             sample; calibration then runs with gradients, and holds the autograd graph of a whole call.
         per_block: every branch of a block shares one schedule, chosen for the sum of their objectives (ours), so a
@@ -74,7 +74,7 @@ class BACConfig(AccelConfig):
     method = "bac"
     budget: float = 0.4
     top_k: int = 4
-    schedule: str | dict | None = None
+    schedule: BACSchedule | str | dict | None = None
     forecast: int = 0
     forecast_gain: float = 1.0
     compute_final_step: bool = True
