@@ -5,21 +5,22 @@
     accel.summary(pipe)                 # what was computed vs reused in the last call
     accel.unwrap(pipe)                  # bit-identical to never wrapped
 
-Accelerators (one file each, registered on import): ``delta_dit`` (Δ-DiT), ``bac`` (BAC), ``adaspa`` (AdaSpa) and
-``vmoba`` (VMoBA) block-sparse attention. Model-family knowledge
-lives in ``accel.pipelines.adapters``.
+Accelerators live in ``accel.methods`` (registered on import): ``delta_dit`` (Δ-DiT), ``bac`` (BAC), ``adaspa``
+(AdaSpa) and ``vmoba`` (VMoBA) block-sparse attention. Model-family knowledge lives in ``accel.pipelines.adapters``;
+the plugin contract (``MethodScope``, ``StepInfo``, ``BranchStates``) in ``accel.hooks``.
 """
 
-from .adaspa import AdaSpaConfig
 from .api import calibrate, is_wrapped, summary, unwrap, wrap, wrap_calibrated
 from .attention import AttentionCall
-from .bac import BACConfig, BACSchedule
 from .config import AccelConfig
-from .delta_dit import DeltaDiTConfig
-from .hooks import MethodScope, StepInfo
+from .hooks import BranchStates, MethodScope
+from .methods.adaspa import AdaSpaConfig
+from .methods.bac import BACConfig, BACSchedule
+from .methods.delta_dit import DeltaDiTConfig
+from .methods.vmoba import VMoBAConfig
 from .registry import available, register_accelerator, unregister_accelerator
+from .steps import StepInfo
 from .summary import StepRecord, Summary
-from .vmoba import VMoBAConfig
 
 __all__ = [
     "AccelConfig",
@@ -27,6 +28,7 @@ __all__ = [
     "AttentionCall",
     "BACConfig",
     "BACSchedule",
+    "BranchStates",
     "DeltaDiTConfig",
     "MethodScope",
     "StepInfo",

@@ -1,65 +1,21 @@
 """``wrap``, ``unwrap``, ``summary``: the public verbs, and the per-instance pipeline-call wrapper.
 
 A wrapped pipeline's ``__class__`` is switched to a subclass of its own class (same name, module and signature)
-whose ``__call__`` runs the original inside ``PipelineContext.pipeline_call``. Only that instance changes: other
-pipelines of the same class, in this thread or another, keep the original class, and ``unwrap`` switches back.
+whose ``__call__`` runs the original inside ``PipelineContext.pipeline_call`` (``accel.hooks.attach_context``).
+Only that instance changes: other pipelines of the same class, in this thread or another, keep the original class,
+and ``unwrap`` switches back.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import threading
-from collections.abc import Callable, Iterator
 from typing import Any
 
 from accel.pipelines.adapters import adapter_for
 
 from .config import AccelConfig
-from .hooks import MethodScope, PipelineContext
-from .registry import AcceleratorSpec, resolve, spec_for
+from .hooks import MethodScope, attach_context, context_of, detach_context
+from .registry import calibrating, resolve, spec_for
 from .summary import Summary
-
-_CONTEXT_ATTR = "_accel_context"
-_WRAPPED_CLASSES: dict[tuple[type, str], type] = {}
-_CLASS_LOCK = threading.Lock()
-
-
-def call_wrapping_class(cls: type, attr: str) -> type:
-    """A subclass of ``cls`` (same name, module, docstring and ``__call__`` signature) whose ``__call__`` runs the
-    original inside ``self.__dict__[attr].pipeline_call()`` when the instance holds that attribute.
-
-    Switching one instance's ``__class__`` to it changes that instance only; switch back to
-    ``type(pipe)._accel_base_class`` to undo. accel's own wrapper uses it, and so can other per-instance patches
-    (the benchmark's peers), each with its own ``attr``.
-    """
-    if cls.__dict__.get("_accel_call_attr") == attr:
-        return cls
-    with _CLASS_LOCK:
-        wrapped = _WRAPPED_CLASSES.get((cls, attr))
-        if wrapped is None:
-            original_call = cls.__call__
-
-            def __call__(self, *args, **kwargs):
-                owner = self.__dict__.get(attr)
-                if owner is None:
-                    return original_call(self, *args, **kwargs)
-                with owner.pipeline_call():
-                    return original_call(self, *args, **kwargs)
-
-            functools.update_wrapper(__call__, original_call)
-            namespace = {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
-                         "__doc__": cls.__doc__, "_accel_base_class": cls, "_accel_call_attr": attr}
-            wrapped = _WRAPPED_CLASSES[(cls, attr)] = type(cls.__name__, (cls,), namespace)
-        return wrapped
-
-
-def _wrapped_class(cls: type) -> type:
-    return call_wrapping_class(cls, _CONTEXT_ATTR)
-
-
-def _context(pipe) -> PipelineContext | None:
-    return getattr(pipe, "__dict__", {}).get(_CONTEXT_ATTR)
 
 
 def _check_pipeline(pipe) -> None:
@@ -83,7 +39,7 @@ def wrap(pipe, methods: str | AccelConfig | list[str | AccelConfig], **overrides
     """
     _check_pipeline(pipe)
     configs = resolve(methods, overrides)
-    context = _context(pipe)
+    context = context_of(pipe)
     adapter = context.adapter if context is not None else adapter_for(pipe)
     specs = [spec_for(config) for config in configs]
     for spec in specs:
@@ -100,13 +56,12 @@ def wrap(pipe, methods: str | AccelConfig | list[str | AccelConfig], **overrides
 
     created = context is None
     if created:
-        context = PipelineContext(pipe, adapter)
-        context.install()
+        context = attach_context(pipe, adapter)
     added: list[MethodScope] = []
     try:
         with context._lock:
             for spec, config in zip(specs, configs):
-                scope = MethodScope(context, spec, config)
+                scope = MethodScope(context, spec.name, config)
                 added.append(scope)
                 spec.apply(scope, config)
             context.scopes.extend(added)
@@ -115,11 +70,8 @@ def wrap(pipe, methods: str | AccelConfig | list[str | AccelConfig], **overrides
         for scope in reversed(added):
             scope.remove()
         if created:
-            context.uninstall()
+            detach_context(pipe)
         raise
-    if created:
-        pipe.__dict__[_CONTEXT_ATTR] = context
-        pipe.__class__ = _wrapped_class(type(pipe))
     return pipe
 
 
@@ -141,8 +93,8 @@ def calibrate(pipe, method: str | AccelConfig, inputs, *, num_inference_steps: i
         raise ValueError("calibrate takes one method at a time.")
     spec = spec_for(configs[0])
     if spec.calibrate is None:
-        calibrating = sorted(s.name for s in _calibrating_specs())
-        raise ValueError(f"{spec.name!r} has no calibration; methods that calibrate: {', '.join(calibrating)}.")
+        names = sorted(other.name for other in calibrating())
+        raise ValueError(f"{spec.name!r} has no calibration; methods that calibrate: {', '.join(names)}.")
     return spec.calibrate(pipe, configs[0], inputs, num_inference_steps=num_inference_steps, progress=progress)
 
 
@@ -162,71 +114,33 @@ def wrap_calibrated(pipe, methods, calibration_inputs, *, num_inference_steps: i
     return wrap(pipe, configs)
 
 
-def _calibrating_specs() -> list[AcceleratorSpec]:
-    from .registry import _SPECS
-
-    return [spec for spec in _SPECS.values() if spec.calibrate is not None]
-
-
-@contextlib.contextmanager
-def temporary_scope(pipe, name: str, install: Callable[[MethodScope], None]) -> Iterator[MethodScope]:
-    """A method scope on ``pipe`` for the length of a ``with`` block (calibration passes record through one).
-
-    ``install(scope)`` registers its hooks; on exit they are removed, and a pipeline that was not wrapped before
-    is unwrapped again.
-    """
-    _check_pipeline(pipe)
-    created = _context(pipe) is None
-    if created:
-        wrap(pipe, [])
-    context = _context(pipe)
-    spec = AcceleratorSpec(name, AccelConfig, lambda scope, config: None, name, None, {})
-    scope = MethodScope(context, spec, AccelConfig())
-    try:
-        with context._lock:
-            install(scope)
-            context.scopes.append(scope)
-            context.place_trackers_outermost()
-        yield scope
-    finally:
-        with context._lock:
-            scope.remove()
-            if scope in context.scopes:
-                context.scopes.remove(scope)
-        if created:
-            unwrap(pipe)
-
-
 def unwrap(pipe):
     """Remove everything accel applied to this pipeline; its output is then bit-identical to a never-wrapped one.
 
     A pipeline that is not wrapped is returned unchanged.
     """
     _check_pipeline(pipe)
-    context = _context(pipe)
+    context = context_of(pipe)
     if context is None:
         return pipe
     with context._lock:
-        context.uninstall()
-        del pipe.__dict__[_CONTEXT_ATTR]
-        if type(pipe).__dict__.get("_accel_call_attr") == _CONTEXT_ATTR:
-            pipe.__class__ = type(pipe).__dict__["_accel_base_class"]
+        detach_context(pipe)
     return pipe
 
 
 def is_wrapped(pipe) -> bool:
-    return _context(pipe) is not None
+    return context_of(pipe) is not None
 
 
 def summary(pipe) -> Summary:
     """What accel applied to ``pipe`` and, for its last call, per step and CFG branch what was computed vs reused."""
     _check_pipeline(pipe)
-    context = _context(pipe)
+    context = context_of(pipe)
     if context is None:
         raise ValueError(f"This {type(pipe).__name__} is not wrapped by accel; call accel.wrap(pipe, ...) first.")
     return Summary(
         family=context.family,
-        methods=[scope.config.to_dict() for scope in context.scopes],
+        methods=[scope.config.to_dict() for scope in context.scopes if scope.config is not None],
         steps=list(context.last_call),
         extras={scope.name: dict(scope.extras) for scope in context.scopes if scope.extras},
     )

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 from torch.overrides import TorchFunctionMode
 
-if TYPE_CHECKING:
-    from .hooks import MethodScope, StepInfo
+from .steps import StepInfo
 
 _SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
@@ -88,8 +87,14 @@ def intercept_sdpa(replacement: AttentionReplacement, module_name: str = "", kin
     return _SDPARedirect(replacement, module_name, kind, step)
 
 
+class _Scope(Protocol):  # what the hook reads of ``accel.hooks.MethodScope``
+    current: StepInfo | None
+
+    def is_active(self) -> bool: ...
+
+
 class AttentionInterceptHook(ModelHook):
-    def __init__(self, scope: MethodScope, replacement: AttentionReplacement, *, kind: str, name: str) -> None:
+    def __init__(self, scope: _Scope, replacement: AttentionReplacement, *, kind: str, name: str) -> None:
         super().__init__()
         self.scope = scope
         self.replacement = replacement

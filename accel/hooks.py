@@ -7,8 +7,12 @@
   no ``cache_context`` (DiT, PixArt, SD3, U-Net) as well as for those that do. The branch is the pipeline's
   ``cache_context`` name ("cond", "uncond", "cond_uncond") when it sets one, else ``"call{k}"`` for the k-th
   denoiser call of the step (``"call0"`` for batched CFG). Accelerators read ``scope.current`` and never count.
-* ``MethodScope`` is what an accelerator's ``apply`` receives: it registers diffusers ``ModelHook``s, states and
-  attention replacements, and removes all of them again on ``unwrap`` or when a later method fails to apply.
+* ``MethodScope`` is what an accelerator's ``apply`` receives: it registers diffusers ``ModelHook``s, states
+  (``BranchStates``: one per denoiser and CFG branch, like diffusers' ``StateManager`` per cache context), step
+  observers and attention replacements, and removes all of them again on ``unwrap`` or when a later method fails
+  to apply. ``temporary_scope`` gives calibration passes the same for the length of a ``with`` block.
+* ``attach_context`` / ``detach_context`` switch one pipeline instance's class to a subclass whose ``__call__``
+  runs inside ``PipelineContext.pipeline_call`` (``call_wrapping_class``); other instances are untouched.
 
 All hooks are inert outside a call of *their* pipeline (a context variable says which wrapped pipeline is running
 in this thread), so a plain pipeline that shares modules with a wrapped one, or runs in another thread, is
@@ -22,22 +26,23 @@ import contextvars
 import functools
 import threading
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from accel.pipelines.adapters import ATTENTION_BRANCHES, BlockInfo, FamilyAdapter, TokenLayout
+from accel.pipelines.adapters import ATTENTION_BRANCHES, BlockInfo, FamilyAdapter, adapter_for
 
+from .attention import AttentionInterceptHook, check_interceptable
+from .steps import StepInfo
 from .summary import CallRecorder, StepRecord
 
 if TYPE_CHECKING:
     from .config import AccelConfig
-    from .registry import AcceleratorSpec
 
+CONTEXT_ATTR = "_accel_context"  # where a wrapped pipeline instance holds its PipelineContext
 _TRACKER_HOOK = "accel.step_tracker"
 _COUNTER_HOOK = "accel.counter"
 
@@ -54,24 +59,28 @@ class ResettableState(Protocol):
     def reset(self) -> None: ...
 
 
-@dataclass
-class StepInfo:
-    """Where the denoising loop is, for the denoiser forward that is running now."""
+State = TypeVar("State")
 
-    step: int  # 0-based index of the denoising step
-    num_steps: int | None  # length of the scheduler's timestep schedule for this call
-    branch: str  # CFG branch: cache_context name, or "call{k}" for the k-th denoiser call of this step
-    call_in_step: int
-    denoiser: str  # pipeline attribute of the running denoiser ("transformer", "transformer_2", "unet")
-    _layout_fn: Callable[[], TokenLayout]
-    _layout: TokenLayout | None = None
 
-    @property
-    def layout(self) -> TokenLayout:
-        """Token layout of this forward (computed on first use)."""
-        if self._layout is None:
-            self._layout = self._layout_fn()
-        return self._layout
+class BranchStates(Generic[State]):
+    """One state object per (denoiser, CFG branch) of the running call, made by ``factory`` on first use and
+    dropped when the call ends: diffusers' ``StateManager`` per cache context, for pipelines that set no
+    ``cache_context`` too. Register it with ``MethodScope.add_branch_states``."""
+
+    def __init__(self, factory: Callable[[], State]) -> None:
+        self.factory = factory
+        self._states: dict[tuple[str, str], State] = {}
+
+    def get(self, info: StepInfo) -> State:
+        """The state of the denoiser and CFG branch that ``info`` describes."""
+        key = (info.denoiser, info.branch)
+        state = self._states.get(key)
+        if state is None:
+            state = self._states[key] = self.factory()
+        return state
+
+    def reset(self) -> None:
+        self._states = {}
 
 
 # --------------------------------------------------------------------------------------------- hooks
@@ -338,11 +347,10 @@ class PipelineContext:
 class MethodScope:
     """What an accelerator's ``apply(scope, config)`` works through; everything it adds is removed with it."""
 
-    def __init__(self, context: PipelineContext, spec: AcceleratorSpec, config: AccelConfig) -> None:
+    def __init__(self, context: PipelineContext, name: str, config: AccelConfig | None = None) -> None:
         self.context = context
-        self.spec = spec
         self.config = config
-        self.name = spec.name
+        self.name = name
         self.states: list[ResettableState] = []
         self.extras: dict[str, Any] = {}  # figures for accel.summary(pipe).extras[name]
         self._hooks: list[tuple[torch.nn.Module, str]] = []
@@ -377,12 +385,44 @@ class MethodScope:
         """Whether this pipeline's call is running in this thread; hooks pass through when it is not."""
         return self.context.is_active()
 
+    def applied_methods(self) -> list[str]:
+        """The names of the methods applied to this pipeline so far (this one among them once it is applied)."""
+        return [scope.name for scope in self.context.scopes]
+
     # What the accelerator adds.
     def add_state(self, state: ResettableState) -> ResettableState:
         """Register per-call state; ``state.reset()`` runs on entry to every pipeline call and in ``finally``."""
         self.states.append(state)
         state.reset()
         return state
+
+    def add_branch_states(self, factory: Callable[[], State]) -> BranchStates[State]:
+        """Per-call state kept apart for every (denoiser, CFG branch): ``states.get(scope.current)``."""
+        return self.add_state(BranchStates(factory))
+
+    @contextlib.contextmanager
+    def observe_steps(self, observer: Callable[[Any, int], Any]) -> Iterator[None]:
+        """Within the ``with`` block, ``observer(step output, steps done)`` runs after every ``scheduler.step`` of
+        this pipeline's calls and returns the output to hand on (calibration reads or replaces it)."""
+        self.context.step_observers.append(observer)
+        try:
+            yield
+        finally:
+            self.context.step_observers.remove(observer)
+
+    def call_undecorated(self, **kwargs):
+        """Call the pipeline through its class's own ``__call__`` without the ``torch.no_grad`` decorator diffusers
+        puts on it, inside this pipeline's call tracking, so a calibration can differentiate through the sampling
+        run (under ``torch.enable_grad()``). ``ValueError`` if that ``__call__`` wraps no undecorated function."""
+        pipe = self.pipe
+        base = type(pipe).__dict__.get("_accel_base_class", type(pipe))
+        call = getattr(base.__call__, "__wrapped__", None)
+        if call is None:
+            raise ValueError(f"{self.name}: running {type(pipe).__name__} with gradients needs the undecorated "
+                             "__call__ of a diffusers pipeline (the one under its torch.no_grad decorator); this one "
+                             "wraps none.")
+        with self.context.pipeline_call():
+            return call(pipe, **kwargs)
 
     def register_hook(self, module: torch.nn.Module, hook: ModelHook, suffix: str = "") -> None:
         """Register a diffusers ``ModelHook`` on ``module`` under a name owned by this method."""
@@ -401,8 +441,6 @@ class MethodScope:
 
         See ``accel.attention``. One method per attention module: a second raises ``ValueError``.
         """
-        from .attention import AttentionInterceptHook, check_interceptable
-
         owner = self.context.attention_owners.get(id(module))
         if owner is not None:
             raise ValueError(f"{self.name!r} and {owner!r} both replace the attention of {name or module}.")
@@ -426,3 +464,92 @@ class MethodScope:
         for state in self.states:
             state.reset()
         self.states.clear()
+
+
+# ---------------------------------------------------------------------------------------- attaching
+
+
+_WRAPPED_CLASSES: dict[tuple[type, str], type] = {}
+_CLASS_LOCK = threading.Lock()
+
+
+def call_wrapping_class(cls: type, attr: str) -> type:
+    """A subclass of ``cls`` (same name, module, docstring and ``__call__`` signature) whose ``__call__`` runs the
+    original inside ``self.__dict__[attr].pipeline_call()`` when the instance holds that attribute.
+
+    Switching one instance's ``__class__`` to it changes that instance only; switch back to
+    ``type(pipe)._accel_base_class`` to undo. accel's own wrapper uses it, and so can other per-instance patches
+    (the benchmark's peers), each with its own ``attr``.
+    """
+    if cls.__dict__.get("_accel_call_attr") == attr:
+        return cls
+    with _CLASS_LOCK:
+        wrapped = _WRAPPED_CLASSES.get((cls, attr))
+        if wrapped is None:
+            original_call = cls.__call__
+
+            def __call__(self, *args, **kwargs):
+                owner = self.__dict__.get(attr)
+                if owner is None:
+                    return original_call(self, *args, **kwargs)
+                with owner.pipeline_call():
+                    return original_call(self, *args, **kwargs)
+
+            functools.update_wrapper(__call__, original_call)
+            namespace = {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                         "__doc__": cls.__doc__, "_accel_base_class": cls, "_accel_call_attr": attr}
+            wrapped = _WRAPPED_CLASSES[(cls, attr)] = type(cls.__name__, (cls,), namespace)
+        return wrapped
+
+
+def context_of(pipe) -> PipelineContext | None:
+    """The ``PipelineContext`` of a wrapped pipeline instance, ``None`` if it is not wrapped."""
+    return getattr(pipe, "__dict__", {}).get(CONTEXT_ATTR)
+
+
+def attach_context(pipe, adapter: FamilyAdapter) -> PipelineContext:
+    """Install accel's step tracking and counters on ``pipe`` and switch its class to the call-wrapping one."""
+    context = PipelineContext(pipe, adapter)
+    context.install()
+    pipe.__dict__[CONTEXT_ATTR] = context
+    pipe.__class__ = call_wrapping_class(type(pipe), CONTEXT_ATTR)
+    return context
+
+
+def detach_context(pipe) -> None:
+    """Remove everything ``attach_context`` and the scopes added; the pipeline is as it was before."""
+    context = context_of(pipe)
+    if context is None:
+        return
+    context.uninstall()
+    del pipe.__dict__[CONTEXT_ATTR]
+    if type(pipe).__dict__.get("_accel_call_attr") == CONTEXT_ATTR:
+        pipe.__class__ = type(pipe).__dict__["_accel_base_class"]
+
+
+@contextlib.contextmanager
+def temporary_scope(pipe, name: str, install: Callable[[MethodScope], None]) -> Iterator[MethodScope]:
+    """A method scope on ``pipe`` for the length of a ``with`` block (calibration passes record through one).
+
+    ``install(scope)`` registers its hooks; on exit they are removed, and a pipeline that was not wrapped before
+    is unwrapped again.
+    """
+    context = context_of(pipe)
+    created = context is None
+    if created:
+        context = attach_context(pipe, adapter_for(pipe))
+    scope = MethodScope(context, name)
+    try:
+        with context._lock:
+            install(scope)
+            context.scopes.append(scope)
+            context.place_trackers_outermost()
+        yield scope
+    finally:
+        with context._lock:
+            scope.remove()
+            if scope in context.scopes:
+                context.scopes.remove(scope)
+        if created:
+            with context._lock:
+                detach_context(pipe)

@@ -83,6 +83,17 @@ def spec_for(config: AccelConfig) -> AcceleratorSpec:
     return spec
 
 
+def registered() -> list[AcceleratorSpec]:
+    """Every registered accelerator's spec, by name."""
+    with _LOCK:
+        return sorted(_SPECS.values(), key=lambda spec: spec.name)
+
+
+def calibrating() -> list[AcceleratorSpec]:
+    """The registered accelerators that have an offline calibration (``accel.calibrate``)."""
+    return [spec for spec in registered() if spec.calibrate is not None]
+
+
 def preset_names() -> list[str]:
     return sorted(_PRESETS)
 
@@ -150,5 +161,24 @@ def available() -> list[dict[str, Any]]:
             "families": list(spec.families) if spec.families is not None else list(FAMILY_NAMES),
             "presets": sorted(spec.presets),
         }
-        for spec in sorted(_SPECS.values(), key=lambda spec: spec.name)
+        for spec in registered()
     ]
+
+
+def parse_method_list(text: str) -> list[tuple[str, list[str]]]:
+    """A command line's ``--methods``: ``"all"`` (every registered accelerator, one row each), or rows separated by
+    ``,``, each one name or several stacked with ``+`` (``"baseline,bac,bac+vmoba"``) -> [(row label, names)].
+
+    Names are not resolved here (``resolve`` does that; ``"baseline"`` is the eval harness's own row). Raises
+    ``ValueError`` for an empty list or a row given twice.
+    """
+    if text.strip() == "all":
+        return [(spec.name, [spec.name]) for spec in registered()]
+    rows = [(item, [name.strip() for name in item.split("+")])
+            for item in (part.strip() for part in text.split(",")) if item]
+    if not rows:
+        raise ValueError("--methods is empty; give e.g. baseline,delta-dit,bac (stack with '+': bac+vmoba), or all.")
+    labels = [label for label, _ in rows]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--methods lists a method twice: {text!r}.")
+    return rows

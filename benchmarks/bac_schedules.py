@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import accel  # noqa: E402
-from accel.bac import BACConfig  # noqa: E402
-from accel.eval.metrics import psnr  # noqa: E402
+from accel.eval.metrics import output_array, psnr  # noqa: E402
+from accel.methods.bac import BACConfig  # noqa: E402
 from accel.pipelines import reference  # noqa: E402
 
 MODEL = "digits-dit"
@@ -31,7 +31,7 @@ CALIBRATION_SEED = 90_000  # as benchmarks/caching.py
 
 def images(pipe, steps: int, samples: int) -> np.ndarray:
     kwargs = reference.call_kwargs(MODEL, pipe, [i % 10 for i in range(samples)], seed=1000, num_inference_steps=steps)
-    return np.asarray(pipe(**kwargs).images, dtype=np.float32)
+    return output_array(pipe(**kwargs))
 
 
 def main(argv=None) -> int:

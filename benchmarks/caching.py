@@ -50,11 +50,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import accel  # noqa: E402
-from accel._io import atomic_write  # noqa: E402
-from accel.bac import BACConfig  # noqa: E402
-from accel.delta_dit import DeltaDiTConfig  # noqa: E402
 from accel.eval.allocator import timing_allocator  # noqa: E402
-from accel.eval.metrics import digit_fid, psnr  # noqa: E402
+from accel.eval.metrics import digit_fid, output_array, psnr, ssim  # noqa: E402
+from accel.io import atomic_write  # noqa: E402
+from accel.methods.bac import BACConfig  # noqa: E402
+from accel.methods.delta_dit import DeltaDiTConfig  # noqa: E402
 from accel.pipelines import adapter_for, reference  # noqa: E402
 from accel.pipelines.digits import split  # noqa: E402
 
@@ -114,7 +114,7 @@ def our_rows(steps: int, depth: int) -> list[Row]:
     rows += [Row(f"BAC + forecast, sensitivity shared schedule, budget {b}", family, bac(b, 1, **sensitivity), True)
              for b in (0.3, 0.28, 0.26)]
     # The forecast damped to 0.95 of its extrapolation (forecast_gain), calibrated for it. The gain was chosen on
-    # other seeds than these (2000-2004; accel/bac.py's docstring): the highest PSNR with FID within the cap there.
+    # other seeds than these (2000-2004; docs/methods/bac.md): the highest PSNR with FID within the cap there.
     rows += [Row(f"BAC + forecast gain {DAMPED_GAIN}, sensitivity shared schedule, budget {b}",
                  "BAC + damped forecast, sensitivity shared (ours)",
                  bac(b, 1, forecast_gain=DAMPED_GAIN, **sensitivity), True) for b in (0.3, 0.28)]
@@ -174,21 +174,6 @@ def count_branch_calls(pipe, row: Row) -> None:
                 _first_linear(branch).register_forward_pre_hook(hook)
     row.branch_total = sum(len(b.branches) for attr in adapter.denoiser_attrs if getattr(pipe, attr, None) is not None
                            for b in adapter.blocks(getattr(pipe, attr)))
-
-
-def output_array(output) -> np.ndarray:
-    return np.asarray(output.images if hasattr(output, "images") else output.frames, dtype=np.float32)
-
-
-def ssim(reference_images: np.ndarray, images: np.ndarray) -> float:
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    def frames(array):
-        array = torch.from_numpy(np.asarray(array, np.float32))
-        return array.reshape(-1, *array.shape[-3:]).permute(0, 3, 1, 2)  # [N(*F), C, H, W]
-
-    return float(structural_similarity_index_measure(frames(images), frames(reference_images), data_range=1.0,
-                                                     kernel_size=7))
 
 
 def run_setting(model: str, steps: int, samples: int, batch: int, include_peers: bool) -> dict:

@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import accel  # noqa: E402
-from accel.bac import BACConfig  # noqa: E402
-from accel.delta_dit import DeltaDiTConfig  # noqa: E402
 from accel.eval.allocator import timing_allocator  # noqa: E402
+from accel.methods.bac import BACConfig  # noqa: E402
+from accel.methods.delta_dit import DeltaDiTConfig  # noqa: E402
 from accel.pipelines import reference  # noqa: E402
 
 ROWS = {

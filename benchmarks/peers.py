@@ -134,7 +134,7 @@ from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK, _MAG_CACHE_LEADER_B
 from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
 from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
 
-from accel.api import call_wrapping_class
+from accel.hooks import call_wrapping_class
 from accel.pipelines.adapters import ATTENTION_BRANCHES, FamilyAdapter, adapter_for
 
 _CONTEXT_HOOK = "benchmarks.peers.context"
@@ -186,7 +186,7 @@ def _run_of(pipe, calibration_kwargs: dict[str, Any] | None) -> _Run:
 
 
 class _ResetAroundCalls:
-    """What ``accel.api.call_wrapping_class`` runs around every call of a pipeline with a peer applied."""
+    """What ``accel.hooks.call_wrapping_class`` runs around every call of a pipeline with a peer applied."""
 
     def __init__(self, reset: Callable[[], None]) -> None:
         self.reset = reset

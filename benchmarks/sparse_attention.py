@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import accel  # noqa: E402
 from accel.attention import AttentionCall, intercept_sdpa  # noqa: E402
+from accel.eval.metrics import output_array  # noqa: E402
 from accel.kernels import block_sparse_attention  # noqa: E402
 from benchmarks.caching import _fmt  # noqa: E402
 
@@ -118,7 +119,7 @@ def op_section(lengths: list[int], densities: list[float], repeats: int) -> list
 
 
 def _mask(index, count, length: int) -> torch.Tensor:
-    from accel._block_sparse import mask_from_selection
+    from accel.kernels import mask_from_selection
 
     selected = mask_from_selection(index, count, length // 64)
     return selected.repeat_interleave(64, dim=2).repeat_interleave(64, dim=3)
@@ -191,9 +192,8 @@ def _tokens_per_clip(pipe) -> int:
 
 
 def moving_digits_section(clips: int, batch: int, model: str = "moving-digits") -> list[dict]:
-    from accel.eval.metrics import psnr
+    from accel.eval.metrics import psnr, ssim
     from accel.pipelines import reference
-    from benchmarks.caching import ssim
 
     classifier = reference.classifier()
     methods = {"dense": None,
@@ -216,7 +216,7 @@ def moving_digits_section(clips: int, batch: int, model: str = "moving-digits") 
         for name in names:
             kwargs = reference.call_kwargs("moving-digits", pipes[name], labels[start : start + batch], seed=number)
             started = time.perf_counter()
-            outputs[name].append(np.asarray(pipes[name](**kwargs).frames, np.float32))
+            outputs[name].append(output_array(pipes[name](**kwargs)))
             seconds[name].append(time.perf_counter() - started)
             if methods[name] is not None:
                 summary = accel.summary(pipes[name])
@@ -402,7 +402,7 @@ def main(argv=None) -> int:
     if "oracle" in sections:
         results["oracle"] = oracle_section(args.moving_digits)
     args.out.mkdir(parents=True, exist_ok=True)
-    from accel._io import atomic_write
+    from accel.io import atomic_write
 
     atomic_write(args.out / "sparse_attention_cpu.json", json.dumps(results, indent=2) + "\n")
     atomic_write(args.out / "sparse_attention_cpu.md", markdown(results))

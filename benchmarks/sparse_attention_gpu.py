@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from accel.kernels._triton import block_sparse_attention_triton  # noqa: E402
+from accel.kernels.triton_backend import block_sparse_attention_triton  # noqa: E402
 
 
 def timed(fn, *args, warmup=3, repeats=10, **kwargs) -> float:

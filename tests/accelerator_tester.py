@@ -1,25 +1,33 @@
 """The tester mixin every accelerator passes.
 
-Subclass it, set ``families`` and implement ``make_config()``:
+Subclass it, set ``families`` and ``saves`` and implement ``make_config()``:
 
     class TestBAC(AcceleratorTesterMixin):
         families = ("dit", "flux")
+        saves = "branches"          # the accel.summary figure the method must bring below 1
         def make_config(self):
             return BACConfig(...)
 
-For every family it checks: unwrap restores bit-identical output; the same seed gives the same output; no state
-leaks across calls that change batch size, steps, resolution, frame count or guidance (each call equals the same
-call on a freshly wrapped pipeline); a wrapped and a plain instance coexist, also running in two threads at once.
+For every family it checks: the method does something (``saves``: the summary's blocks or branches computed, or
+its attention density, is below 1 on the test inputs); unwrap restores bit-identical output; the same seed gives
+the same output; no state leaks across calls that change batch size, steps, resolution, frame count or guidance
+(each call equals the same call on a freshly wrapped pipeline); a wrapped and a plain instance coexist, also in two
+threads at once. Once per class: every preset of the method round-trips through JSON. ``call_kwargs(family)``
+gives inputs on which the method has work to skip (the sparse methods need more tokens than a block).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
+import pytest
 
 import accel
+from accel.eval.metrics import output_array
 from accel.pipelines import tiny
+from accel.registry import resolve
 
 _LARGER_SIZE = {"wan": 32, "wan2.2": 32, "cogvideox": 48, "hunyuan-video": 32}
 _MORE_FRAMES = {"wan": 9, "wan2.2": 9, "cogvideox": 13, "hunyuan-video": 9}
@@ -27,7 +35,7 @@ _MORE_FRAMES = {"wan": 9, "wan2.2": 9, "cogvideox": 13, "hunyuan-video": 9}
 
 def run(pipe, family: str, **kwargs) -> np.ndarray:
     output = pipe(**tiny.example_inputs(family, **kwargs))
-    return np.asarray(output.images if hasattr(output, "images") else output.frames)
+    return output_array(output)
 
 
 def call_variations(family: str) -> list[dict]:
@@ -39,46 +47,80 @@ def call_variations(family: str) -> list[dict]:
     return variations + [{}]
 
 
+_SUMMARY_FIGURES = {"blocks": "blocks_computed_share", "branches": "branches_computed_share",
+                    "attention": "attention_density"}
+
+
 class AcceleratorTesterMixin:
     families: tuple[str, ...] = ()
+    saves: str | None = None  # "blocks", "branches" or "attention"; None only for a method that skips nothing
 
     def make_config(self):
         raise NotImplementedError
 
+    def call_kwargs(self, family: str) -> dict:
+        """``tiny.example_inputs`` kwargs for this method's tests, on top of each test's own."""
+        return {}
+
+    def build(self, family: str):
+        """A fresh tiny pipeline of ``family`` for this method's tests."""
+        return tiny.build(family)
+
     def wrapped(self, family: str):
-        return accel.wrap(tiny.build(family), self.make_config())
+        return accel.wrap(self.build(family), self.make_config())
+
+    def run(self, pipe, family: str, **kwargs) -> np.ndarray:
+        return run(pipe, family, **{**self.call_kwargs(family), **kwargs})
+
+    def test_the_method_saves_work(self, family):
+        if self.saves is None:
+            pytest.skip(f"{type(self).__name__} declares a method that skips nothing")
+        pipe = self.wrapped(family)
+        self.run(pipe, family)
+        figure = getattr(accel.summary(pipe), _SUMMARY_FIGURES[self.saves])
+        assert figure is not None and figure < 1.0, f"{self.saves}: {figure} on {family}"
+
+    def test_every_preset_round_trips_through_json(self):
+        method = self.make_config().method
+        (entry,) = [entry for entry in accel.available() if entry["name"] == method]
+        for preset in entry["presets"]:
+            (config,) = resolve(preset)
+            again = type(config).from_dict(json.loads(json.dumps(config.to_dict())))
+            assert again == config, preset
+        config = self.make_config()
+        assert type(config).from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
     def test_unwrap_restores_bit_identical_output(self, family):
-        pipe = tiny.build(family)
-        before = run(pipe, family)
+        pipe = self.build(family)
+        before = self.run(pipe, family)
         accel.wrap(pipe, self.make_config())
-        run(pipe, family)
+        self.run(pipe, family)
         accel.unwrap(pipe)
-        np.testing.assert_array_equal(run(pipe, family), before)
-        np.testing.assert_array_equal(run(tiny.build(family), family), before)
+        np.testing.assert_array_equal(self.run(pipe, family), before)
+        np.testing.assert_array_equal(self.run(self.build(family), family), before)
 
     def test_same_seed_same_output(self, family):
         pipe = self.wrapped(family)
-        np.testing.assert_array_equal(run(pipe, family), run(pipe, family))
+        np.testing.assert_array_equal(self.run(pipe, family), self.run(pipe, family))
 
     def test_no_state_leak_across_calls(self, family):
         pipe = self.wrapped(family)
         for kwargs in call_variations(family):
-            fresh = run(self.wrapped(family), family, **kwargs)
-            np.testing.assert_array_equal(run(pipe, family, **kwargs), fresh, err_msg=f"after call {kwargs}")
+            fresh = self.run(self.wrapped(family), family, **kwargs)
+            np.testing.assert_array_equal(self.run(pipe, family, **kwargs), fresh, err_msg=f"after call {kwargs}")
 
     def test_wrapped_and_plain_instances_coexist(self, family):
-        plain, wrapped = tiny.build(family), self.wrapped(family)
-        plain_reference = run(tiny.build(family), family)
-        wrapped_reference = run(self.wrapped(family), family)
-        np.testing.assert_array_equal(run(wrapped, family), wrapped_reference)
-        np.testing.assert_array_equal(run(plain, family), plain_reference)
+        plain, wrapped = self.build(family), self.wrapped(family)
+        plain_reference = self.run(self.build(family), family)
+        wrapped_reference = self.run(self.wrapped(family), family)
+        np.testing.assert_array_equal(self.run(wrapped, family), wrapped_reference)
+        np.testing.assert_array_equal(self.run(plain, family), plain_reference)
         assert type(plain) is not type(wrapped) and type(plain).__name__ == type(wrapped).__name__
         assert not accel.is_wrapped(plain)
 
     def test_wrapped_and_plain_instances_in_two_threads(self, family):
-        plain, wrapped = tiny.build(family), self.wrapped(family)
-        expected = {"plain": run(tiny.build(family), family), "wrapped": run(self.wrapped(family), family)}
+        plain, wrapped = self.build(family), self.wrapped(family)
+        expected = {"plain": self.run(self.build(family), family), "wrapped": self.run(self.wrapped(family), family)}
         results: dict[str, list] = {"plain": [], "wrapped": []}
         errors: list[BaseException] = []
         barrier = threading.Barrier(2)
@@ -87,7 +129,7 @@ class AcceleratorTesterMixin:
             try:
                 barrier.wait()
                 for _ in range(3):
-                    results[name].append(run(pipe, family))
+                    results[name].append(self.run(pipe, family))
             except BaseException as error:  # surfaced below
                 errors.append(error)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from accel.eval.allocator import _libc
+from accel.eval.allocator import glibc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def _faults_in_third_forward(retain: bool) -> int:
     return int(result.stdout.split()[-1])
 
 
-@pytest.mark.skipif(_libc() is None, reason="glibc only")
+@pytest.mark.skipif(glibc() is None, reason="glibc only")
 def test_retained_memory_is_reused_without_page_faults():
     # Measured here: 100,000-140,000 minor faults per forward by default; retained, none to a few dozen here and
     # 2,312 once in a fresh CI clone, so the bound is relative to the default's count.

@@ -13,15 +13,11 @@ from accelerator_tester import AcceleratorTesterMixin, run
 from toy_accelerators import ProbeConfig
 
 import accel
-from accel.bac import (
-    BACBranchHook,
-    BACConfig,
-    BACSchedule,
-    _BranchRecorder,
-    _RecordHook,
-    _SensitivityRecorder,
-    _with_generator_copies,
-    branch_names,
+from accel.hooks import temporary_scope
+from accel.methods.bac import BACConfig, BACSchedule, branch_names
+from accel.methods.bac.calibration import BranchRecorder, RecordHook, SensitivityRecorder, with_generator_copies
+from accel.methods.bac.method import BACBranchHook
+from accel.methods.bac.solvers import (
     bubbling_union,
     forecast_errors,
     least_error_schedules,
@@ -47,6 +43,7 @@ def calibrated(family: str, steps: int = 6, **config):
 
 class TestBAC(AcceleratorTesterMixin):
     families = tiny.FAMILIES
+    saves = "branches"
 
     def make_config(self):
         return BACConfig(budget=0.5)  # uncalibrated: of 3 steps, 0 and 2 update and 1 reuses
@@ -193,7 +190,7 @@ def test_shared_budget_with_two_experts_keeps_each_within_its_steps():
 
 
 def test_recorded_gram_gives_the_reuse_errors_of_the_outputs():
-    recorder = _BranchRecorder()
+    recorder = BranchRecorder()
     rng = torch.Generator().manual_seed(0)
     outputs = [100 + torch.randn(3, 4, 5, generator=rng) for _ in range(6)]  # a large common offset
     for step, output in enumerate(outputs):
@@ -273,8 +270,10 @@ def test_schedule_json_round_trip_and_metadata(tmp_path):
     assert "cosine" in meta["metric"] and len(meta["bubbled_branches"]) == 2
     config = BACConfig(schedule=str(path))
     assert BACConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    as_dict = BACConfig(schedule=schedule)
-    assert as_dict.schedule == schedule.to_dict() and BACConfig.from_dict(as_dict.to_dict()) == as_dict
+    assert config.schedule == schedule  # the file is read once, into the schedule object the hooks use
+    held = BACConfig(schedule=schedule)
+    assert held.schedule is schedule and BACConfig.from_dict(held.to_dict()) == held
+    assert BACConfig(schedule=schedule.to_dict()).schedule == schedule
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
 
 
@@ -349,7 +348,7 @@ def test_bad_config_values(changes, match):
 
 
 def test_uncalibrated_and_step_mismatch_are_visible(caplog):
-    with caplog.at_level(logging.WARNING, logger="accel.bac"):
+    with caplog.at_level(logging.WARNING, logger="accel.methods.bac"):
         pipe = accel.wrap(tiny.build("dit"), "bac")
     assert "no calibrated schedule" in caplog.text and "accel.calibrate" in caplog.text
     run(pipe, "dit", num_inference_steps=5)
@@ -358,7 +357,7 @@ def test_uncalibrated_and_step_mismatch_are_visible(caplog):
     plain, schedule = calibrated("dit", steps=6)
     accel.wrap(plain, "bac", schedule=schedule)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="accel.bac"):
+    with caplog.at_level(logging.WARNING, logger="accel.methods.bac"):
         run(plain, "dit", num_inference_steps=4)
     assert "calibrated for 6 steps but this call runs 4" in caplog.text
     assert accel.summary(plain).extras["bac"]["schedule"] == "uniform"
@@ -489,9 +488,9 @@ def test_the_cache_copies_into_the_tensors_it_drops(forecast):
                 if isinstance(h, BACBranchHook))
     held, store = [], hook._store
 
-    def watching_store(key, shape, output):
-        store(key, shape, output)
-        held.append([id(tensor) for _, tensor in hook.state.cache[key][1]])
+    def watching_store(cache, shape, output):
+        store(cache, shape, output)
+        held.append([id(tensor) for _, tensor in cache[hook.name].history])
 
     hook._store = watching_store
     run(pipe, "dit", num_inference_steps=12, guidance=False)
@@ -534,15 +533,15 @@ def test_sensitivity_products_are_the_first_order_change_of_the_final_sample():
     pipe = tiny.build(family)
     inputs = tiny.example_inputs(family, num_inference_steps=steps, batch_size=2)
     del inputs["num_inference_steps"]
-    recorder, names = _SensitivityRecorder(projections=1), {}
+    recorder, names = SensitivityRecorder(projections=1), {}
 
     def install(scope):
         names.update(branch_names(scope))
         for name, (denoiser, _, _, module) in names.items():
-            scope.register_hook(module, _RecordHook(scope, [recorder], denoiser, name), f"record.{name}")
+            scope.register_hook(module, RecordHook(scope, [recorder], denoiser, name), f"record.{name}")
 
-    with accel.api.temporary_scope(pipe, "sensitivity-test", install) as scope:
-        recorder.run(pipe, scope, _with_generator_copies(inputs), steps, seed=0)
+    with temporary_scope(pipe, "sensitivity-test", install) as scope:
+        recorder.run(scope, with_generator_copies(inputs), steps, seed=0)
     name = next(iter(names))
     predicted = recorder.products[name][0][:, k, i].sum()  # projection 0 of call 0, summed over the samples
 
@@ -569,7 +568,7 @@ def test_sensitivity_products_are_the_first_order_change_of_the_final_sample():
         handle = module.register_forward_hook(hook)
         pipe.scheduler.step = final_sample(type(pipe.scheduler).step.__get__(pipe.scheduler))
         try:
-            pipe(**_with_generator_copies(inputs), num_inference_steps=steps)
+            pipe(**with_generator_copies(inputs), num_inference_steps=steps)
         finally:
             handle.remove()
             del pipe.scheduler.step
@@ -630,9 +629,9 @@ def test_sensitivity_needs_a_pipeline_it_can_run_with_gradients():
 def test_sensitivity_needs_an_output_that_says_how_many_samples():
     from types import SimpleNamespace
 
-    from accel.bac import _sample_count
+    from accel.methods.bac.calibration import sample_count
 
-    assert _sample_count(SimpleNamespace(images=np.zeros((3, 4, 4, 1)))) == 3
-    assert _sample_count(SimpleNamespace(frames=np.zeros((2, 5, 4, 4, 3)))) == 2
+    assert sample_count(SimpleNamespace(images=np.zeros((3, 4, 4, 1)))) == 3
+    assert sample_count(SimpleNamespace(frames=np.zeros((2, 5, 4, 4, 3)))) == 2
     with pytest.raises(ValueError, match="cannot tell how many samples"):
-        _sample_count(SimpleNamespace(latents=None))
+        sample_count(SimpleNamespace(latents=None))

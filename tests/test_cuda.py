@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import accel
-from accel.adaspa import AdaSpaConfig
-from accel.bac import BACConfig
-from accel.delta_dit import DeltaDiTConfig
-from accel.eval.metrics import psnr
+from accel.eval.metrics import output_array, psnr
+from accel.methods.adaspa import AdaSpaConfig
+from accel.methods.bac import BACConfig
+from accel.methods.delta_dit import DeltaDiTConfig
+from accel.methods.vmoba import VMoBAConfig
 from accel.pipelines import reference, tiny
-from accel.vmoba import VMoBAConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -41,7 +41,7 @@ def inputs(family: str, device: str = "cuda", **kwargs) -> dict:
 
 def run(pipe, family: str, device: str = "cuda", **kwargs) -> np.ndarray:
     output = pipe(**inputs(family, device, **kwargs))
-    return np.asarray(output.images if hasattr(output, "images") else output.frames)
+    return output_array(output)
 
 
 def calibration_inputs(family: str) -> list[dict]:
@@ -90,10 +90,10 @@ def test_block_skip_is_bit_identical_on_cuda(family):
 def test_sparse_attention_triton_kernel_matches_the_pytorch_path_on_cuda(family, config, monkeypatch):
     """Every call the method makes to the Triton kernel, checked against the exact PyTorch path on the same tensors
     and block lists (end to end, a flipped block choice after a last-bit difference would say nothing)."""
-    import accel.kernels._triton
+    import accel.kernels.triton_backend
     from accel.kernels.block_sparse import block_sparse_attention_torch
 
-    triton_kernel = accel.kernels._triton.block_sparse_attention_triton
+    triton_kernel = accel.kernels.triton_backend.block_sparse_attention_triton
     errors = []
 
     def checked(q, k, v, index, count, block_size, scale):
@@ -105,7 +105,7 @@ def test_sparse_attention_triton_kernel_matches_the_pytorch_path_on_cuda(family,
         errors.append(max(float((out.float() - expected.float()).abs().max()), float(lse_error)))
         return out, lse
 
-    monkeypatch.setattr(accel.kernels._triton, "block_sparse_attention_triton", checked)
+    monkeypatch.setattr(accel.kernels.triton_backend, "block_sparse_attention_triton", checked)
     pipe = accel.wrap(on_cuda(family), config)
     assert np.isfinite(run(pipe, family, num_inference_steps=10)).all()
     assert errors, "the method never called the block-sparse kernel"

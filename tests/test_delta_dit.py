@@ -8,7 +8,7 @@ import torch
 from accelerator_tester import AcceleratorTesterMixin, run
 
 import accel
-from accel.delta_dit import FAMILIES, DeltaDiTConfig, delta_dit_plan
+from accel.methods.delta_dit import FAMILIES, DeltaDiTConfig, delta_dit_plan
 from accel.pipelines import tiny
 
 TINY_FAMILIES = tuple(f for f in tiny.FAMILIES if f not in ("sd15", "sdxl"))
@@ -16,6 +16,7 @@ TINY_FAMILIES = tuple(f for f in tiny.FAMILIES if f not in ("sd15", "sdxl"))
 
 class TestDeltaDiT(AcceleratorTesterMixin):
     families = TINY_FAMILIES
+    saves = "blocks"
 
     def make_config(self):
         return DeltaDiTConfig(interval=2, boundary=0.5, cached_fraction=0.5)

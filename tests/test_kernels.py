@@ -116,7 +116,7 @@ TRITON_SCRIPT = """
 import math, sys, torch
 sys.path[:0] = [{tests!r}, {root!r}]
 from test_kernels import dense_reference, random_case
-from accel.kernels._triton import block_sparse_attention_triton
+from accel.kernels.triton_backend import block_sparse_attention_triton
 for dtype, tolerance in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
     for seed in (0, 1):
         q, k, v, index, count, block = random_case(seed, heads=2, q_len=40, k_len=50, dim=24, dtype=dtype)

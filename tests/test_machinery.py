@@ -19,6 +19,7 @@ ALL = tiny.FAMILIES
 
 class TestReuseBlocksPassesTheMixin(AcceleratorTesterMixin):
     families = ALL
+    saves = "blocks"
 
     def make_config(self):
         return ReuseBlocksConfig(period=2, fraction=0.5)
@@ -31,6 +32,7 @@ class TestReuseBlocksPassesTheMixin(AcceleratorTesterMixin):
 
 class TestProbePassesTheMixin(AcceleratorTesterMixin):
     families = ALL
+    saves = None  # the probe replaces attention with the same computation: the mixin's machinery check
 
     def make_config(self):
         return ProbeConfig()

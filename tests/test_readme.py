@@ -1,4 +1,4 @@
-"""The README's Python snippets run, so they never rot."""
+"""The Python snippets of the README and the contributor guide run, so they never rot."""
 
 import re
 from pathlib import Path
@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+CONTRIBUTING = README.parent / "CONTRIBUTING.md"
+SNIPPETS = [snippet for path in (README, CONTRIBUTING)
+            for snippet in re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S)]
 
 
 def test_readme_has_snippets():
@@ -15,7 +17,7 @@ def test_readme_has_snippets():
 
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
 def test_readme_snippet_runs(index):
-    exec(compile(SNIPPETS[index], f"README.md snippet {index}", "exec"), {"__name__": f"readme_{index}"})
+    exec(compile(SNIPPETS[index], f"snippet {index}", "exec"), {"__name__": f"readme_{index}"})
 
 
 def test_readme_quickstart_commands_exist_in_makefile():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import accel
+from accel.eval.metrics import output_array
 from accel.pipelines import reference
 from accel.pipelines.classifier import crop_inkiest_window, to_digit_batch
 from accel.pipelines.digits import moving_digit_clips, split
@@ -37,7 +38,7 @@ def moving_digits():
 
 def _run(name, pipe, labels, seed=0, **overrides):
     output = pipe(**reference.call_kwargs(name, pipe, labels, seed=seed, **overrides))
-    return np.asarray(output.images if hasattr(output, "images") else output.frames)
+    return output_array(output)
 
 
 def test_classifier_accuracy_on_held_out_digits(classifier):

@@ -13,25 +13,49 @@ import torch.nn.functional as F
 from accelerator_tester import AcceleratorTesterMixin
 
 import accel
-from accel import _block_sparse as sparse
-from accel.adaspa import AdaSpaAttention, AdaSpaConfig, blocks_kept, head_sparsities
+from accel import kernels
 from accel.attention import AttentionCall
-from accel.hooks import StepInfo
+from accel.hooks import BranchStates
+from accel.methods import sparse_tokens as sparse
+from accel.methods.adaspa import AdaSpaAttention, AdaSpaConfig, blocks_kept, head_sparsities
+from accel.methods.vmoba import VMoBAConfig, make_partition, vmoba_selection
 from accel.pipelines import tiny
 from accel.pipelines.adapters import TokenLayout
-from accel.vmoba import VMoBAConfig, make_partition, vmoba_selection
+from accel.steps import StepInfo
 
 FAMILIES = tuple(f for f in tiny.FAMILIES if f not in ("sd15", "sdxl"))
+# inputs with at least two 16-token key blocks per attention call, so that both methods drop some (measured: the
+# attention density of each then lies between 0.83 and 0.997); DiT's size is its transformer's (SparseInputs.build)
+SPARSE_SIZES: dict[str, dict] = {
+    "pixart-alpha": {"size": 16}, "pixart-sigma": {"size": 16}, "sd3": {"size": 16}, "flux": {"size": 32},
+    "wan": {"size": 64, "num_frames": 9}, "wan2.2": {"size": 64, "num_inference_steps": 6},
+    "cogvideox": {"size": 64}, "hunyuan-video": {"size": 32},
+}
 
 
-class TestAdaSpa(AcceleratorTesterMixin):
+class SparseInputs:
+    """Inputs with more image tokens than one 16-token block, so the sparse methods have blocks to drop."""
+
+    saves = "attention"
+
+    def build(self, family):
+        pipe = tiny.build(family)
+        if family == "dit":  # DiTPipeline's latent size is the transformer's sample_size (8: 16 tokens)
+            pipe.transformer.register_to_config(sample_size=16)
+        return pipe
+
+    def call_kwargs(self, family):
+        return SPARSE_SIZES.get(family, {})
+
+
+class TestAdaSpa(SparseInputs, AcceleratorTesterMixin):
     families = FAMILIES
 
     def make_config(self):
         return AdaSpaConfig(sparsity=0.5, block_size=16)
 
 
-class TestVMoBA(AcceleratorTesterMixin):
+class TestVMoBA(SparseInputs, AcceleratorTesterMixin):
     families = FAMILIES
 
     def make_config(self):
@@ -74,7 +98,7 @@ def random_selection(batch, heads, query_blocks, key_blocks, seed=0):
     generator = torch.Generator().manual_seed(seed)
     mask = torch.rand(batch, heads, query_blocks, key_blocks, generator=generator) < 0.4
     mask[..., 0] = True
-    return sparse.selection_from_mask(mask)
+    return kernels.selection_from_mask(mask)
 
 
 VIDEO = TokenLayout(frames=3, height=4, width=6)  # 72 image tokens: 5 blocks of 16, the last ragged
@@ -100,17 +124,20 @@ def test_selection_density_counts_text_and_ragged_blocks():
     layout = TokenLayout(3, 4, 6, text_tokens=8, text_position="first")
     call = make_call(layout, "joint_attn")
     split = sparse.token_split(call)
-    index, count = sparse.selection_from_mask(torch.ones(1, 2, 5, 5, dtype=torch.bool))
+    index, count = kernels.selection_from_mask(torch.ones(1, 2, 5, 5, dtype=torch.bool))
     assert sparse.selection_density(split, index, count, 16, 80) == pytest.approx(1.0)
     only_first = torch.zeros(1, 2, 5, 5, dtype=torch.bool)
     only_first[..., 0] = True
-    index, count = sparse.selection_from_mask(only_first)
+    index, count = kernels.selection_from_mask(only_first)
     expected = (72 * 16 + 72 * 8 + 8 * 80) / 80**2
     assert sparse.selection_density(split, index, count, 16, 80) == pytest.approx(expected)
 
 
 def test_calls_that_cannot_be_sparsified_stay_dense():
-    assert sparse.token_split(make_call(VIDEO, "self_attn", attn_mask=torch.ones(72, 72, dtype=torch.bool))) is None
+    masked = torch.ones(72, 72, dtype=torch.bool)
+    masked[:, -1] = False  # a padded token: the mask changes the result
+    assert sparse.token_split(make_call(VIDEO, "self_attn", attn_mask=masked)) is None
+    assert sparse.token_split(make_call(VIDEO, "self_attn", attn_mask=torch.full((72, 72), -1.0))) is None
     assert sparse.token_split(make_call(VIDEO, "cross_attn")) is None
     wrong = make_call(TokenLayout(2, 4, 6), "self_attn")
     wrong.step = make_call(VIDEO, "self_attn").step  # the layout says 72 tokens, the call has 48
@@ -131,7 +158,7 @@ def test_head_adaptive_sparsity_follows_the_paper_rule():
 
 def test_top_k_selection_keeps_the_heaviest_blocks_of_every_row():
     mass = torch.rand(1, 2, 4, 6, generator=torch.Generator().manual_seed(0))
-    index, count = sparse.top_k_selection(mass, torch.tensor([2, 4]))
+    index, count = kernels.top_k_selection(mass, torch.tensor([2, 4]))
     assert count[0, 0].tolist() == [2] * 4 and count[0, 1].tolist() == [4] * 4
     for h, keep in ((0, 2), (1, 4)):
         for row in range(4):
@@ -152,10 +179,9 @@ class _Recorder:
 
 def test_adaspa_schedule_dense_search_sparse_research():
     config = AdaSpaConfig(sparsity=0.6, warmup=0.2, research=(0.6,), block_size=16)
-    state = sparse.CallReport({})
-    state.searches = {}
+    state, searches = sparse.CallReport({}), BranchStates(dict)
     scope = _Recorder()
-    attention = AdaSpaAttention(scope, state, config, "transformer", "blocks.0.attn1")
+    attention = AdaSpaAttention(scope, state, searches, config, "transformer", "blocks.0.attn1")
     outputs = []
     for step in range(10):
         call = make_call(VIDEO, "self_attn", step=step, num_steps=10, seed=step)
@@ -170,16 +196,15 @@ def test_adaspa_schedule_dense_search_sparse_research():
     for call, output in outputs[:3]:
         torch.testing.assert_close(output, call.dense(), atol=1e-5, rtol=1e-5)
     call, output = outputs[4]  # a sparse step: exactly the block-sparse attention of the stored selection
-    searched = state.searches[("transformer", "blocks.0.attn1", "cond")]
-    assert searched["step"] == 6
+    searched = searches.get(call.step)["blocks.0.attn1"]  # the state of the call's denoiser and CFG branch
+    assert searched.step == 6
     assert not torch.allclose(output, call.dense(), atol=1e-3)
 
 
 def test_adaspa_at_zero_sparsity_equals_dense():
     config = AdaSpaConfig(sparsity=0.0, block_size=16)
     state = sparse.CallReport({})
-    state.searches = {}
-    attention = AdaSpaAttention(_Recorder(), state, config, "transformer", "blocks.0.attn1")
+    attention = AdaSpaAttention(_Recorder(), state, BranchStates(dict), config, "transformer", "blocks.0.attn1")
     for step in range(5):
         call = make_call(TokenLayout(3, 4, 6, text_tokens=5, text_position="last"), "joint_attn", step=step,
                          num_steps=5, seed=step)
@@ -195,14 +220,14 @@ def test_recall_is_the_exact_mass_kept():
     _, lse = sparse.dense_with_lse(call)
     mass = block_mass(call.query, call.key, lse, 16)
     torch.testing.assert_close(mass.sum(-1), torch.ones(1, 2, 5), atol=1e-5, rtol=0)
-    index, count = sparse.top_k_selection(mass, torch.tensor([2, 2]))
-    selected = sparse.mask_from_selection(index, count, 5)  # [1, 2, 5, 5]
+    index, count = kernels.top_k_selection(mass, torch.tensor([2, 2]))
+    selected = kernels.mask_from_selection(index, count, 5)  # [1, 2, 5, 5]
     probabilities = torch.softmax(call.query @ call.key.transpose(-1, -2) / 4, dim=-1)[0]  # [2, 72, 72]
     block = torch.arange(72) // 16
     allowed = selected[0][:, block][:, :, block]  # [2, 72, 72]: row token's block selects key token's block
     kept_per_row = (probabilities * allowed).sum(-1)  # [2, 72]
     per_block = torch.zeros(2, 5).index_add_(1, block, kept_per_row) / torch.bincount(block).float()
-    torch.testing.assert_close(sparse.recall(mass, selected), per_block.mean(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(kernels.recall(mass, selected), per_block.mean(-1), atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------- VMoBA
@@ -295,3 +320,9 @@ def test_presets_and_config_round_trip():
     for name in ("adaspa", "adaspa-fast", "adaspa-quality", "vmoba", "vmoba-quality"):
         (config,) = accel.registry.resolve(name)
         assert type(config).from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_a_mask_that_masks_nothing_does_not_force_dense():
+    # HunyuanVideo passes a mask on every call; with no padded text token it keeps every score
+    for mask in (torch.ones(72, 72, dtype=torch.bool), torch.zeros(1, 1, 1, 72)):
+        assert sparse.token_split(make_call(VIDEO, "self_attn", attn_mask=mask)) is not None

@@ -10,6 +10,7 @@ from accelerator_tester import run
 from accel.eval import quick
 from accel.pipelines import tiny
 from accel.pipelines.tokenizers import clip_tokenizer, t5_tokenizer
+from accel.registry import parse_method_list
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)
@@ -49,8 +50,8 @@ def test_main_job_prints_the_table(capsys):
 
 
 def test_main_job_compares_a_method():
-    model = quick.model_spec("tiny:dit", steps=4)
-    rows = quick.compare(model, quick.parse_methods("test-reuse,test-probe"), repeats=1)
+    model = quick.model_handle("tiny:dit")
+    rows = quick.compare(model, parse_method_list("test-reuse,test-probe"), repeats=1, steps=4)
     by_method = {row["method"]: row for row in rows}
     assert by_method["baseline"]["psnr_db"] == float("inf") and by_method["test-probe"]["psnr_db"] == float("inf")
     assert by_method["test-reuse"]["psnr_db"] < 100 and by_method["test-reuse"]["blocks_computed"] == 0.75

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
-from accel.eval.metrics import digit_fid
+from accel.eval.metrics import digit_fid, output_array
 from accel.pipelines import reference
 from accel.pipelines.digits import split
 
@@ -65,9 +65,10 @@ def main(argv=None) -> int:
     for steps, guidance in grid:
         started, batches = time.time(), []
         for index, start in enumerate(range(0, len(labels), args.batch)):
-            batches.append(pipe(class_labels=labels[start : start + args.batch], num_inference_steps=steps,
-                                guidance_scale=guidance, generator=torch.Generator().manual_seed(1000 + index),
-                                output_type="np").images)
+            batches.append(output_array(pipe(class_labels=labels[start : start + args.batch],
+                                             num_inference_steps=steps, guidance_scale=guidance,
+                                             generator=torch.Generator().manual_seed(1000 + index),
+                                             output_type="np")))
         images = np.concatenate(batches)
         print(json.dumps({
             "folder": str(args.folder), "scheduler": overrides, "steps": steps, "guidance": guidance,

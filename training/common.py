@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from accel._io import atomic_write
+from accel.io import atomic_write
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from accel.eval.metrics import digit_fid
+from accel.eval.metrics import digit_fid, output_array
 from accel.pipelines import reference
 from accel.pipelines.digits import moving_digit_clips, split
 from training.common import write_json_atomic
@@ -41,7 +41,7 @@ def generate(name: str, pipe, labels: list[int], batch: int, seed: int, **overri
     for index, start in enumerate(tqdm(range(0, len(labels), batch), desc=f"{name} samples")):
         kwargs = reference.call_kwargs(name, pipe, labels[start : start + batch], seed=seed + index, **overrides)
         output = pipe(**kwargs)
-        outputs.append(np.asarray(output.images if hasattr(output, "images") else output.frames))
+        outputs.append(output_array(output))
     return np.concatenate(outputs)
 
 

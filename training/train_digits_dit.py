@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
 from tqdm import tqdm
 
+from accel.eval.metrics import output_array
 from accel.pipelines.digits import split
 from accel.pipelines.reference import MODELS_DIR
 from training import common
@@ -133,8 +134,8 @@ def quick_check(recipe: Recipe, model, samples: int = 100, seed: int = 4000) -> 
     pipe = DiTPipeline(transformer=model, vae=PixelSpaceVAE(), scheduler=recipe.sampling_scheduler())
     pipe.set_progress_bar_config(disable=True)
     labels = [label for label in range(10) for _ in range(samples // 10)]
-    images = pipe(class_labels=labels, generator=torch.Generator().manual_seed(seed), output_type="np",
-                  **recipe.call()).images
+    images = output_array(pipe(class_labels=labels, generator=torch.Generator().manual_seed(seed), output_type="np",
+                               **recipe.call()))
     judge = classifier()
     return {"class_accuracy": round(judge.accuracy(images, labels), 3),
             "fid": round(digit_fid(judge, images, split()["held_out"].images), 2)}

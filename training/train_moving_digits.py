@@ -95,6 +95,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransform
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from accel.eval.metrics import output_array
 from accel.pipelines.digits import moving_digit_clips, split
 from accel.pipelines.pixel_space import FramePackingVAE
 from accel.pipelines.reference import MODELS_DIR
@@ -239,9 +240,10 @@ def per_frame_accuracy(recipe: Recipe, model, table: torch.Tensor, *, clips_per_
     call = recipe.call()
     if guidance_scale is not None:
         call["guidance_scale"] = guidance_scale
-    frames = pipe(prompt_embeds=table[labels], negative_prompt_embeds=table[torch.full_like(labels, NULL_CLASS)],
-                  generator=torch.Generator().manual_seed(seed), output_type="np", **call).frames
-    return classifier().accuracy(np.asarray(frames), labels.cpu().numpy())
+    frames = output_array(pipe(prompt_embeds=table[labels],
+                               negative_prompt_embeds=table[torch.full_like(labels, NULL_CLASS)],
+                               generator=torch.Generator().manual_seed(seed), output_type="np", **call))
+    return classifier().accuracy(frames, labels.cpu().numpy())
 
 
 def one_latent_frame_batch(recipe: Recipe, vae: FramePackingVAE, data, count: int,

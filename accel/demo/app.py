@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 import accel
-from accel.eval.metrics import psnr
-from accel.eval.models import ModelHandle, load_model, output_array
-from accel.registry import available, resolve
+from accel.eval.metrics import output_array, psnr
+from accel.eval.models import ModelHandle, load_model
+from accel.registry import available, registered, resolve
 
 DEFAULT_MODELS = ("digits-dit", "moving-digits")
 LIMITS = {"steps": (1, 50), "guidance": (1.0, 10.0), "seed": (0, 2**31 - 1)}
@@ -81,15 +81,9 @@ def method_configs(methods: list[str], parameters: dict[str, dict[str, Any]]) ->
 
 def tunable_fields(method: str) -> list[dataclasses.Field]:
     """The numeric fields of a method's config, shown as its key parameters."""
-    spec = next(s for s in _specs() if s.name == method)
+    spec = next(s for s in registered() if s.name == method)
     return [f for f in dataclasses.fields(spec.config_cls)
             if f.type in ("int", "float", int, float) and not isinstance(f.default, dataclasses._MISSING_TYPE)]
-
-
-def _specs():
-    from accel.registry import _SPECS
-
-    return sorted(_SPECS.values(), key=lambda spec: spec.name)
 
 
 def _display(sample: np.ndarray, folder: Path, name: str) -> str:

@@ -12,7 +12,7 @@ import argparse
 import socket
 from pathlib import Path
 
-from accel._io import atomic_write
+from accel.io import atomic_write
 
 CHROMIUM = "/usr/bin/chromium"
 

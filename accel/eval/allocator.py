@@ -28,7 +28,8 @@ TRIM_THRESHOLD = 2**31 - 1  # mallopt takes a C int
 
 
 @functools.cache
-def _libc():
+def glibc():
+    """The C library when it is glibc (it has ``mallopt``), else ``None``."""
     name = ctypes.util.find_library("c")
     if name is None:
         return None
@@ -41,7 +42,7 @@ def _libc():
 
 def retain_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process; False (and nothing changed) off glibc."""
-    libc = _libc()
+    libc = glibc()
     if libc is None:
         return False
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_CEILING)) and bool(

@@ -22,13 +22,25 @@ from accel.pipelines.adapters import adapter_for, adapter_for_pipeline_class, re
 class ModelHandle:
     name: str
     build: Callable[[], Any]  # a fresh pipeline (CPU, eval mode, progress bar off)
-    conditioning: str  # "class" or "prompt"
+    conditioning: str  # "class", "prompt", or "prompt_embeds" (no text encoder: accel-eval refuses it)
     video: bool
     steps: int  # defaults for the call
     guidance_scale: float
     num_classes: int | None = None  # class-conditional models
     digit_metrics: bool = False  # the digit classifier applies (class accuracy, digit-feature FID)
     extra_call: dict[str, Any] | None = None  # fixed call kwargs (size, frames)
+    # (pipe, seed, steps or None) -> one complete seeded call as ``accel-run`` makes it (reference and tiny models)
+    example: Callable[[Any, int, int | None], dict[str, Any]] | None = None
+
+    @property
+    def random_weights(self) -> bool:
+        """A ``tiny:`` model: its speed and quality figures say nothing about a trained one."""
+        return self.name.startswith("tiny:")
+
+    @property
+    def example_labels(self) -> list[int] | None:
+        """The classes of ``example`` calls on models the digit classifier reads (one of each digit)."""
+        return list(range(10)) if self.digit_metrics else None
 
     def call_kwargs(self, pipe, conditions: list, seeds: list[int], steps: int, guidance_scale: float) -> dict:
         """Call kwargs for one batch: one condition and one seeded generator per sample."""
@@ -53,8 +65,13 @@ def load_model(name: str) -> ModelHandle:
         reference.model_dir(name)  # a clear error now if the weights are missing
         call = reference.DEFAULT_CALL[name]
         extra = {k: v for k, v in call.items() if k not in ("num_inference_steps", "guidance_scale")}
+
+        def example(pipe, seed: int, steps: int | None) -> dict[str, Any]:
+            overrides = {"num_inference_steps": steps} if steps else {}
+            return reference.call_kwargs(name, pipe, list(range(10)), seed=seed, **overrides)
+
         return ModelHandle(name, lambda: reference.load(name), "class", name == "moving-digits",
-                           call["num_inference_steps"], call["guidance_scale"], 10, True, extra)
+                           call["num_inference_steps"], call["guidance_scale"], 10, True, extra, example)
     if name.startswith("tiny:"):
         from accel.pipelines import tiny
 
@@ -65,12 +82,13 @@ def load_model(name: str) -> ModelHandle:
         extra = {k: v for k, v in example.items()
                  if k not in ("num_inference_steps", "guidance_scale", "generator", "output_type", "prompt",
                               "class_labels", "prompt_embeds", "negative_prompt_embeds")}
-        if family == "hunyuan-video":
-            raise ValueError("tiny:hunyuan-video takes prompt_embeds only; the eval harness needs prompts.")
-        conditioning = adapter_for(tiny.build(family)).conditioning
+        # tiny hunyuan-video has no text encoder: it takes prompt_embeds only (accel-run can, accel-eval cannot)
+        conditioning = "prompt_embeds" if family == "hunyuan-video" else adapter_for(tiny.build(family)).conditioning
         return ModelHandle(name, lambda: tiny.build(family), conditioning, family in tiny.VIDEO_FAMILIES,
                            example["num_inference_steps"], example.get("guidance_scale", 4.0),
-                           10 if conditioning == "class" else None, False, extra)
+                           10 if conditioning == "class" else None, False, extra,
+                           lambda pipe, seed, steps: tiny.example_inputs(family, seed=seed,
+                                                                          num_inference_steps=steps or 10))
     folder = Path(name)
     if not (folder / "model_index.json").is_file():
         raise ValueError(
@@ -90,10 +108,3 @@ def load_model(name: str) -> ModelHandle:
 
     return ModelHandle(str(folder), build, conditioning, video, 28, 4.5 if conditioning == "prompt" else 1.5,
                        1000 if conditioning == "class" else None, False, {})
-
-
-def output_array(output) -> Any:
-    import numpy as np
-
-    array = output.images if hasattr(output, "images") else output.frames
-    return np.asarray(array, dtype=np.float32)

@@ -19,103 +19,60 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 import accel
-from accel.eval.metrics import psnr
-from accel.registry import available
+from accel.eval.metrics import output_array, psnr
+from accel.eval.models import ModelHandle, load_model
+from accel.registry import parse_method_list
 
 DEFAULT_MODEL = "digits-dit"
 
 
-@dataclass
-class ModelSpec:
-    name: str
-    build: Callable[[], Any]  # a fresh pipeline with the model's weights
-    call_kwargs: Callable[[Any, int], dict[str, Any]]  # (pipe, seed) -> kwargs for one call
-    trained: bool
-    labels: list[int] | None = None  # requested classes, for class accuracy
-
-
-def model_spec(name: str, steps: int | None) -> ModelSpec:
-    if name.startswith("tiny:"):
-        from accel.pipelines import tiny
-
-        family = name.split(":", 1)[1]
-        if family not in tiny.FAMILIES:
-            raise ValueError(f"Unknown tiny family {family!r}; choose one of {', '.join(tiny.FAMILIES)}.")
-        return ModelSpec(
-            name,
-            lambda: tiny.build(family),
-            lambda pipe, seed: tiny.example_inputs(family, seed=seed, num_inference_steps=steps or 10),
-            trained=False,
-        )
+def model_handle(name: str) -> ModelHandle:
+    """The model ``accel-run`` runs: a reference model or ``tiny:<family>`` (``accel.eval.models.load_model``)."""
     from accel.pipelines import reference
 
-    if name in reference.MODELS:
-        labels = list(range(10))
-        overrides = {"num_inference_steps": steps} if steps else {}
-        reference.model_dir(name)  # a clear error now if the weights are missing
-        return ModelSpec(
-            name,
-            lambda: reference.load(name),
-            lambda pipe, seed: reference.call_kwargs(name, pipe, labels, seed=seed, **overrides),
-            trained=True,
-            labels=labels,
-        )
-    raise ValueError(f"Unknown model {name!r}; use {', '.join(reference.MODELS)} or tiny:<family>.")
-
-
-def parse_methods(text: str) -> list[tuple[str, list[str]]]:
-    """``"all"`` or a comma-separated list of presets, ``+`` stacking several: ``"a,b+c"``."""
-    if text == "all":
-        return [(entry["name"], [entry["name"]]) for entry in available()]
-    rows = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        rows.append((item, [name.strip() for name in item.split("+")]))
-    return rows
-
-
-def _output_array(output) -> np.ndarray:
-    return np.asarray(output.images if hasattr(output, "images") else output.frames, dtype=np.float64)
+    if name not in reference.MODELS and not name.startswith("tiny:"):
+        raise ValueError(f"Unknown model {name!r}; use {', '.join(reference.MODELS)} or tiny:<family>.")
+    return load_model(name)
 
 
 CALIBRATION_SEED = 90_000
 
 
-def build_wrapped(model: ModelSpec, names: list[str]):
+def build_wrapped(model: ModelHandle, names: list[str], steps: int | None):
     """A fresh pipeline with ``names`` applied; methods with an offline pass (BAC) are calibrated first, on a seed
     no measured call uses."""
     pipe = model.build()
-    kwargs = model.call_kwargs(pipe, CALIBRATION_SEED)
+    kwargs = model.example(pipe, CALIBRATION_SEED, steps)
     steps = kwargs.pop("num_inference_steps")
     return accel.wrap_calibrated(pipe, names, kwargs, num_inference_steps=steps)
 
 
-def compare(model: ModelSpec, methods: list[tuple[str, list[str]]], repeats: int, seed: int = 0) -> list[dict]:
+def compare(model: ModelHandle, methods: list[tuple[str, list[str]]], repeats: int, seed: int = 0,
+            steps: int | None = None) -> list[dict]:
     pipes = {"baseline": accel.wrap(model.build(), [])}
     for label, names in methods:
-        pipes[label] = build_wrapped(model, names)
+        pipes[label] = build_wrapped(model, names, steps)
     timings: dict[str, list[float]] = {label: [] for label in pipes}
     outputs: dict[str, np.ndarray] = {}
     for repeat in range(repeats + 1):  # the first round is a warm-up
         for label, pipe in pipes.items():
-            kwargs = model.call_kwargs(pipe, seed)
+            kwargs = model.example(pipe, seed, steps)
             start = time.perf_counter()
             output = pipe(**kwargs)
             elapsed = time.perf_counter() - start
             if repeat == 0:
-                outputs[label] = _output_array(output)
+                outputs[label] = output_array(output)
             else:
                 timings[label].append(elapsed)
     baseline_latency = statistics.median(timings["baseline"])
     classifier = None
-    if model.labels is not None:
+    labels = model.example_labels
+    if labels is not None:
         from accel.pipelines.reference import classifier as load_classifier
 
         classifier = load_classifier()
@@ -129,14 +86,14 @@ def compare(model: ModelSpec, methods: list[tuple[str, list[str]]], repeats: int
             "speedup": baseline_latency / latency,
             "psnr_db": psnr(outputs["baseline"], outputs[label]),
             "blocks_computed": share,
-            "class_accuracy": classifier.accuracy(outputs[label], model.labels) if classifier else None,
+            "class_accuracy": classifier.accuracy(outputs[label], labels) if classifier else None,
         })
     return rows
 
 
-def format_table(rows: list[dict], model: ModelSpec, repeats: int) -> str:
+def format_table(rows: list[dict], model: ModelHandle, repeats: int) -> str:
     lines = [
-        f"model: {model.name} ({'trained reference' if model.trained else 'random weights: plumbing only'}), "
+        f"model: {model.name} ({'random weights: plumbing only' if model.random_weights else 'trained reference'}), "
         f"median of {repeats} interleaved runs",
         f"{'method':<24} {'latency ms':>11} {'speedup':>8} {'PSNR dB':>8} {'blocks run':>11} {'class acc':>10}",
     ]
@@ -165,15 +122,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--repeats must be at least 1, got {args.repeats}.")
         if args.steps is not None and args.steps < 1:
             raise ValueError(f"--steps must be at least 1, got {args.steps}.")
-        model = model_spec(args.model, args.steps)
-        methods = parse_methods(args.methods)
+        model = model_handle(args.model)
+        methods = parse_method_list(args.methods)
         for _, names in methods:  # fail before any run
             accel.registry.resolve(names)
     except ValueError as error:
         print(f"accel-run: {error}", file=sys.stderr)
         return 2
     with torch.no_grad():
-        rows = compare(model, methods, args.repeats)
+        rows = compare(model, methods, args.repeats, steps=args.steps)
     print(format_table(rows, model, args.repeats))
     return 0
 

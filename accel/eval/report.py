@@ -20,18 +20,16 @@ import math
 import statistics
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from accel._io import atomic_write
+from accel.io import atomic_write
 
-from .metrics import psnr
-
-if TYPE_CHECKING:
-    from .harness import EvalSettings
-    from .models import ModelHandle
+from .metrics import psnr, ssim
+from .models import ModelHandle
+from .samples import EvalSettings, conditions, read_sample, sample_path
 
 DIGIT_FEATURES = 64
 INCEPTION_FEATURES = 2048
@@ -83,7 +81,6 @@ def check_metric_settings(settings: EvalSettings, model: ModelHandle) -> None:
 
 def load_samples(settings: EvalSettings, method: str) -> tuple[np.ndarray | None, list[dict]]:
     """Every sample of ``method`` on disk, in index order (``None`` if any is missing), and its batch records."""
-    from .harness import read_sample, sample_path
 
     out = Path(settings.out)
     records = []
@@ -100,19 +97,6 @@ def load_samples(settings: EvalSettings, method: str) -> tuple[np.ndarray | None
 
 
 # --------------------------------------------------------------------------------------------- metrics
-
-
-def ssim(reference: np.ndarray, other: np.ndarray) -> float:
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    def frames(array):
-        array = torch.from_numpy(np.asarray(array, np.float32))
-        return array.reshape(-1, *array.shape[-3:]).permute(0, 3, 1, 2)
-
-    size = min(reference.shape[-3], reference.shape[-2])
-    kernel = min(11, size - (1 - size % 2))  # the standard 11x11 window, smaller for tiny images
-    return float(structural_similarity_index_measure(frames(other), frames(reference), data_range=1.0,
-                                                     kernel_size=kernel))
 
 
 def lpips_available() -> bool:
@@ -190,7 +174,6 @@ def clip_score(settings: EvalSettings, samples: np.ndarray, prompts: list[str]) 
 def compute_results(settings: EvalSettings, model: ModelHandle, *, progress: bool = True) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from .harness import conditions
 
     out = Path(settings.out)
     flops_file = out / ".flops.json"
@@ -343,7 +326,6 @@ def _grid(results: dict, out: Path, columns: int = 8) -> None:
     """The first ``columns`` inputs, one row per method, as one lossless PNG."""
     from PIL import Image
 
-    from .harness import sample_path
 
     rows = []
     for row in results["rows"]:

@@ -74,7 +74,7 @@ def block_sparse_attention(q, k, v, kv_block_index, kv_block_count, block_size: 
     _check(q, k, v, kv_block_index, kv_block_count, block_size)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if q.is_cuda:
-        from ._triton import block_sparse_attention_triton
+        from .triton_backend import block_sparse_attention_triton
 
         out, lse = block_sparse_attention_triton(q, k, v, kv_block_index, kv_block_count, block_size, scale)
     else:

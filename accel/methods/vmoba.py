@@ -2,7 +2,6 @@
 key it matches best, over partitions that cycle through 1D, 2D and 3D from layer to layer.
 
 Paper: Wu et al., "VMoBA: Mixture-of-Block Attention for Video Diffusion Models", arXiv 2506.23858.
-Spec: ../shared/design/METHODS.md ("VMoBA").
 
 What it does, in three lines: the image tokens of layer ``l`` are partitioned into blocks along time (1D: runs of
 frames), space (2D: tiles of the frame, through all frames) or both (3D: cubes), cycling with ``l % 3``, and
@@ -19,8 +18,11 @@ Where this implementation departs from the paper, and why:
 * The 2D tiles span every frame, the 1D runs every row and column; on images (one frame) the 1D partition runs
   over rows. Split counts are capped by the token grid.
 * Text tokens of joint attention are always kept in both directions; cross-attention is never touched; calls
-  with an attention mask run dense.
+  whose mask masks something run dense.
 * Recall (attention mass kept) costs a dense pass, so it is measured only with ``measure_recall=True``.
+
+Measured on ``moving-digits`` (``python benchmarks/sparse_attention.py --sections moving-digits``): threshold 0.25
+keeps 85% of the attention mass at density 0.87, 18.6 dB PSNR against dense, 0.44x of dense's speed on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -31,14 +33,14 @@ import math
 
 import torch
 
-from accel.kernels import block_mass
+from accel.attention import AttentionCall
+from accel.config import AccelConfig, check_bool, check_float, check_int
+from accel.hooks import MethodScope
+from accel.kernels import block_mass, recall, selection_from_mask
 from accel.pipelines.adapters import ADAPTERS
+from accel.registry import register_accelerator
 
-from . import _block_sparse as sparse
-from .attention import AttentionCall
-from .config import AccelConfig, check_bool, check_float, check_int
-from .hooks import MethodScope
-from .registry import register_accelerator
+from . import sparse_tokens as sparse
 
 PARTITIONS = ("temporal", "spatial", "spatiotemporal")
 
@@ -177,7 +179,7 @@ class VMoBAAttention:
         order = partition.order.to(call.query.device)
         q_image, k_image, _ = sparse.image_parts(call, split, order)
         selected = vmoba_selection(q_image, k_image, partition, self.config.threshold)
-        index, count = sparse.selection_from_mask(selected)
+        index, count = selection_from_mask(selected)
         density = sparse.selection_density(split, index, count, partition.kernel_block, call.query.shape[2])
         entry = {
             "step": info.step, "branch": info.branch, "partition": partition.kind, "blocks": partition.blocks,
@@ -197,7 +199,7 @@ class VMoBAAttention:
         image_lse = lse[:, :, split.image].index_select(2, order)
         mass = block_mass(q_image, k_image, image_lse, block, scale=call.scale)
         text_mass = (1 - mass.sum(-1)).clamp_min(0) if split.text is not None else None
-        return sparse.recall(mass, selected, text_mass)
+        return recall(mass, selected, text_mass)
 
 
 def apply_vmoba(scope: MethodScope, config: VMoBAConfig) -> None:

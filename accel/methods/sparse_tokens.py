@@ -1,6 +1,7 @@
-"""What the two block-sparse attention accelerators (``adaspa``, ``vmoba``) share: where the image and text tokens
-of an intercepted attention call sit, running a block selection through ``accel.kernels.block_sparse_attention`` with
-text tokens kept, and the bookkeeping of density and recall.
+"""What the two block-sparse attention accelerators (``adaspa``, ``vmoba``) share, not an accelerator itself: where
+the image and text tokens of an intercepted attention call sit, running a block selection through
+``accel.kernels.block_sparse_attention`` with text tokens kept, the density of a selection and the per-call report.
+The selection ops themselves (top-k, masks, recall) are kernels' (``accel.kernels.selection``).
 
 Conventions: a *selection* is ``(kv_block_index [B, H, Qb, N] int32, kv_block_count [B, H, Qb] int32)`` over the
 image tokens only, in the kernel's blocks of ``block_size`` tokens, optionally after a permutation ``order`` of
@@ -17,9 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from accel.kernels import attention_with_lse, block_sparse_attention
-
-from .attention import AttentionCall
+from accel.attention import AttentionCall
+from accel.kernels import attention_with_lse, block_sparse_attention, selected_key_tokens
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,19 @@ class CallReport:
         self.report = {}
 
 
+def masks_nothing(mask: torch.Tensor | None) -> bool:
+    """Whether an SDPA ``attn_mask`` leaves every score as it is: none, all ``True``, or all zeros (additive). Some
+    pipelines (HunyuanVideo) always pass a mask, which masks nothing when no text token is padding."""
+    if mask is None:
+        return True
+    return bool(mask.all()) if mask.dtype == torch.bool else not bool(mask.any())
+
+
 def token_split(call: AttentionCall) -> TokenSplit | None:
-    """The token split of ``call``, or ``None`` for a call that must stay dense: an attention mask, causal or
-    dropout attention, or a sequence that does not match the forward's token layout (the caller then computes the
-    call unchanged and reports it as dense)."""
-    if call.step is None or call.attn_mask is not None or call.is_causal or call.dropout_p or call.enable_gqa:
+    """The token split of ``call``, or ``None`` for a call that must stay dense: an attention mask that masks
+    something, causal or dropout attention, or a sequence that does not match the forward's token layout (the
+    caller then computes the call unchanged and reports it as dense)."""
+    if call.step is None or not masks_nothing(call.attn_mask) or call.is_causal or call.dropout_p or call.enable_gqa:
         return None
     length = call.query.shape[2]
     if call.key.shape[2] != length:
@@ -72,15 +80,6 @@ def token_split(call: AttentionCall) -> TokenSplit | None:
     return None
 
 
-def selected_key_tokens(kv_block_index, kv_block_count, image_tokens: int, block_size: int) -> torch.Tensor:
-    """Keys each query block attends to under a selection (the ragged last block counted exactly) -> [B, H, Qb]."""
-    key_blocks = math.ceil(image_tokens / block_size)
-    sizes = torch.full((key_blocks,), block_size, dtype=torch.long, device=kv_block_index.device)
-    sizes[-1] = image_tokens - block_size * (key_blocks - 1)
-    used = torch.arange(kv_block_index.shape[-1], device=kv_block_index.device) < kv_block_count[..., None].long()
-    return (sizes[kv_block_index.long().clamp(0, key_blocks - 1)] * used).sum(-1)
-
-
 def selection_density(split: TokenSplit, kv_block_index, kv_block_count, block_size: int, total: int) -> float:
     """Share of the full (total x total) attention matrix a selection computes, text rows and columns included."""
     n = split.image_tokens
@@ -90,45 +89,6 @@ def selection_density(split: TokenSplit, kv_block_index, kv_block_count, block_s
     image_pairs = (keys * rows).sum(-1).mean()  # per (batch, head)
     text = total - n
     return float((image_pairs + n * text + text * total) / (total * total))
-
-
-def selection_from_mask(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A boolean [B, H, Qb, Kb] block mask -> (kv_block_index, kv_block_count), indices ascending."""
-    count = selected.sum(-1)
-    width = max(1, int(count.max())) if count.numel() else 1
-    order = torch.argsort((~selected).to(torch.int8), dim=-1, stable=True)[..., :width]
-    return order.to(torch.int32).contiguous(), count.to(torch.int32).contiguous()
-
-
-def top_k_selection(scores: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of ``scores`` [B, H, Qb, Kb], the ``keep[h]`` highest-scoring key blocks (row-wise, so every row
-    keeps the same number) -> (kv_block_index sorted ascending, kv_block_count)."""
-    key_blocks = scores.shape[-1]
-    keep = keep.clamp(1, key_blocks).to(scores.device)
-    width = int(keep.max())
-    index = torch.topk(scores, width, dim=-1).indices  # [B, H, Qb, width], best first
-    slots = torch.arange(width, device=scores.device)
-    in_use = slots.view(1, 1, 1, -1) < keep.view(1, -1, 1, 1)
-    index = torch.where(in_use, index, torch.full_like(index, key_blocks))  # unused slots sort last
-    index = torch.sort(index, dim=-1).values.clamp_max(key_blocks - 1)
-    count = keep.view(1, -1, 1).expand(*scores.shape[:3])
-    return index.to(torch.int32).contiguous(), count.to(torch.int32).contiguous()
-
-
-def recall(mass: torch.Tensor, selected: torch.Tensor, text_mass: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention mass kept per head: mean over batch and query blocks of the selected blocks' mass (plus the text
-    tokens' mass, which is always kept). mass, selected: [B, H, Qb, Kb] -> [H]."""
-    kept = (mass * selected).sum(-1)
-    if text_mass is not None:
-        kept = kept + text_mass
-    return kept.mean(dim=(0, 2))
-
-
-def mask_from_selection(kv_block_index, kv_block_count, key_blocks: int) -> torch.Tensor:
-    used = torch.arange(kv_block_index.shape[-1], device=kv_block_index.device) < kv_block_count[..., None].long()
-    mask = torch.zeros(*kv_block_index.shape[:3], key_blocks + 1, dtype=torch.bool, device=kv_block_index.device)
-    mask.scatter_(-1, torch.where(used, kv_block_index.long(), key_blocks), True)
-    return mask[..., :key_blocks]
 
 
 def image_parts(call: AttentionCall, split: TokenSplit, order: torch.Tensor | None = None):
