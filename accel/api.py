@@ -59,7 +59,7 @@ def wrap(pipe, methods: str | AccelConfig | list[str | AccelConfig], **overrides
         context = attach_context(pipe, adapter)
     added: list[MethodScope] = []
     try:
-        with context._lock:
+        with context.changing("accel.wrap"):
             for spec, config in zip(specs, configs):
                 scope = MethodScope(context, spec.name, config)
                 added.append(scope)
@@ -123,7 +123,7 @@ def unwrap(pipe):
     context = context_of(pipe)
     if context is None:
         return pipe
-    with context._lock:
+    with context.changing("accel.unwrap"):
         detach_context(pipe)
     return pipe
 

@@ -77,6 +77,16 @@ def check_float(
     _check_range(name, value, minimum, maximum)
 
 
+MAX_BLOCK_SIZE = 1024  # tokens; a block-sparse kernel block larger than this is a dense call that allocates more
+
+
+def check_block_size(name: str, value: Any) -> None:
+    """``value`` must be a power of two from 16 to ``MAX_BLOCK_SIZE`` (an attention kernel's block, in tokens)."""
+    check_int(name, value, minimum=16, maximum=MAX_BLOCK_SIZE)
+    if value & (value - 1):
+        raise ValueError(f"{_describe(name, value)} must be a power of two from 16 to {MAX_BLOCK_SIZE}.")
+
+
 def check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}.")

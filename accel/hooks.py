@@ -229,7 +229,7 @@ class PipelineContext:
         self.attention_owners: dict[int, str] = {}
         # called after every scheduler step of a call as observe(step output, steps done) -> the output to hand on
         self.step_observers: list[Callable[[Any, int], Any]] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # held by a call, and by every change (wrap, unwrap, a calibration scope)
         self._installed: list[tuple[torch.nn.Module, str]] = []
         self._reset_call_counters()
 
@@ -290,6 +290,17 @@ class PipelineContext:
             registry = getattr(module, "_diffusers_hook", None)
             if registry is not None:
                 registry.invalidate_child_registries_cache()
+
+    @contextlib.contextmanager
+    def changing(self, action: str) -> Iterator[None]:
+        """Hold the pipeline for a change (``action``: what is being done). Another thread's call finishes first; a
+        change from inside this pipeline's own call in this thread (a step callback) raises ``RuntimeError``: it
+        would wait for the call that is running it, or change the hooks under that call's feet."""
+        if _ACTIVE.get() is self:
+            raise RuntimeError(f"{action} cannot run during this pipeline's own call (from its "
+                               "callback_on_step_end or a hook); do it before or after the call.")
+        with self._lock:
+            yield
 
     # -- per call ---------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -540,7 +551,7 @@ def temporary_scope(pipe, name: str, install: Callable[[MethodScope], None]) -> 
         context = attach_context(pipe, adapter_for(pipe))
     scope = MethodScope(context, name)
     try:
-        with context._lock:
+        with context.changing(f"accel's {name} pass"):
             install(scope)
             context.scopes.append(scope)
             context.place_trackers_outermost()
@@ -550,6 +561,5 @@ def temporary_scope(pipe, name: str, install: Callable[[MethodScope], None]) -> 
             scope.remove()
             if scope in context.scopes:
                 context.scopes.remove(scope)
-        if created:
-            with context._lock:
+            if created:
                 detach_context(pipe)

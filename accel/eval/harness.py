@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -59,6 +60,13 @@ def check_settings(settings: EvalSettings) -> ModelHandle:
         raise ValueError(f"--batch-size must be at least 1, got {settings.batch_size}.")
     if settings.steps is not None and settings.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {settings.steps}.")
+    if settings.guidance_scale is not None and not (math.isfinite(settings.guidance_scale)
+                                                    and settings.guidance_scale >= 0):
+        raise ValueError(f"--guidance-scale must be a finite number >= 0 (1 turns guidance off), got "
+                         f"{settings.guidance_scale}.")
+    largest_seed = 2**63 - 1 - CALIBRATION_SEED_OFFSET - settings.num_images  # torch seeds are 64-bit
+    if not 0 <= settings.seed <= largest_seed:
+        raise ValueError(f"--seed must be in 0..{largest_seed} (input i uses seed SEED + i), got {settings.seed}.")
     model = load_model(settings.model)
     if model.conditioning == "prompt_embeds":
         raise ValueError(f"{settings.model} takes prompt_embeds only; the eval harness needs prompts.")
@@ -188,10 +196,11 @@ def generate(settings: EvalSettings, model: ModelHandle, *, process_index: int =
         if not record.is_file():
             return False
         try:
-            frames = json.loads(record.read_text()).get("frames")
+            written = json.loads(record.read_text())
         except json.JSONDecodeError:
             return False
-        return all(read_sample(sample_path(out, method, i), frames) is not None for i in batch)
+        frames, shape = written.get("frames"), written.get("sample_shape")
+        return all(read_sample(sample_path(out, method, i), frames, shape) is not None for i in batch)
 
     todo = {method: [(k, b) for k, b in mine if not done(method, b)] for method in settings.methods}
     total = sum(map(len, todo.values()))
@@ -227,7 +236,8 @@ def generate(settings: EvalSettings, model: ModelHandle, *, process_index: int =
             summary = accel.summary(pipe) if accel.is_wrapped(pipe) else None
             record = {
                 "batch": k, "indices": batch, "seconds": seconds, "seconds_per_sample": seconds / len(batch),
-                "peak_rss_mb": _peak_rss_mb(), "frames": frames, "process": process_index,
+                "peak_rss_mb": _peak_rss_mb(), "frames": frames, "sample_shape": list(samples.shape[1:]),
+                "process": process_index,
                 "blocks_computed": summary.blocks_computed_share if summary else None,
                 "branches_computed": summary.branches_computed_share if summary else None,
                 "attention_density": summary.attention_density if summary else None,

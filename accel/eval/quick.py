@@ -15,6 +15,7 @@ Methods with an offline calibration (BAC) are calibrated on the same model with 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import statistics
 import sys
@@ -26,7 +27,7 @@ import torch
 import accel
 from accel.eval.metrics import output_array, psnr
 from accel.eval.models import ModelHandle, load_model
-from accel.registry import parse_method_list
+from accel.registry import parse_method_list, registered
 
 DEFAULT_MODEL = "digits-dit"
 
@@ -106,8 +107,38 @@ def format_table(rows: list[dict], model: ModelHandle, repeats: int) -> str:
             f"{accuracy:>10}"
         )
     if len(rows) == 1:
-        lines.append("(no accelerator is registered yet: the table shows the baseline alone)")
+        lines.append("(no accelerator runs on this model: the table shows the baseline alone)")
     return "\n".join(lines)
+
+
+def runnable_methods(model: ModelHandle, text: str) -> list[tuple[str, list[str]]]:
+    """The rows ``--methods`` asks for, each checked by wrapping a fresh pipeline before anything is timed: ``all``
+    keeps the registered methods that support the model's family (and says on stderr which it skips); an explicit
+    method or stack the model cannot take raises ``ValueError``."""
+    from accel.pipelines.adapters import adapter_for
+
+    pipe = model.build()
+    family = adapter_for(pipe).name
+    if text.strip() == "all":
+        skipped = [spec.name for spec in registered() if not spec.supports(family)]
+        if skipped:
+            print(f"accel-run: skipping {', '.join(skipped)}: not for the {family!r} family of {model.name}.",
+                  file=sys.stderr)
+        return [(spec.name, [spec.name]) for spec in registered() if spec.supports(family)]
+    rows = parse_method_list(text)
+    quiet = logging.getLogger("accel")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the trial wrap's "no calibrated schedule" warnings
+    try:
+        for label, names in rows:
+            try:
+                accel.wrap(pipe, names)  # a stack's conflicts (two methods replacing one attention) show here
+            except ValueError as error:
+                raise ValueError(f"{label}: {error}") from None
+            accel.unwrap(pipe)
+    finally:
+        quiet.setLevel(level)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,9 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.steps is not None and args.steps < 1:
             raise ValueError(f"--steps must be at least 1, got {args.steps}.")
         model = model_handle(args.model)
-        methods = parse_method_list(args.methods)
-        for _, names in methods:  # fail before any run
-            accel.registry.resolve(names)
+        methods = runnable_methods(model, args.methods)
     except ValueError as error:
         print(f"accel-run: {error}", file=sys.stderr)
         return 2

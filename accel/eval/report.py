@@ -90,7 +90,8 @@ def load_samples(settings: EvalSettings, method: str) -> tuple[np.ndarray | None
         except json.JSONDecodeError:
             continue
     frames = next((r.get("frames") for r in records if r.get("frames")), None)
-    samples = [read_sample(sample_path(out, method, index), frames) for index in range(settings.num_images)]
+    shape = next((r["sample_shape"] for r in records if r.get("sample_shape")), None)
+    samples = [read_sample(sample_path(out, method, index), frames, shape) for index in range(settings.num_images)]
     if any(sample is None for sample in samples):
         return None, records
     return np.stack(samples), records

@@ -130,8 +130,9 @@ def write_sample(path: Path, sample: np.ndarray) -> None:
         atomic_write(path.with_suffix(".gif"), buffer.getvalue())
 
 
-def read_sample(path: Path, frames: int | None) -> np.ndarray | None:
-    """The sample stored at ``path``, or ``None`` if it is missing, truncated or otherwise unreadable."""
+def read_sample(path: Path, frames: int | None, shape: list[int] | tuple[int, ...] | None = None) -> np.ndarray | None:
+    """The sample stored at ``path``, or ``None`` if it is missing, truncated, otherwise unreadable, or (with
+    ``shape``) not of the shape its run generated: another size or channel count is another run's file."""
     from PIL import Image
 
     try:
@@ -142,4 +143,7 @@ def read_sample(path: Path, frames: int | None) -> np.ndarray | None:
         return None
     if frames and picture.shape[1] % frames:
         return None
-    return from_png_array(picture, frames)
+    sample = from_png_array(picture, frames)
+    if shape is not None and tuple(sample.shape) != tuple(shape):
+        return None
+    return sample

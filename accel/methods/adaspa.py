@@ -38,7 +38,7 @@ import math
 import torch
 
 from accel.attention import AttentionCall
-from accel.config import AccelConfig, check_bool, check_float, check_int
+from accel.config import AccelConfig, check_block_size, check_bool, check_float
 from accel.hooks import BranchStates, MethodScope
 from accel.kernels import block_mass, mask_from_selection, recall, top_k_selection
 from accel.pipelines.adapters import ADAPTERS
@@ -60,7 +60,7 @@ class AdaSpaConfig(AccelConfig):
         sparsity: target share of key blocks each query-block row drops (0.7 keeps 30%).
         warmup: share of the steps run dense before the first search.
         research: shares of the steps at which the selection is searched again (from the cached LSE).
-        block_size: query and key block size of the kernel, in tokens (power of two >= 16).
+        block_size: query and key block size of the kernel, in tokens (a power of two from 16 to 1024).
         head_adaptive: give high-recall heads more sparsity and low-recall heads less (mean unchanged).
     """
 
@@ -79,9 +79,7 @@ class AdaSpaConfig(AccelConfig):
         for share in self.research:
             check_float("research step", share, minimum=0.0, maximum=1.0)
         self.research = tuple(self.research)  # JSON gives a list back
-        check_int("block_size", self.block_size, minimum=16)
-        if self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}.")
+        check_block_size("block_size", self.block_size)
         check_bool("head_adaptive", self.head_adaptive)
 
 

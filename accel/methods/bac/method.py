@@ -271,6 +271,7 @@ class BACPlan:
         if state.updates is not None or num_steps is None:
             return state.updates
         if self.schedule is not None and self.schedule.num_inference_steps == num_steps:
+            self.schedule.check_scheduler(self.scope.pipe.scheduler)  # it may have been swapped since wrap
             state.updates = {name: frozenset(steps) for name, steps in self.schedule.updates.items()}
             state.schedule_used = "calibrated"
         else:

@@ -78,10 +78,14 @@ class BACSchedule:
     def from_dict(cls, data: Any) -> BACSchedule:
         if not isinstance(data, dict) or data.get("format") != SCHEDULE_FORMAT:
             raise ValueError(f"Not a BAC schedule: expected a dict with format {SCHEDULE_FORMAT!r}.")
-        try:
-            return cls(data["num_inference_steps"], dict(data["updates"]), dict(data.get("metadata", {})))
-        except (KeyError, TypeError) as error:
-            raise ValueError(f"Corrupt BAC schedule: {error!r}.") from None
+        missing = [key for key in ("num_inference_steps", "updates") if key not in data]
+        if missing:
+            raise ValueError(f"Corrupt BAC schedule: no {' or '.join(map(repr, missing))} field.")
+        for key, kind in (("updates", "a mapping of branch names to lists of update steps"),
+                          ("metadata", "a mapping")):
+            if not isinstance(data.get(key, {}), dict):
+                raise ValueError(f"Corrupt BAC schedule: {key!r} must be {kind}, got {data[key]!r:.60}.")
+        return cls(data["num_inference_steps"], dict(data["updates"]), dict(data.get("metadata", {})))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the schedule as JSON, atomically (a temporary file renamed over ``path``)."""
@@ -117,6 +121,19 @@ class BACSchedule:
             raise ValueError(
                 f"This BAC schedule does not describe this pipeline's branches (missing {missing[:3]}, unknown "
                 f"{extra[:3]}); recalibrate with accel.calibrate."
+            )
+
+
+    def check_scheduler(self, scheduler) -> None:
+        """Raise ``ValueError`` unless ``scheduler`` is the class and config this schedule was calibrated with (it
+        can be swapped on a wrapped pipeline; BAC checks at the start of every call)."""
+        expected = self.metadata.get("models", {}).get("scheduler")
+        actual = describe_models({}, scheduler)["scheduler"]
+        if expected is not None and expected != actual:
+            raise ValueError(
+                f"The pipeline's scheduler ({actual['class']}, config {actual['config_hash']}) is not the one this "
+                f"BAC schedule was calibrated with ({expected['class']}, config {expected['config_hash']}): it was "
+                "swapped after accel.wrap. Recalibrate for it with accel.calibrate, or restore the scheduler."
             )
 
 
