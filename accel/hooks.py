@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -229,6 +230,8 @@ class PipelineContext:
         self.attention_owners: dict[int, str] = {}
         # called after every scheduler step of a call as observe(step output, steps done) -> the output to hand on
         self.step_observers: list[Callable[[Any, int], Any]] = []
+        # called before every call, outside it, as prepare(call arguments by name); a method may run the pipeline
+        self.call_preparers: list[Callable[[dict[str, Any]], None]] = []
         self._lock = threading.RLock()  # held by a call, and by every change (wrap, unwrap, a calibration scope)
         self._installed: list[tuple[torch.nn.Module, str]] = []
         self._reset_call_counters()
@@ -303,6 +306,16 @@ class PipelineContext:
             yield
 
     # -- per call ---------------------------------------------------------------------------------
+    def prepare_call(self, args: tuple, kwargs: dict) -> None:
+        """Run the methods' preparers (``MethodScope.before_each_call``) for a call with ``args`` / ``kwargs``,
+        holding the pipeline, before the call starts: a preparer may call the pipeline itself (calibration)."""
+        if not self.call_preparers or _ACTIVE.get() is self:
+            return  # a nested call is refused by pipeline_call
+        with self._lock:
+            arguments = _call_arguments(self.pipe, args, kwargs)
+            for prepare in list(self.call_preparers):
+                prepare(arguments)
+
     @contextlib.contextmanager
     def pipeline_call(self):
         if _ACTIVE.get() is self:
@@ -365,6 +378,7 @@ class MethodScope:
         self.states: list[ResettableState] = []
         self.extras: dict[str, Any] = {}  # figures for accel.summary(pipe).extras[name]
         self._hooks: list[tuple[torch.nn.Module, str]] = []
+        self._preparers: list[Callable[[dict[str, Any]], None]] = []
 
     # What the accelerator reads.
     @property
@@ -421,6 +435,13 @@ class MethodScope:
         finally:
             self.context.step_observers.remove(observer)
 
+    def before_each_call(self, prepare: Callable[[dict[str, Any]], None]) -> None:
+        """Run ``prepare(arguments)`` before every call of the pipeline, outside the call (hooks inert), with the
+        call's arguments by name (positional ones named, defaults not filled in). It may call the pipeline, e.g.
+        to calibrate on the call's own inputs; it is removed with the method."""
+        self.context.call_preparers.append(prepare)
+        self._preparers.append(prepare)
+
     def call_undecorated(self, **kwargs):
         """Call the pipeline through its class's own ``__call__`` without the ``torch.no_grad`` decorator diffusers
         puts on it, inside this pipeline's call tracking, so a calibration can differentiate through the sampling
@@ -475,6 +496,10 @@ class MethodScope:
         for state in self.states:
             state.reset()
         self.states.clear()
+        for prepare in self._preparers:
+            if prepare in self.context.call_preparers:
+                self.context.call_preparers.remove(prepare)
+        self._preparers.clear()
 
 
 # ---------------------------------------------------------------------------------------- attaching
@@ -503,6 +528,9 @@ def call_wrapping_class(cls: type, attr: str) -> type:
                 owner = self.__dict__.get(attr)
                 if owner is None:
                     return original_call(self, *args, **kwargs)
+                prepare = getattr(owner, "prepare_call", None)
+                if prepare is not None:
+                    prepare(args, kwargs)
                 with owner.pipeline_call():
                     return original_call(self, *args, **kwargs)
 
@@ -511,6 +539,24 @@ def call_wrapping_class(cls: type, attr: str) -> type:
                          "__doc__": cls.__doc__, "_accel_base_class": cls, "_accel_call_attr": attr}
             wrapped = _WRAPPED_CLASSES[(cls, attr)] = type(cls.__name__, (cls,), namespace)
         return wrapped
+
+
+def _call_arguments(pipe, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A call's arguments by name: positional ones get their parameter names from the pipeline's ``__call__``."""
+    if not args:
+        return dict(kwargs)
+    base = type(pipe).__dict__.get("_accel_base_class", type(pipe))
+    signature = inspect.signature(base.__call__)
+    try:
+        bound = signature.bind_partial(pipe, *args, **kwargs)
+    except TypeError as error:
+        raise TypeError(f"{type(pipe).__name__}.__call__: {error}") from None
+    arguments = dict(bound.arguments)
+    arguments.pop(next(iter(arguments)))  # self
+    for parameter in signature.parameters.values():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:  # binds as one dict
+            arguments.update(arguments.pop(parameter.name, {}))
+    return arguments
 
 
 def context_of(pipe) -> PipelineContext | None:

@@ -20,3 +20,10 @@ def _toy_accelerators():
     toy_accelerators.register()
     yield
     toy_accelerators.unregister()
+
+
+@pytest.fixture(autouse=True)
+def _private_schedule_cache(tmp_path_factory, monkeypatch):
+    # BAC caches first-call schedules on disk; each test gets its own folder, so no test reads another's schedule
+    # (their inputs differ) and none writes to the user's ~/.cache.
+    monkeypatch.setenv("ACCEL_CACHE_DIR", str(tmp_path_factory.mktemp("accel-cache")))

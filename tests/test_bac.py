@@ -46,7 +46,7 @@ class TestBAC(AcceleratorTesterMixin):
     saves = "branches"
 
     def make_config(self):
-        return BACConfig(budget=0.5)  # uncalibrated: of 3 steps, 0 and 2 update and 1 reuses
+        return BACConfig(budget=0.5, calibrate=False)  # uncalibrated: of 3 steps, 0 and 2 update and 1 reuses
 
     def test_budget_one_is_bit_identical_to_the_baseline(self, family):
         baseline = run(tiny.build(family), family, num_inference_steps=4)
@@ -349,13 +349,13 @@ def test_bad_config_values(changes, match):
 
 def test_uncalibrated_and_step_mismatch_are_visible(caplog):
     with caplog.at_level(logging.WARNING, logger="accel.methods.bac"):
-        pipe = accel.wrap(tiny.build("dit"), "bac")
+        pipe = accel.wrap(tiny.build("dit"), "bac", calibrate=False)
     assert "no calibrated schedule" in caplog.text and "accel.calibrate" in caplog.text
     run(pipe, "dit", num_inference_steps=5)
     assert accel.summary(pipe).extras["bac"]["schedule"] == "uniform"
 
     plain, schedule = calibrated("dit", steps=6)
-    accel.wrap(plain, "bac", schedule=schedule)
+    accel.wrap(plain, "bac", schedule=schedule, calibrate=False)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="accel.methods.bac"):
         run(plain, "dit", num_inference_steps=4)
@@ -420,7 +420,7 @@ def test_blocks_whose_branches_are_all_reused_do_not_run_and_give_the_same_outpu
     outputs, summaries = {}, {}
     for skip in (True, False):
         config = BACConfig(budget=budget, forecast=forecast, forecast_gain=0.8 if forecast else 1.0,
-                           skip_reused_blocks=skip)
+                           skip_reused_blocks=skip, calibrate=False)
         pipe = accel.wrap(tiny.build(family), config)
         outputs[skip], summaries[skip] = run(pipe, family, num_inference_steps=steps), accel.summary(pipe)
     np.testing.assert_array_equal(outputs[True], outputs[False])
@@ -446,7 +446,8 @@ def test_reused_blocks_run_when_another_method_hooks_them_first():
 
 def test_stacks_with_delta_dit():
     # Δ-DiT skips one of the two blocks on odd steps; BAC reuses every branch on step 3 of 4.
-    pipe = accel.wrap(tiny.build("dit"), [accel.DeltaDiTConfig(cached_fraction=0.5), BACConfig(budget=0.75)])
+    pipe = accel.wrap(tiny.build("dit"), [accel.DeltaDiTConfig(cached_fraction=0.5),
+                                             BACConfig(budget=0.75, calibrate=False)])
     run(pipe, "dit", num_inference_steps=4)
     summary = accel.summary(pipe)
     assert summary.blocks_computed_share < 1.0 and summary.branches_computed_share < summary.blocks_computed_share

@@ -17,7 +17,9 @@ Departures from the paper (why, and the measurements: ``docs/methods/bac.md``):
   ``"sensitivity"`` place the updates by the error of what each reused step returns (in its own units, or by its
   first-order effect on the final sample); ``per_block`` gives a block's branches one schedule; ``share_budget``
   lets the blocks share the updates.
-* Without a calibrated schedule for the call's step count, updates are evenly spaced and a warning says so.
+* Without a schedule for the call's step count, the first such call calibrates on its own inputs (``auto``) and
+  the schedule is cached on disk per model, weights, scheduler and steps (``cache``); ``calibrate=False`` runs
+  evenly spaced updates instead, with a warning.
 
 Measured on the shipped ``digits-dit`` (20 steps, guidance 1.5, 500 samples, 2 CPU threads;
 ``python benchmarks/caching.py --model digits-dit --steps 20``, ``docs/benchmarks/caching.md``): the paper's
@@ -27,8 +29,9 @@ schedule at budget 0.35 runs 2.20x at 30.1 dB PSNR against the uncached output; 
 
 from accel.registry import register_accelerator
 
+from .auto import apply_bac
 from .calibration import calibrate_bac
-from .method import METRICS, BACConfig, apply_bac
+from .method import METRICS, BACConfig
 from .schedule import BACSchedule, branch_names, describe_models
 
 __all__ = ["METRICS", "BACConfig", "BACSchedule", "apply_bac", "branch_names", "calibrate_bac", "describe_models"]

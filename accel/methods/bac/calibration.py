@@ -247,8 +247,10 @@ def _shared_schedules(groups: list[list[str]], statistics: dict[str, tuple], cou
 
 
 def calibrate_bac(pipe, config: BACConfig, inputs: Iterable[dict], *, num_inference_steps: int,
-                  progress: bool = True) -> BACSchedule:
-    """Run the pipeline uncached on ``inputs`` and build the BAC schedule (see ``accel.calibrate``)."""
+                  progress: bool = True, _bac_passive: bool = False) -> BACSchedule:
+    """Run the pipeline uncached on ``inputs`` and build the BAC schedule (see ``accel.calibrate``).
+
+    ``_bac_passive``: BAC's own first-call calibration (``auto``), which holds its hooks passive meanwhile."""
     from tqdm.auto import tqdm
 
     inputs = _check_inputs(inputs, num_inference_steps)
@@ -258,7 +260,7 @@ def calibrate_bac(pipe, config: BACConfig, inputs: Iterable[dict], *, num_infere
     branches: dict[str, tuple] = {}
 
     def install(scope: MethodScope) -> None:
-        if BACConfig.method in scope.applied_methods():
+        if BACConfig.method in scope.applied_methods() and not _bac_passive:
             raise ValueError("This pipeline is already wrapped with BAC; calibrate it unwrapped (accel.unwrap).")
         branches.update(branch_names(scope))
         for name, (denoiser, _, _, module) in branches.items():

@@ -1,5 +1,5 @@
 """BAC's runtime: the config, the per-branch and per-block hooks that reuse (or forecast) a branch's output on its
-non-update steps, and ``apply_bac``. The package docstring (``accel.methods.bac``) says what and why."""
+non-update steps, and ``install_bac``. The package docstring (``accel.methods.bac``) says what and why."""
 
 from __future__ import annotations
 
@@ -45,7 +45,11 @@ class BACConfig(AccelConfig):
             (1.0 computes everything). Used by ``accel.calibrate`` and by the uncalibrated fallback.
         top_k: how many of the most volatile branches get the Bubbling Union (0 turns it off).
         schedule: a calibrated ``BACSchedule``, or the path of its JSON file or its ``to_dict()``, read into one
-            when the config is made. ``None``: evenly spaced updates, with a warning.
+            when the config is made, used for calls with its step count.
+        calibrate: on the first call with a step count no schedule covers, calibrate on that call's inputs
+            (``accel.calibrate``'s pass, with its progress bar) and keep the schedule for the pipeline and on disk
+            (``accel.methods.bac.cache``: keyed by model, weights, scheduler, steps and these settings), so later
+            calls and processes reuse it. ``False``: such calls update evenly spaced steps, with a warning.
         forecast: 0 reuses a branch's last update output (the paper); 1 extrapolates linearly from its last two
             updates (package docstring).
         forecast_gain: with ``forecast=1``, the share of the linear extrapolation a reused branch takes (ours):
@@ -75,6 +79,7 @@ class BACConfig(AccelConfig):
     budget: float = 0.4
     top_k: int = 4
     schedule: BACSchedule | str | dict | None = None
+    calibrate: bool = True
     forecast: int = 0
     forecast_gain: float = 1.0
     compute_final_step: bool = True
@@ -92,6 +97,7 @@ class BACConfig(AccelConfig):
         if self.forecast_gain != 1.0 and not self.forecast:
             raise ValueError(f"forecast_gain={self.forecast_gain!r} scales the forecast; it needs forecast=1 "
                              "(forecast=0 reuses the last update as it is).")
+        check_bool("calibrate", self.calibrate)
         check_bool("compute_final_step", self.compute_final_step)
         check_bool("skip_reused_blocks", self.skip_reused_blocks)
         check_bool("per_block", self.per_block)
@@ -261,29 +267,36 @@ def _extrapolate(older, newest, ratio: float):
 
 
 class BACPlan:
-    """The update steps of a wrapped pipeline: the calibrated schedule for its step count, else evenly spaced."""
+    """The update steps of a wrapped pipeline: the schedule for the call's step count (given, or calibrated on a
+    first call, ``accel.methods.bac.auto``), else evenly spaced."""
 
     def __init__(self, scope: MethodScope, config: BACConfig, schedule: BACSchedule | None, names: list[str]) -> None:
-        self.scope, self.config, self.schedule, self.names = scope, config, schedule, names
+        self.scope, self.config, self.names = scope, config, names
+        self.schedules: dict[int, BACSchedule] = {}
+        if schedule is not None:
+            self.schedules[schedule.num_inference_steps] = schedule
+        self.passive = False  # True while BAC's own calibration runs the pipeline: every branch computes
 
     @torch.compiler.disable
     def updates_for_call(self, state: BACState, num_steps: int | None) -> dict[str, frozenset[int]] | None:
-        if state.updates is not None or num_steps is None:
+        if self.passive or state.updates is not None or num_steps is None:
             return state.updates
-        if self.schedule is not None and self.schedule.num_inference_steps == num_steps:
-            self.schedule.check_scheduler(self.scope.pipe.scheduler)  # it may have been swapped since wrap
-            state.updates = {name: frozenset(steps) for name, steps in self.schedule.updates.items()}
+        schedule = self.schedules.get(num_steps)
+        if schedule is not None:
+            schedule.check_scheduler(self.scope.pipe.scheduler)  # it may have been swapped since it was made
+            state.updates = {name: frozenset(steps) for name, steps in schedule.updates.items()}
             state.schedule_used = "calibrated"
+            self.scope.extras.update(calibrated_for_steps=num_steps, calibration=schedule.metadata)
         else:
             steps = frozenset(uniform_updates(num_steps, self.config.budget, self.config.compute_final_step))
             state.updates = {name: steps for name in self.names}
             state.schedule_used = "uniform"
-            if self.schedule is not None:
+            if self.schedules:
                 logger.warning(
-                    "BAC: the schedule was calibrated for %d steps but this call runs %d; using %d evenly spaced "
+                    "BAC: the schedule was calibrated for %s steps but this call runs %d; using %d evenly spaced "
                     "updates per branch instead. Calibrate for %d steps with accel.calibrate(pipe, 'bac', inputs, "
-                    "num_inference_steps=%d).", self.schedule.num_inference_steps, num_steps, len(steps), num_steps,
-                    num_steps,
+                    "num_inference_steps=%d), or wrap with calibrate=True.",
+                    "/".join(map(str, sorted(self.schedules))), num_steps, len(steps), num_steps, num_steps,
                 )
         # forecasting reads the last two updates before a reuse, so it keeps every update's output
         state.stores = {
@@ -303,18 +316,18 @@ def _steps_reused_after(updates: list[int], num_steps: int) -> list[int]:
     return [step for step, next_update in zip(updates, following) if next_update > step + 1]
 
 
-def apply_bac(scope: MethodScope, config: BACConfig) -> None:
-    """Install BAC on every branch of every block of the pipeline behind ``scope``."""
+def install_bac(scope: MethodScope, config: BACConfig) -> BACPlan:
+    """Install BAC's hooks on every branch of every block of the pipeline behind ``scope``; return its plan."""
     schedule = config.schedule
     branches = branch_names(scope)
     if schedule is not None:
         schedule.check_matches(scope)
         scope.extras.update(calibrated_for_steps=schedule.num_inference_steps, calibration=schedule.metadata)
-    else:
+    elif not config.calibrate:
         logger.warning(
-            "BAC has no calibrated schedule: each branch updates on %.0f%% of the steps, evenly spaced. For the "
-            "adaptive schedule run schedule = accel.calibrate(pipe, 'bac', inputs, num_inference_steps=...) and "
-            "wrap with schedule=schedule.", 100 * config.budget,
+            "BAC has no calibrated schedule and calibrate=False: each branch updates on %.0f%% of the steps, evenly "
+            "spaced. For the adaptive schedule wrap with calibrate=True (the first call calibrates), or pass "
+            "schedule=accel.calibrate(pipe, 'bac', inputs, num_inference_steps=...).", 100 * config.budget,
         )
         scope.extras.update(schedule="uniform")
     state = scope.add_state(BACState())
@@ -326,7 +339,7 @@ def apply_bac(scope: MethodScope, config: BACConfig) -> None:
         scope.register_hook(module, hook, f"{_BAC_HOOK}.{name}")
         hooks_by_block.setdefault((denoiser, index), {})[kind] = hook
     if not config.skip_reused_blocks:
-        return
+        return plan
     for denoiser, blocks in scope.blocks.items():
         for block in blocks:
             hooks = hooks_by_block.get((denoiser, block.index))
@@ -334,3 +347,4 @@ def apply_bac(scope: MethodScope, config: BACConfig) -> None:
             if block.residual_rule is not None and hooks and scope.only_counted(block.module):
                 scope.register_hook(block.module, BACBlockHook(scope, block, hooks),
                                     f"{_BLOCK_HOOK}.{denoiser}.{block.name}")
+    return plan
