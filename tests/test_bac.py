@@ -367,13 +367,17 @@ def test_uncalibrated_and_step_mismatch_are_visible(caplog):
 
 def test_presets():
     names = {entry["name"]: entry for entry in accel.available()}["bac"]["presets"]
-    assert set(names) == {"bac", "bac-fast", "bac-quality", "bac-forecast"}
+    assert set(names) == {"bac", "bac-fast", "bac-quality", "bac-forecast", "bac-paper"}
     from accel.registry import resolve
 
-    assert [c.budget for c in resolve(["bac-fast"])] == [0.3]
-    (forecast,) = resolve(["bac-forecast"])  # ours: the L2 schedule, one per block, the budget shared
-    assert (forecast.metric, forecast.per_block, forecast.share_budget, forecast.forecast) == ("l2", True, True, 1)
-    assert BACConfig.from_dict(json.loads(json.dumps(forecast.to_dict()))) == forecast
+    presets = {name: resolve([name])[0] for name in names}
+    assert {name: config.budget for name, config in presets.items()} == {
+        "bac": 0.35, "bac-fast": 0.3, "bac-forecast": 0.3, "bac-quality": 0.5, "bac-paper": 0.4}
+    for name in ("bac", "bac-fast", "bac-forecast", "bac-quality"):  # ours: the L2 schedule, one per block, shared
+        config = presets[name]
+        assert (config.metric, config.per_block, config.share_budget, config.forecast) == ("l2", True, True, 1)
+        assert BACConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert presets["bac-paper"] == BACConfig()  # the paper's schedule
 
 
 def test_calibrate_bad_input_and_cleanup():
