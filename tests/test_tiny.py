@@ -44,9 +44,13 @@ def test_offline_tokenizers():
 
 
 def test_main_job_prints_the_table(capsys):
-    assert quick.main(["--model", "tiny:dit", "--repeats", "1", "--steps", "2"]) == 0
-    out = capsys.readouterr().out
+    assert quick.main(["--model", "tiny:dit", "--repeats", "2", "--steps", "2"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
     assert "baseline" in out and "random weights" in out and "latency ms" in out
+    assert "min–max" in out and "Next: accel-eval" in out  # the spread, and where to go next
+    for phase in ("loading tiny:dit", "building bac (calibrating BAC", "round 1/3 done (warm-up)", "round 3/3"):
+        assert phase in captured.err  # progress on stderr, the table alone on stdout
 
 
 def test_main_job_compares_a_method():

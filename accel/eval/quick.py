@@ -6,8 +6,10 @@ models) and the share of blocks computed.
     accel-run --model tiny:flux --methods a,b+c --steps 20 --repeats 5
 
 Every method gets its own pipeline instance with the same weights and is called with the same seeds; the runs
-are interleaved (baseline, method 1, method 2, baseline, ...) so machine drift hits every row alike, and the
-latency is the median over repeats after one warm-up call. Quality is PSNR against the baseline's output.
+are interleaved (baseline, method 1, method 2, baseline, ...) after one untimed warm-up round, so machine drift hits
+every row alike (``accel.eval.timing``): latency is the median over rounds, speedup the median of the per-round
+ratios with their spread, flagged "within noise" when the spread reaches 1.0x. Progress lines go to stderr.
+Quality is PSNR against the baseline's output.
 Methods with an offline calibration (BAC) are calibrated on the same model with a seed no measured call uses.
 ``tiny:<family>`` models have random weights: their speed and PSNR figures say nothing about a real model.
 """
@@ -19,6 +21,7 @@ import logging
 import math
 import statistics
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -27,7 +30,8 @@ import torch
 import accel
 from accel.eval.metrics import output_array, psnr
 from accel.eval.models import ModelHandle, load_model
-from accel.registry import parse_method_list, registered
+from accel.eval.timing import Speedup, interleaved_timings
+from accel.registry import parse_method_list, registered, resolve, spec_for
 
 DEFAULT_MODEL = "digits-dit"
 
@@ -53,24 +57,32 @@ def build_wrapped(model: ModelHandle, names: list[str], steps: int | None):
     return accel.wrap_calibrated(pipe, names, kwargs, num_inference_steps=steps)
 
 
+def status(message: str) -> None:
+    """A progress line on stderr (the table alone goes to stdout)."""
+    print(f"accel-run: {message}", file=sys.stderr, flush=True)
+
+
 def compare(model: ModelHandle, methods: list[tuple[str, list[str]]], repeats: int, seed: int = 0,
             steps: int | None = None) -> list[dict]:
+    """One row per method and the baseline: latency, speedup with its spread (``accel.eval.timing``), PSNR against
+    the baseline, the share of blocks run and, on the reference models, class accuracy."""
     pipes = {"baseline": accel.wrap(model.build(), [])}
     for label, names in methods:
+        status(f"building {label}" + (" (calibrating BAC on a held-out seed)" if any(
+            spec.calibrate is not None for spec in map(spec_for, resolve(names))) else ""))
+        started = time.perf_counter()
         pipes[label] = build_wrapped(model, names, steps)
-    timings: dict[str, list[float]] = {label: [] for label in pipes}
+        status(f"{label} ready in {time.perf_counter() - started:.1f} s")
+
+    def call(pipe):
+        return lambda: pipe(**model.example(pipe, seed, steps))
+
     outputs: dict[str, np.ndarray] = {}
-    for repeat in range(repeats + 1):  # the first round is a warm-up
-        for label, pipe in pipes.items():
-            kwargs = model.example(pipe, seed, steps)
-            start = time.perf_counter()
-            output = pipe(**kwargs)
-            elapsed = time.perf_counter() - start
-            if repeat == 0:
-                outputs[label] = output_array(output)
-            else:
-                timings[label].append(elapsed)
-    baseline_latency = statistics.median(timings["baseline"])
+    status(f"timing {len(pipes)} pipelines: 1 warm-up round, then {repeats} interleaved")
+    timings = interleaved_timings(
+        {label: call(pipe) for label, pipe in pipes.items()}, repeats, warmup=1,
+        keep=lambda label, output: outputs.__setitem__(label, output_array(output)),
+        on_round=lambda done, total: status(f"round {done}/{total} done" + (" (warm-up)" if done == 1 else "")))
     classifier = None
     labels = model.example_labels
     if labels is not None:
@@ -79,35 +91,51 @@ def compare(model: ModelHandle, methods: list[tuple[str, list[str]]], repeats: i
         classifier = load_classifier()
     rows = []
     for label, pipe in pipes.items():
-        latency = statistics.median(timings[label])
-        share = accel.summary(pipe).blocks_computed_share
+        speedup = Speedup.from_times(timings["baseline"], timings[label])
         rows.append({
             "method": label,
-            "latency_ms": 1000 * latency,
-            "speedup": baseline_latency / latency,
+            "latency_ms": 1000 * statistics.median(timings[label]),
+            "speedup": speedup.median,
+            "speedup_low": speedup.low,
+            "speedup_high": speedup.high,
+            "spread": speedup.kind,
+            "within_noise": label != "baseline" and repeats > 1 and speedup.within_noise,
             "psnr_db": psnr(outputs["baseline"], outputs[label]),
-            "blocks_computed": share,
+            "blocks_computed": accel.summary(pipe).blocks_computed_share,
             "class_accuracy": classifier.accuracy(outputs[label], labels) if classifier else None,
         })
     return rows
 
 
 def format_table(rows: list[dict], model: ModelHandle, repeats: int) -> str:
+    spread = rows[0]["spread"] if rows else "min–max"
     lines = [
         f"model: {model.name} ({'random weights: plumbing only' if model.random_weights else 'trained reference'}), "
-        f"median of {repeats} interleaved runs",
-        f"{'method':<24} {'latency ms':>11} {'speedup':>8} {'PSNR dB':>8} {'blocks run':>11} {'class acc':>10}",
+        f"{repeats} interleaved rounds after a warm-up",
+        f"{'method':<24} {'latency ms':>11} {'speedup':>8} {spread:>13} {'PSNR dB':>8} {'blocks run':>11} "
+        f"{'class acc':>10}",
     ]
     for row in rows:
         share = "-" if row["blocks_computed"] is None else f"{row['blocks_computed']:.1%}"
         value = "inf" if math.isinf(row["psnr_db"]) else f"{row['psnr_db']:.2f}"
         accuracy = "-" if row["class_accuracy"] is None else f"{row['class_accuracy']:.1%}"
+        band = "-" if row["method"] == "baseline" else f"{row['speedup_low']:.2f}–{row['speedup_high']:.2f}x"
+        note = "  (within noise)" if row["within_noise"] else ""
         lines.append(
-            f"{row['method']:<24} {row['latency_ms']:>11.1f} {row['speedup']:>7.2f}x {value:>8} {share:>11} "
-            f"{accuracy:>10}"
+            f"{row['method']:<24} {row['latency_ms']:>11.1f} {row['speedup']:>7.2f}x {band:>13} {value:>8} "
+            f"{share:>11} {accuracy:>10}{note}"
         )
     if len(rows) == 1:
         lines.append("(no accelerator runs on this model: the table shows the baseline alone)")
+    lines.append("")
+    lines += textwrap.wrap(
+        f"latency ms: median per call of the {repeats} timed rounds; speedup: median of the per-round ratios "
+        f"baseline / method, with their {spread} (\"within noise\" when it reaches 1.0x); PSNR dB: the same seed's "
+        "output against the baseline's (inf = identical); blocks run: share of transformer-block calls computed; "
+        "class acc: the digit classifier's accuracy on the generated digits (reference models only).", 110)
+    lines += textwrap.wrap(
+        f"Next: accel-eval --model {model.name} --methods bac,delta-dit --out runs/eval  (FID, CLIP, LPIPS over many "
+        "samples, plots and a report); accel-demo  (the side-by-side web demo).", 110)
     return "\n".join(lines)
 
 
@@ -153,11 +181,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--repeats must be at least 1, got {args.repeats}.")
         if args.steps is not None and args.steps < 1:
             raise ValueError(f"--steps must be at least 1, got {args.steps}.")
+        status(f"loading {args.model}")
         model = model_handle(args.model)
         methods = runnable_methods(model, args.methods)
     except ValueError as error:
         print(f"accel-run: {error}", file=sys.stderr)
         return 2
+    status(f"loaded {model.name}; {len(methods)} method row(s) to build")
     with torch.no_grad():
         rows = compare(model, methods, args.repeats, steps=args.steps)
     print(format_table(rows, model, args.repeats))
