@@ -49,7 +49,9 @@ def test_end_to_end_on_a_tiny_pipeline(tiny_run):
         assert sorted(p.name for p in (out / method).glob("*.png")) == [f"{i:06d}.png" for i in range(6)]
     results = json.loads((out / "results.json").read_text())
     rows = {row["method"]: row for row in results["rows"]}
-    assert rows["baseline"]["psnr_db"] == float("inf") and rows["baseline"]["speedup"] == 1.0
+    # the baseline's PSNR against itself is infinite: null in strict JSON, flagged as identical
+    assert rows["baseline"]["psnr_db"] is None and rows["baseline"]["identical_to_baseline"]
+    assert rows["baseline"]["speedup"] == 1.0
     assert rows["delta-dit"]["psnr_db"] < 100 and rows["delta-dit"]["blocks_computed"] < 1.0
     assert rows["baseline"]["flops_per_sample"] > rows["delta-dit"]["flops_per_sample"] > 0
     assert rows["baseline"]["fid"] is None  # random weights and no reference set: no FID
@@ -57,6 +59,59 @@ def test_end_to_end_on_a_tiny_pipeline(tiny_run):
         assert (out / name).is_file(), name
     assert "| delta-dit |" in (out / "report.md").read_text()
     assert (out / "results.csv").read_text().splitlines()[0].startswith("method,speedup")
+
+
+def test_results_json_is_strict_json(tiny_run):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    for name in ("results.json", "run.json", "memory.json", ".flops.json"):
+        json.loads((tiny_run / name).read_text(), parse_constant=refuse)
+    for path in tiny_run.glob("*/.batches/*.json"):
+        json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_peak_memory_is_measured_per_method(tiny_run):
+    memory = json.loads((tiny_run / "memory.json").read_text())
+    assert sorted(memory) == ["baseline", "delta-dit"]
+    for entry in memory.values():
+        assert entry["measure"] == "rss-increase" and entry["peak_mb"] >= 0 and entry["batch_size"] == 2
+    rows = json.loads((tiny_run / "results.json").read_text())["rows"]
+    assert [row["peak_memory_mb"] for row in rows] == [memory["baseline"]["peak_mb"], memory["delta-dit"]["peak_mb"]]
+    assert "peak_rss_mb" not in rows[0]
+    report_text = (tiny_run / "report.md").read_text()
+    assert "peak RSS rise MB" in report_text and "clear_refs" in report_text
+
+
+def test_report_records_the_resolved_call_the_machine_and_the_pictures(tiny_run):
+    text = (tiny_run / "report.md").read_text()
+    assert "steps: **4** (--steps)" in text
+    assert "guidance scale: **4.0** (the model's default)" in text and "model default" not in text.replace(
+        "the model's default", "")
+    assert "torch threads:" in text and "hardware:" in text and "diffusers" in text and "accel git commit" in text
+    for name in ("speedup-vs-psnr.png", "grid.png"):
+        assert f"]({name})" in text and (tiny_run / name).is_file()
+    assert "speedup-vs-fid.png" not in text  # no FID on random weights: no plot, no broken link
+    results = json.loads((tiny_run / "results.json").read_text())
+    assert results["resolved"]["steps"] == 4 and results["resolved"]["guidance_scale"] == 4.0
+    row = results["rows"][1]
+    assert row["latency_spread"]["n"] == 3 and row["latency_spread"]["low"] <= row["latency_s_per_sample"]
+    assert row["speedup_spread"]["low"] <= row["speedup"] <= row["speedup_spread"]["high"]
+
+
+def test_grid_is_labelled_upscaled_and_shows_differences(tiny_run):
+    from PIL import Image
+
+    from accel.eval import report
+
+    results = json.loads((tiny_run / "results.json").read_text())
+    grid = report._grid(results, tiny_run)
+    assert grid["row_labels"] == ["baseline", "delta-dit", "|delta-dit − baseline|"]
+    assert grid["column_labels"][0] == "seed 0\nclass 0" and len(grid["column_labels"]) == 6
+    with Image.open(tiny_run / "grid.png") as image:
+        assert image.size == grid["size"]
+        width, height = image.size
+    assert width >= 600 and height >= 300  # 8x8 samples: each pixel a visible block, not 240x90 for all
 
 
 def test_same_seed_per_index_whatever_the_batching(tiny_run, tmp_path):
@@ -131,6 +186,13 @@ def test_prompts_files_and_video(tmp_path):
     assert harness.main(["--model", "tiny:wan", "--methods", "baseline,bac", "--num-images", "2", "--batch-size",
                          "2", "--prompts", str(prompts), "--no-flops", "--out", str(out)]) == 0
     assert (out / "bac" / "000001.gif").is_file()
+    from PIL import Image
+
+    with Image.open(out / "side-by-side.gif") as animation:  # every method in one frame, frames in sync
+        assert animation.n_frames == np.asarray(Image.open(out / "bac" / "000000.gif").n_frames)
+    with Image.open(out / "frames.png") as frames:
+        assert frames.size[0] > 600
+    assert "![every frame of one clip](frames.png)" in (out / "report.md").read_text()
     results = json.loads((out / "results.json").read_text())
     assert results["rows"][1]["branches_computed"] < 1.0 and results["rows"][1]["ssim"] <= 1.0
     assert harness.read_prompts(prompts) == ["a red bicycle", "a cat"]
@@ -161,6 +223,17 @@ def test_reference_model_metrics(tmp_path):
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert rows[0]["class_accuracy"] > 0.5 and rows[0]["fid"]["n_generated"] == 70
     assert "torchmetrics" in rows[0]["fid"]["library"] and "digit classifier" in rows[0]["fid"]["features"]
+    # the bootstrap reproduces torchmetrics' FID on the full set and brackets it
+    interval = rows[0]["fid"]["ci95"]
+    assert interval["resamples"] == 200 and interval["low"] <= rows[0]["fid"]["value"] <= interval["high"]
+    from accel.eval import report
+
+    pictures = report.write_reports(json.loads((out / "results.json").read_text()), out)
+    fid_points = {p["method"]: p for p in pictures["plots"]["speedup-vs-fid.png"]}
+    for row in rows:
+        point = fid_points[row["method"]]
+        assert point["y"] == row["fid"]["value"]
+        assert (point["y_low"], point["y_high"]) == (row["fid"]["ci95"]["low"], row["fid"]["ci95"]["high"])
 
 
 @pytest.mark.parametrize("extra, match", [

@@ -9,15 +9,25 @@ the same noise. Inputs are grouped in fixed batches of ``--batch-size``; batch `
 ``k % num_processes``, so the split changes nothing in what is computed. Within a batch the methods run one after
 the other, their order rotating from batch to batch, so machine drift hits every method alike.
 
+Before the timed batches each method makes an untimed call on a full batch in which its own peak memory is
+measured (``{out}/memory.json``, one entry per method): on CUDA ``torch.cuda.max_memory_allocated`` reset
+before it, on Linux CPUs the rise of the peak resident set size (VmHWM, reset through ``/proc/self/clear_refs``)
+over the resident set just before it, after ``malloc_trim`` handed freed memory back. It follows a one-sample
+warm-up of every method (untimed too), so one-time costs (thread pools, lazy initialisation) land in no method's
+figure.
+
 Files: ``{out}/{method}/{index:06d}.png`` (an image, or a video's frames side by side; ``.gif`` next to it for
-videos), written atomically; ``{out}/{method}/.batches/{k:06d}.json`` with the batch's timing, peak memory and
-``accel.summary`` figures; ``{out}/run.json`` with the settings. A rerun skips batches whose files are all present
-and readable and regenerates the rest; metrics are always recomputed from what is on disk (``accel.eval.report``).
+videos), written atomically; ``{out}/{method}/.batches/{k:06d}.json`` with the batch's timing and
+``accel.summary`` figures; ``{out}/run.json`` with the settings, the steps and guidance as resolved, and the
+machine (hardware, threads, versions, git commit). Progress goes to stderr: status lines for every phase and
+bars for generation and the FID bootstrap. A rerun skips batches whose files are all present and readable and
+regenerates the rest; metrics are always recomputed from what is on disk (``accel.eval.report``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -34,9 +44,20 @@ from accel.registry import parse_method_list, resolve, spec_for
 
 from .metrics import output_array
 from .models import ModelHandle, load_model
-from .samples import EvalSettings, batches, conditions, read_prompts, read_sample, sample_path, write_sample
+from .samples import (
+    EvalSettings,
+    batches,
+    conditions,
+    read_prompts,
+    read_sample,
+    sample_path,
+    status,
+    strict_json,
+    write_sample,
+)
 
 RUN_FORMAT = "accel.eval.run/1"
+MEMORY_FILE = "memory.json"  # {method: {"peak_mb", "measure", ...}}, read by accel.eval.report
 CALIBRATION_SEED_OFFSET = 1_000_000  # calibration inputs use seeds no measured input uses
 
 
@@ -52,7 +73,7 @@ def method_configs(method: str) -> list:
     return resolve([name.strip() for name in method.split("+")])
 
 
-def check_settings(settings: EvalSettings) -> ModelHandle:
+def check_settings(settings: EvalSettings, *, progress: bool = False) -> ModelHandle:
     """Every check that can fail, before any generation starts. Returns the model handle."""
     if settings.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {settings.num_images}.")
@@ -67,6 +88,7 @@ def check_settings(settings: EvalSettings) -> ModelHandle:
     largest_seed = 2**63 - 1 - CALIBRATION_SEED_OFFSET - settings.num_images  # torch seeds are 64-bit
     if not 0 <= settings.seed <= largest_seed:
         raise ValueError(f"--seed must be in 0..{largest_seed} (input i uses seed SEED + i), got {settings.seed}.")
+    status(f"loading {settings.model}", progress)
     model = load_model(settings.model)
     if model.conditioning == "prompt_embeds":
         raise ValueError(f"{settings.model} takes prompt_embeds only; the eval harness needs prompts.")
@@ -77,6 +99,7 @@ def check_settings(settings: EvalSettings) -> ModelHandle:
         for config in method_configs(method):
             spec = spec_for(config)
             if family is None:
+                status(f"building {settings.model} once to check which methods support it", progress)
                 family = adapter_for(model.build()).name
             if not spec.supports(family):
                 raise ValueError(f"{spec.name!r} does not support {settings.model} (family {family!r}); supported: "
@@ -128,21 +151,55 @@ def _generation_key(settings: dict) -> tuple:
 # --------------------------------------------------------------------------------------------- generation
 
 
-def _peak_rss_reset() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak resident set size
-    except OSError:
-        pass
-
-
-def _peak_rss_mb() -> float | None:
+def _proc_status_mb(key: str) -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
-    except OSError:
+    except (OSError, ValueError):
         return None
     return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
+    except OSError:
+        return False
+    return True
+
+
+def measure_peak_memory(call, device: torch.device | str = "cpu") -> dict:
+    """Run ``call()`` once and measure the memory it needed on top of what was in use before it:
+
+    * CUDA: ``torch.cuda.max_memory_allocated`` (its peak reset first) minus ``memory_allocated`` before the call;
+    * Linux CPU: ``malloc_trim`` hands freed memory back, the peak resident set size is reset to the current one,
+      and the result is the peak (VmHWM) after the call minus the resident set size (VmRSS) before it.
+
+    Returns ``{"peak_mb", "measure", "before_mb"}``; ``peak_mb`` is None where neither works."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        call()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return {"peak_mb": (peak - before) / 2**20, "measure": "cuda", "before_mb": before / 2**20}
+    from .allocator import release_free_memory
+
+    release_free_memory()
+    if not _reset_peak_rss() or _proc_status_mb("VmRSS") is None:
+        call()
+        return {"peak_mb": None, "measure": "unavailable", "before_mb": None}
+    before = _proc_status_mb("VmRSS")
+    call()
+    peak = _proc_status_mb("VmHWM")
+    return {"peak_mb": max(0.0, peak - before), "measure": "rss-increase", "before_mb": before}
+
+
+def _device_of(pipe) -> torch.device:
+    return torch.device(getattr(pipe, "device", "cpu"))
 
 
 def build_method(model: ModelHandle, method: str, settings: EvalSettings, calibration_conditions: list):
@@ -207,14 +264,38 @@ def generate(settings: EvalSettings, model: ModelHandle, *, process_index: int =
     generated = {method: 0 for method in settings.methods}
     if total == 0:
         return generated
-    pipes = {method: build_method(model, method, settings, all_conditions[: settings.batch_size])
-             for method in settings.methods if todo[method]}
-    for pipe in pipes.values():  # warm-up, not timed
+    pipes = {}
+    for method in settings.methods:
+        if todo[method]:
+            verb = "building" if method == "baseline" else f"building and calibrating ({settings.batch_size} inputs)"
+            status(f"{verb} {method}", progress)
+            pipes[method] = build_method(model, method, settings, all_conditions[: settings.batch_size])
+    for method, pipe in pipes.items():  # warm-up, not timed
+        status(f"warm-up call of {method}", progress)
         pipe(**model.call_kwargs(pipe, all_conditions[:1], [settings.seed], steps, guidance))
+    first = batches(settings)[0]
+    memory_file = out / MEMORY_FILE
+    try:
+        memory = json.loads(memory_file.read_text()) if memory_file.is_file() else {}
+    except json.JSONDecodeError:
+        memory = {}
+    # untimed, after every warm-up (one-time costs paid): each method's own peak memory on one full batch
+    for method, pipe in pipes.items():
+        if process_index != 0 or method in memory:
+            continue
+        status(f"measuring {method}'s peak memory on one untimed batch of {len(first)}", progress)
+        kwargs = model.call_kwargs(pipe, [all_conditions[i] for i in first], [settings.seed + i for i in first],
+                                   steps, guidance)
+        measured = measure_peak_memory(functools.partial(pipe, **kwargs), _device_of(pipe))
+        memory[method] = {**measured, "batch_size": len(first)}
+        atomic_write(memory_file, strict_json(memory, indent=1))
     flops_file = out / ".flops.json"
     if settings.flops and process_index == 0 and not flops_file.is_file():
-        flops = {method: count_flops(pipe, model, all_conditions[0], settings) for method, pipe in pipes.items()}
-        atomic_write(flops_file, json.dumps(flops))
+        flops = {}
+        for method, pipe in pipes.items():
+            status(f"counting the FLOPs of one {method} call", progress)
+            flops[method] = count_flops(pipe, model, all_conditions[0], settings)
+        atomic_write(flops_file, strict_json(flops))
     bar = tqdm(total=total * 1, desc=f"generate [{process_index + 1}/{num_processes}]", unit="batch",
                disable=not progress)
     for position, (k, batch) in enumerate(mine):
@@ -226,7 +307,9 @@ def generate(settings: EvalSettings, model: ModelHandle, *, process_index: int =
             pipe = pipes[method]
             kwargs = model.call_kwargs(pipe, [all_conditions[i] for i in batch], [settings.seed + i for i in batch],
                                        steps, guidance)
-            _peak_rss_reset()
+            cuda = _device_of(pipe).type == "cuda"
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             started = time.perf_counter()
             samples = output_array(pipe(**kwargs))
             seconds = time.perf_counter() - started
@@ -236,15 +319,15 @@ def generate(settings: EvalSettings, model: ModelHandle, *, process_index: int =
             summary = accel.summary(pipe) if accel.is_wrapped(pipe) else None
             record = {
                 "batch": k, "indices": batch, "seconds": seconds, "seconds_per_sample": seconds / len(batch),
-                "peak_rss_mb": _peak_rss_mb(), "frames": frames, "sample_shape": list(samples.shape[1:]),
+                "frames": frames, "sample_shape": list(samples.shape[1:]),
                 "process": process_index,
                 "blocks_computed": summary.blocks_computed_share if summary else None,
                 "branches_computed": summary.branches_computed_share if summary else None,
                 "attention_density": summary.attention_density if summary else None,
             }
-            if torch.cuda.is_available():
+            if cuda:
                 record["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-            atomic_write(out / method / ".batches" / f"{k:06d}.json", json.dumps(record))
+            atomic_write(out / method / ".batches" / f"{k:06d}.json", strict_json(record))
             generated[method] += 1
             bar.update()
     bar.close()
@@ -302,10 +385,15 @@ def run(settings: EvalSettings, *, progress: bool = True) -> dict | None:
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())
-    model = check_settings(settings)  # every process checks, so a bad setting stops all of them
+    # every process checks, so a bad setting stops all of them
+    model = check_settings(settings, progress=progress and state.is_main_process)
     out = Path(settings.out)
     if state.is_main_process:
-        atomic_write(out / "run.json", json.dumps({"format": RUN_FORMAT, "settings": asdict(settings)}, indent=1))
+        from .report import environment, resolved_call
+
+        atomic_write(out / "run.json", strict_json({"format": RUN_FORMAT, "settings": asdict(settings),
+                                                    "resolved": resolved_call(settings, model),
+                                                    "environment": environment()}, indent=1))
         remove_stale_temporaries(out, settings.methods)
     state.wait_for_everyone()
     with torch.no_grad():
@@ -318,7 +406,8 @@ def run(settings: EvalSettings, *, progress: bool = True) -> dict | None:
 
     with torch.no_grad():
         results = compute_results(settings, model, progress=progress)
-    write_reports(results, out)
+    write_reports(results, out, progress=progress)
+    status(f"done: {out / 'report.md'}", progress)
     return results
 
 

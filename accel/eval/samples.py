@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,32 @@ class EvalSettings:
     clip_model: str = "ViT-B-32"
     clip_weights: str | None = None
     flops: bool = True
+
+
+def status(message: str, enabled: bool = True) -> None:
+    """A timestamped status line on stderr, for phases that take seconds without a progress bar of their own."""
+    if enabled:
+        import sys
+        import time
+
+        print(f"[accel-eval {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def finite_or_none(value):
+    """``value`` with every non-finite float (inf, nan) replaced by ``None``, through dicts, lists and tuples."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(item) for item in value]
+    return value
+
+
+def strict_json(value, **kwargs) -> str:
+    """Standard JSON that every parser reads: non-finite numbers become ``null`` (``allow_nan=False`` would
+    raise on any left)."""
+    return json.dumps(finite_or_none(value), allow_nan=False, **kwargs)
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
