@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import tempfile
-import textwrap
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -248,6 +247,18 @@ def frame_grid(baseline: np.ndarray, accelerated: np.ndarray, folder: Path) -> s
     return str(path)
 
 
+def _wrap(line: str, separator: str) -> str:
+    """``line`` broken after ``separator``s into lines of at most ``SUMMARY_WIDTH`` characters where it can be."""
+    lines = [""]
+    for part in line.split(separator):
+        if lines[-1] and len(lines[-1]) + len(separator) + len(part) > SUMMARY_WIDTH:
+            lines[-1] += separator.rstrip()
+            lines.append("    " + part)
+        else:
+            lines[-1] += (separator if lines[-1] else "") + part
+    return "\n".join(lines)
+
+
 def _percent(share: float | None) -> str:
     return "–" if share is None else f"{share:.1%}"
 
@@ -306,8 +317,7 @@ def run_comparison(backend: DemoBackend, model: str, condition, seed: int, steps
                 f"{_percent(summary.branches_computed_share)}")
     if summary.attention_density is not None and summary.attention_density < 1.0:  # a sparse-attention method
         headline += f" · attention computed {_percent(summary.attention_density)}"
-    header = [textwrap.fill(line, SUMMARY_WIDTH, subsequent_indent="    ", break_on_hyphens=False)
-              for line in (headline, "", *(_shown(config) for config in configs))]
+    header = [_wrap(headline, " · "), "", *(_wrap(_shown(config), ", ") for config in configs)]
     text = "\n".join([*header, "", str(summary)])
     folder = Path(tempfile.mkdtemp(prefix="accel-demo-"))
     video = outputs["baseline"].ndim == 4

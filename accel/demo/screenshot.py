@@ -91,7 +91,8 @@ def read_page(page) -> dict:
                              selector)
 
     run = page.eval_on_selector("#run", "e => e.getBoundingClientRect().bottom")
-    return {"status": page.inner_text("#status"), "figures": page.inner_text("#figures"),
+    status = page.eval_on_selector("#status", "e => (e.querySelector('.prose') || e).innerText.trim()")
+    return {"status": status, "figures": page.inner_text("#figures"),
             "summary": page.eval_on_selector("#summary", "e => (e.querySelector('.cm-content') || e).innerText"),
             "images": page.eval_on_selector_all("#baseline img, #accelerated img", "els => els.length"),
             "animation": page.eval_on_selector_all("#side-by-side img", "els => els.map(e => e.src)"),
@@ -100,10 +101,15 @@ def read_page(page) -> dict:
             "class_visible": visible("#class"), "prompt_visible": visible("#prompt"), "run_bottom_px": run}
 
 
+ENDED = ("s => { const e = document.querySelector('#status .prose') || document.querySelector('#status');"
+         " const t = e.innerText.trim(); return /^(Done:|Not run:|The run failed:)/.test(t) && t !== s; }")
+
+
 def screenshot(path: str | Path | None, *, models=("digits-dit",), run: dict | None = None,
-               chromium: str = CHROMIUM, timeout_s: float = 300) -> dict:
+               then: list[dict] = (), chromium: str = CHROMIUM, timeout_s: float = 300) -> dict:
     """Launch the app on localhost, run one comparison in the browser (set up by ``run``, see ``drive``), save a
-    full-page PNG at ``path`` (unless None); return what the page showed (``read_page``)."""
+    full-page PNG at ``path`` (unless None); return what the page showed (``read_page``). Each of ``then`` is a
+    further run in the same page (its own settings on top of the first's), read into ``shown["then"]``."""
     from playwright.sync_api import sync_playwright
 
     from .app import build_demo
@@ -120,18 +126,24 @@ def screenshot(path: str | Path | None, *, models=("digits-dit",), run: dict | N
             page.goto(f"http://127.0.0.1:{port}/", timeout=timeout_ms)
             page.wait_for_selector("#run", timeout=timeout_ms)
             before = page.eval_on_selector("#run", "e => e.getBoundingClientRect().bottom")
-            drive(page, run or {}, UI_TIMEOUT_MS)
-            ended = "/Done:|Not run:|The run failed:/.test(document.querySelector('#status').innerText)"
-            page.wait_for_function(ended, timeout=timeout_ms)  # the run has ended: done, refused or failed
-            shown = read_page(page)
-            shown["run_bottom_px"] = before  # where Run is on the page as it opens
-            if shown["status"].startswith("Done"):
-                images = "#side-by-side img" if shown["animation_visible"] else "#baseline img"
-                page.wait_for_selector(images, timeout=timeout_ms)
-                page.wait_for_function("[...document.images].every(i => i.complete)", timeout=timeout_ms)
-            if path is not None:
-                page.mouse.move(0, 0)
-                atomic_write(path, page.screenshot(full_page=True))
+            shown: dict = {}
+            for index, settings in enumerate([run or {}, *then]):
+                previous = shown.get("status", "")
+                drive(page, settings, UI_TIMEOUT_MS)
+                page.wait_for_function(ENDED, arg=previous, timeout=timeout_ms)  # done, refused or failed
+                now = read_page(page)
+                if now["status"].startswith("Done"):
+                    images = "#side-by-side img" if now["animation_visible"] else "#baseline img"
+                    page.wait_for_selector(images, timeout=timeout_ms)
+                    page.wait_for_function("[...document.images].every(i => i.complete)", timeout=timeout_ms)
+                    now = read_page(page)
+                if index == 0:
+                    shown = {**now, "run_bottom_px": before, "then": []}  # where Run is as the page opens
+                    if path is not None:
+                        page.mouse.move(0, 0)
+                        atomic_write(path, page.screenshot(full_page=True))
+                else:
+                    shown["then"].append(now)
             browser.close()
     finally:
         app.close()
