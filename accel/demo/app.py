@@ -52,6 +52,7 @@ CALIBRATION_SEED = 777_777
 DISPLAY_SIZE = 256
 GRID_CELL = 64
 MAX_GRID_FRAMES = 24
+GRID_COLUMNS = 9
 SUMMARY_WIDTH = 88  # characters per line of the summary box's header (it does not wrap)
 CALIBRATING = "calibrating {method}, once per model, steps and settings"
 
@@ -200,20 +201,22 @@ def _display(sample: np.ndarray, folder: Path, name: str) -> str:
 
 
 def side_by_side(baseline: np.ndarray, accelerated: np.ndarray, folder: Path, label: str) -> str:
-    """One GIF whose every frame is baseline frame k | accelerated frame k, labelled, so the two play in sync."""
+    """One GIF whose every frame is baseline frame k | accelerated frame k, labelled above and numbered below, so
+    the two play in sync."""
     from PIL import Image, ImageDraw
 
     font, band, gap = _font(16), 28, 8
     pictures = []
     for index, (left, right) in enumerate(zip(baseline, accelerated)):
         left, right = _picture(left), _picture(right)
-        canvas = Image.new("RGB", (left.width + gap + right.width, left.height + band), "white")
+        canvas = Image.new("RGB", (left.width + gap + right.width, left.height + 2 * band), "white")
         canvas.paste(left, (0, band))
         canvas.paste(right, (left.width + gap, band))
         draw = ImageDraw.Draw(canvas)
-        draw.text((4, 5), "baseline", fill="black", font=font)
-        draw.text((left.width + gap + 4, 5), label, fill="black", font=font)
-        draw.text((canvas.width - 4, 5), f"{index + 1}/{len(baseline)}", fill="gray", font=font, anchor="ra")
+        draw.text((left.width // 2, band // 2), "baseline", fill="black", font=font, anchor="mm")
+        draw.text((left.width + gap + right.width // 2, band // 2), label, fill="black", font=font, anchor="mm")
+        draw.text((canvas.width // 2, canvas.height - band // 2), f"frame {index + 1}/{len(baseline)}",
+                  fill="dimgray", font=font, anchor="mm")
         pictures.append(canvas)
     path = folder / "side-by-side.gif"
     pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=120, loop=0)
@@ -221,27 +224,33 @@ def side_by_side(baseline: np.ndarray, accelerated: np.ndarray, folder: Path, la
 
 
 def frame_grid(baseline: np.ndarray, accelerated: np.ndarray, folder: Path) -> str:
-    """A PNG with one column per frame (at most ``MAX_GRID_FRAMES``, evenly spaced) and rows baseline,
-    accelerated and |difference| x4."""
+    """A PNG of every frame (at most ``MAX_GRID_FRAMES``, evenly spaced), ``GRID_COLUMNS`` to a block, each block
+    with rows baseline, accelerated and |difference| x4, under a title."""
     from PIL import Image, ImageDraw
 
     count = len(baseline)
     chosen = np.unique(np.linspace(0, count - 1, min(count, MAX_GRID_FRAMES)).round().astype(int))
     difference = np.clip(np.abs(baseline - accelerated) * 4, 0, 1).mean(axis=-1, keepdims=True)
     rows = [("baseline", baseline), ("accelerated", accelerated), ("|diff| x4", difference)]
-    font, label_width, header, gap = _font(14), 104, 22, 2
+    font, title_font, label_width, header, gap, title = _font(14), _font(16), 104, 22, 2, 30
     cell = _picture(baseline[0], GRID_CELL).size
-    grid = Image.new("RGB", (label_width + len(chosen) * (cell[0] + gap), header + len(rows) * (cell[1] + gap)),
-                     "white")
+    blocks = [chosen[i:i + GRID_COLUMNS] for i in range(0, len(chosen), GRID_COLUMNS)]
+    block_height = header + len(rows) * (cell[1] + gap)
+    width = label_width + min(len(chosen), GRID_COLUMNS) * (cell[0] + gap)
+    grid = Image.new("RGB", (max(width, 420), title + len(blocks) * block_height), "white")
     draw = ImageDraw.Draw(grid)
-    for column, frame in enumerate(chosen):
-        draw.text((label_width + column * (cell[0] + gap) + cell[0] // 2, 4), str(frame + 1), fill="black",
-                  font=font, anchor="ma")
-    for row, (name, frames) in enumerate(rows):
-        top = header + row * (cell[1] + gap)
-        draw.text((4, top + cell[1] // 2), name, fill="black", font=font, anchor="lm")
-        for column, frame in enumerate(chosen):
-            grid.paste(_picture(frames[frame], GRID_CELL), (label_width + column * (cell[0] + gap), top))
+    draw.text((4, title // 2), "Every frame: baseline, accelerated, |difference| x4", fill="black", font=title_font,
+              anchor="lm")
+    for number, block in enumerate(blocks):
+        top = title + number * block_height
+        for column, frame in enumerate(block):
+            draw.text((label_width + column * (cell[0] + gap) + cell[0] // 2, top + 4), str(frame + 1),
+                      fill="dimgray", font=font, anchor="ma")
+        for row, (name, frames) in enumerate(rows):
+            row_top = top + header + row * (cell[1] + gap)
+            draw.text((4, row_top + cell[1] // 2), name, fill="black", font=font, anchor="lm")
+            for column, frame in enumerate(block):
+                grid.paste(_picture(frames[frame], GRID_CELL), (label_width + column * (cell[0] + gap), row_top))
     path = folder / "frames.png"
     grid.save(path)
     return str(path)
@@ -350,6 +359,24 @@ def figures_markdown(result: dict[str, Any], rounds: int) -> str:
             f"round{'s' if rounds != 1 else ''}, after one untimed warm-up each)")
 
 
+def _phases(progress) -> Progress:
+    """A ``Progress`` callback that shows the phase as the outer level of a ``gr.Progress(track_tqdm=True)``: kept
+    first among its tracked levels, so the pipeline's own step bars show under it instead of replacing it."""
+    from gradio.helpers import TrackedIterable
+
+    phase = TrackedIterable(None, None, None, None, None)
+
+    def report(fraction: float, message: str) -> None:
+        phase.desc, phase.progress = message, fraction
+        if phase not in progress.iterables:
+            progress.iterables.insert(0, phase)
+        send = progress._progress_callback()
+        if send is not None:  # only inside a Gradio event
+            send(progress.iterables)
+
+    return report
+
+
 def _visibility(handle: ModelHandle) -> dict[str, bool]:
     """Which controls and outputs the page shows for a model."""
     return {"class": handle.conditioning == "class", "prompt": handle.conditioning != "class",
@@ -411,11 +438,13 @@ def build_demo(model_names: list[str] | tuple[str, ...] = DEFAULT_MODELS, *, con
                                                  elem_id="accelerated")
                 slider = gr.ImageSlider(label="Slide to compare (lossless PNG)", type="filepath",
                                         visible=shown["image"], elem_id="slider")
-                animation = gr.Image(label="Baseline | accelerated, frame by frame (same frame in each picture)",
-                                     type="filepath", visible=shown["video"], elem_id="side-by-side")
-                frames = gr.Image(label="Every frame: baseline, accelerated, difference", type="filepath",
-                                  format="png", visible=shown["video"], elem_id="frames")
-                summary = gr.Code(label="accel.summary of the accelerated run", language=None, elem_id="summary")
+                # labelled inside the pictures (Gradio's label badge would cover the top-left corner)
+                animation = gr.Image(label="Baseline | accelerated, in sync", show_label=False, type="filepath",
+                                     visible=shown["video"], elem_id="side-by-side")
+                frames = gr.Image(label="Every frame", show_label=False, type="filepath", format="png",
+                                  visible=shown["video"], elem_id="frames")
+                summary = gr.Code(label="accel.summary of the accelerated run", language=None, max_lines=24,
+                                  elem_id="summary")
 
         def on_model(model_name):
             visible = _visibility(backend.handles[model_name])
@@ -442,8 +471,7 @@ def build_demo(model_names: list[str] | tuple[str, ...] = DEFAULT_MODELS, *, con
                 handle = backend.handles.get(model_name)
                 condition = prompt_text if handle is not None and handle.conditioning != "class" else class_value
                 result = run_comparison(backend, model_name, condition, seed_value, steps_value, guidance_value,
-                                        stack, boxes, rounds=rounds_value,
-                                        progress=lambda fraction, message: progress(fraction, desc=message))
+                                        stack, boxes, rounds=rounds_value, progress=_phases(progress))
             except ValueError as error:  # the user's input: said plainly, no traceback in the log
                 return [f"**Not run:** {error}", *keep]
             except Exception as error:  # a failure of ours: logged with its traceback, never one on the page
