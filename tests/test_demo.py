@@ -66,7 +66,7 @@ def test_preset_values_reach_the_config_unless_a_field_was_edited():
         boxes = {method: preset_values(preset)}  # what the page shows after choosing the preset
         assert page_configs([preset], boxes)[0].to_dict() == expected.to_dict()
         assert page_configs([preset], {method: dict.fromkeys(boxes[method])})[0].to_dict() == expected.to_dict()
-    assert preset_values("bac-fast")["budget"] == 0.3 and preset_values("bac")["budget"] == 0.4
+    assert preset_values("bac-fast")["budget"] == 0.3 and preset_values("bac")["budget"] == 0.35
     edited = {"bac": {**preset_values("bac-forecast"), "budget": 0.5, "top_k": 2.0}}
     (config,) = page_configs(["bac-forecast"], edited)
     assert (config.budget, config.top_k) == (0.5, 2) and isinstance(config.top_k, int)
@@ -168,20 +168,20 @@ needs_browser = pytest.mark.skipif(
 
 @needs_browser
 def test_page_runs_the_chosen_preset_and_renders_errors(tmp_path, backend):
-    """Picks bac-fast in the page: the run uses its budget (bac-fast's compute share, not bac's); then a bad
+    """Picks bac-quality in the page: the run uses its budget (its compute share, not the default preset's); then a bad
     number box is refused in the status line and the previous outputs stay."""
     from accel.demo.screenshot import screenshot
 
-    run = {"steps": 4, "rounds": 1, "presets": {"bac": "bac-fast"}}
+    run = {"steps": 4, "rounds": 1, "presets": {"bac": "bac-quality"}}
     shown = screenshot(tmp_path / "demo.png", run=run, then=[{"fields": {"bac-top_k": 2.5}}],
                        chromium=shutil.which("chromium"))
-    fast = run_comparison(backend, "digits-dit", 3, 0, 4, 1.5, ["bac-fast"], {}, rounds=1)
-    plain_bac = run_comparison(backend, "digits-dit", 3, 0, 4, 1.5, ["bac"], {}, rounds=1)
-    assert fast["blocks_computed"] != plain_bac["blocks_computed"]  # 4 steps tell the two presets apart
-    assert shown["status"].startswith("Done: digits-dit, class 3, seed 0, 4 steps, bac-fast")
+    fast = run_comparison(backend, "digits-dit", 3, 0, 4, 1.5, ["bac-quality"], {}, rounds=1)
+    default = run_comparison(backend, "digits-dit", 3, 0, 4, 1.5, ["bac-forecast"], {}, rounds=1)
+    assert fast["blocks_computed"] != default["blocks_computed"]  # 4 steps tell the two presets apart
+    assert shown["status"].startswith("Done: digits-dit, class 3, seed 0, 4 steps, bac-quality")
     assert f"blocks computed {fast['blocks_computed']:.1%}" in shown["figures"]
     assert "speedup " in shown["figures"] and "min–max over 1 round" in shown["figures"]
-    assert "bac: budget=0.3, top_k=4, forecast=0" in shown["summary"] and "metric=cosine" in shown["summary"]
+    assert "bac: budget=0.5, top_k=0" in shown["summary"] and "metric=l2" in shown["summary"]
     assert shown["summary"].startswith("speedup ")
     assert shown["images"] >= 2 and shown["slider_visible"] and not shown["animation_visible"]
     assert shown["class_visible"] and not shown["prompt_visible"]
