@@ -32,11 +32,10 @@ def entries() -> list:
     return sorted(cache.cache_dir().glob("*.json"))
 
 
-def explicit_schedule(family: str, steps: int, **config):
+def explicit_schedule(family: str, steps: int, preset: str = "bac"):
     inputs = tiny.example_inputs(family, num_inference_steps=steps)
     del inputs["num_inference_steps"]
-    return accel.calibrate(tiny.build(family), BACConfig(**config), inputs, num_inference_steps=steps,
-                           progress=False)
+    return accel.calibrate(tiny.build(family), preset, inputs, num_inference_steps=steps, progress=False)
 
 
 def test_the_first_call_calibrates_on_its_own_inputs_and_returns_what_later_calls_return(caplog):
