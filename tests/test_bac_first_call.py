@@ -144,3 +144,9 @@ def test_positional_arguments_reach_the_calibration():
     np.testing.assert_array_equal(call(pipe), first)
     np.testing.assert_array_equal(run(accel.wrap(tiny.build("dit"), "bac", schedule=explicit_schedule("dit", 4)),
                                       "dit", num_inference_steps=4), first)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_calibrate_must_be_a_bool(value):
+    with pytest.raises(ValueError, match="calibrate"):
+        BACConfig(calibrate=value)

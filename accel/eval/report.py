@@ -670,12 +670,10 @@ def _picture_grid(rows: list[tuple[str, list[np.ndarray], bool]], column_labels:
             axis = axes[r][c]
             if difference:
                 axis.imshow(picture.mean(-1), cmap="magma", vmin=0, vmax=difference_max, interpolation="nearest")
-            elif picture.shape[-1] == 1:
-                axis.imshow(picture[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+                axis.set_xticks([])
+                axis.set_yticks([])
             else:
-                axis.imshow(np.clip(picture, 0, 1), interpolation="nearest")
-            axis.set_xticks([])
-            axis.set_yticks([])
+                _show(axis, picture)
             if r == 0:
                 axis.set_title(column_labels[c], fontsize=8)
         axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8,
@@ -699,6 +697,16 @@ def _with_differences(loaded: dict[str, list[np.ndarray]], pick) -> tuple[list, 
             largest = max(largest, max(float(d.max()) for d in differences))
             rows.append((f"|{method} − baseline|", differences, True))
     return rows, largest
+
+
+def _show(axis, picture: np.ndarray) -> None:
+    """One picture ([H, W, C] in 0..1) on ``axis``, pixels as squares, no ticks."""
+    if picture.shape[-1] == 1:
+        axis.imshow(picture[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        axis.imshow(np.clip(picture, 0, 1), interpolation="nearest")
+    axis.set_xticks([])
+    axis.set_yticks([])
 
 
 def _grid(results: dict, out: Path, columns: int = 8) -> dict[str, Any] | None:
@@ -764,12 +772,7 @@ def _side_by_side_gif(loaded: dict[str, list[np.ndarray]], settings: dict, path:
             for r in range(seeds):
                 picture = loaded[method][r][f]
                 axis = axes[r][c]
-                if picture.shape[-1] == 1:
-                    axis.imshow(picture[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-                else:
-                    axis.imshow(np.clip(picture, 0, 1), interpolation="nearest")
-                axis.set_xticks([])
-                axis.set_yticks([])
+                _show(axis, picture)
                 if r == 0:
                     axis.set_title(method, fontsize=9)
                 if c == 0:
