@@ -6,7 +6,7 @@
     accel.unwrap(pipe)                  # bit-identical to never wrapped
 
 Accelerators live in ``accel.methods`` (registered on import): ``delta_dit`` (Δ-DiT), ``bac`` (BAC), ``adaspa``
-(AdaSpa) and ``vmoba`` (VMoBA) block-sparse attention. Model-family knowledge lives in ``accel.pipelines.adapters``;
+(AdaSpa) and ``vmoba`` (VMoBA) block-sparse attention, ``quest`` (QuEST W8A8 / W4A8 / W4A4 quantization). Model-family knowledge lives in ``accel.pipelines.adapters``;
 the plugin contract (``MethodScope``, ``StepInfo``, ``BranchStates``) in ``accel.hooks``.
 """
 
@@ -17,6 +17,7 @@ from .hooks import BranchStates, MethodScope
 from .methods.adaspa import AdaSpaConfig
 from .methods.bac import BACConfig, BACSchedule
 from .methods.delta_dit import DeltaDiTConfig
+from .methods.quest import QuESTArtifact, QuESTConfig
 from .methods.vmoba import VMoBAConfig
 from .registry import available, register_accelerator, unregister_accelerator
 from .steps import StepInfo
@@ -31,6 +32,8 @@ __all__ = [
     "BranchStates",
     "DeltaDiTConfig",
     "MethodScope",
+    "QuESTArtifact",
+    "QuESTConfig",
     "StepInfo",
     "StepRecord",
     "Summary",

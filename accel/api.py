@@ -66,6 +66,8 @@ def wrap(pipe, methods: str | AccelConfig | list[str | AccelConfig], **overrides
                 spec.apply(scope, config)
             context.scopes.extend(added)
             context.place_trackers_outermost()
+            for scope in added:  # what cannot be undone (QuEST releasing float weights) runs once all applied
+                scope.run_when_applied()
     except BaseException:
         for scope in reversed(added):
             scope.remove()
@@ -77,11 +79,12 @@ def wrap(pipe, methods: str | AccelConfig | list[str | AccelConfig], **overrides
 
 def calibrate(pipe, method: str | AccelConfig, inputs, *, num_inference_steps: int, progress: bool = True,
               **overrides: Any):
-    """Run a method's offline calibration on ``pipe`` and return its artifact (BAC: a ``BACSchedule``).
+    """Run a method's offline calibration on ``pipe`` and return its artifact (BAC: a ``BACSchedule``; QuEST: a
+    ``QuESTArtifact``).
 
     Args:
         pipe: the pipeline to calibrate, unwrapped or wrapped with other methods (they stay applied while it runs).
-        method: a preset name or config of a method that calibrates (``"bac"``, ``"bac-fast"``, ``BACConfig(...)``).
+        method: a preset name or config of a method that calibrates (``"bac"``, ``"quest-w4a8"``, ``BACConfig(...)``).
         inputs: a dict of call arguments for ``pipe`` or a list of them; each runs one pipeline call.
         num_inference_steps: the step count the artifact is for.
         progress: show a progress bar.
@@ -106,10 +109,11 @@ def wrap_calibrated(pipe, methods, calibration_inputs, *, num_inference_steps: i
     """
     configs = []
     for config in resolve(methods, overrides):
-        if spec_for(config).calibrate is not None:
+        spec = spec_for(config)
+        if spec.calibrate is not None:
             artifact = calibrate(pipe, config, calibration_inputs, num_inference_steps=num_inference_steps,
                                  progress=False)
-            config = config.replace(schedule=artifact)
+            config = config.replace(**{spec.artifact_field: artifact})
         configs.append(config)
     return wrap(pipe, configs)
 
@@ -117,12 +121,16 @@ def wrap_calibrated(pipe, methods, calibration_inputs, *, num_inference_steps: i
 def unwrap(pipe):
     """Remove everything accel applied to this pipeline; its output is then bit-identical to a never-wrapped one.
 
-    A pipeline that is not wrapped is returned unchanged.
+    A pipeline that is not wrapped is returned unchanged. ``ValueError`` (and nothing changed) when a method made
+    the change final (QuEST with ``release_originals=True``); the message says how to get the original back.
     """
     _check_pipeline(pipe)
     context = context_of(pipe)
     if context is None:
         return pipe
+    refusals = [scope.unwrap_refusal for scope in context.scopes if scope.unwrap_refusal]
+    if refusals:
+        raise ValueError(" ".join(refusals))
     with context.changing("accel.unwrap"):
         detach_context(pipe)
     return pipe

@@ -379,6 +379,8 @@ class MethodScope:
         self.extras: dict[str, Any] = {}  # figures for accel.summary(pipe).extras[name]
         self._hooks: list[tuple[torch.nn.Module, str]] = []
         self._preparers: list[Callable[[dict[str, Any]], None]] = []
+        self._when_applied: list[Callable[[], None]] = []
+        self.unwrap_refusal: str | None = None  # set by a method whose change cannot be undone: unwrap says this
 
     # What the accelerator reads.
     @property
@@ -455,6 +457,17 @@ class MethodScope:
                              "wraps none.")
         with self.context.pipeline_call():
             return call(pipe, **kwargs)
+
+    def when_applied(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once every method of this ``accel.wrap`` call applied without error: a change that cannot
+        be undone (freeing weights) goes here, so a failing method later in the stack leaves the pipeline as it
+        was."""
+        self._when_applied.append(action)
+
+    def run_when_applied(self) -> None:
+        actions, self._when_applied = self._when_applied, []
+        for action in actions:
+            action()
 
     def register_hook(self, module: torch.nn.Module, hook: ModelHook, suffix: str = "") -> None:
         """Register a diffusers ``ModelHook`` on ``module`` under a name owned by this method."""

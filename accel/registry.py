@@ -29,6 +29,7 @@ class AcceleratorSpec:
     families: tuple[str, ...] | None  # None: every family accel has an adapter for
     presets: dict[str, Callable[[], AccelConfig]]
     calibrate: Callable[..., Any] | None = None  # (pipe, config, inputs, *, num_inference_steps, progress) -> artifact
+    artifact_field: str = "schedule"  # the config field that takes what ``calibrate`` returns
 
     def supports(self, family: str) -> bool:
         return self.families is None or family in self.families
@@ -47,16 +48,19 @@ def register_accelerator(
     families: Iterable[str] | None = None,
     presets: dict[str, Callable[[], AccelConfig]] | None = None,
     calibrate: Callable[..., Any] | None = None,
+    artifact_field: str = "schedule",
 ) -> AcceleratorSpec:
     """Register an accelerator. ``presets`` maps names (``"bac"``, ``"bac-fast"``) to config factories; the
     method name itself is always a preset for ``config_cls()``. ``calibrate``, for methods that need an offline
-    pass, backs ``accel.calibrate``; the artifact it returns is what the config takes as its ``schedule`` field."""
+    pass, backs ``accel.calibrate``; the artifact it returns is what the config takes as its ``artifact_field``."""
     if not (isinstance(config_cls, type) and issubclass(config_cls, AccelConfig)) or not config_cls.method:
         raise ValueError(f"{config_cls!r} must be an AccelConfig subclass with a non-empty `method` name.")
+    if calibrate is not None and artifact_field not in getattr(config_cls, "__dataclass_fields__", {}):
+        raise ValueError(f"{config_cls.__name__} has no field {artifact_field!r} to take its calibration's artifact.")
     presets = {config_cls.method: config_cls, **(presets or {})}
     spec = AcceleratorSpec(
         config_cls.method, config_cls, apply, description, tuple(families) if families is not None else None, presets,
-        calibrate,
+        calibrate, artifact_field,
     )
     with _LOCK:
         taken = [name for name in presets if name in _PRESETS and _PRESETS[name].config_cls is not config_cls]

@@ -118,7 +118,7 @@ def page_configs(presets: list[str], boxes: dict[str, dict[str, Any]] | None = N
 
 def _shown(config) -> str:
     """A config's fields for the summary, without a calibrated schedule."""
-    fields = {k: v for k, v in config.to_dict().items() if k not in ("method", "schedule")}
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("method", "schedule", "artifact")}
     return f"{config.method}: " + ", ".join(f"{k}={v}" for k, v in fields.items())
 
 
@@ -158,12 +158,13 @@ class DemoBackend:
                 del kwargs["num_inference_steps"]
                 ready = []
                 for config in configs:
-                    if spec_for(config).calibrate is not None:
+                    spec = spec_for(config)
+                    if spec.calibrate is not None:
                         if progress is not None:
                             progress(0.0, CALIBRATING.format(method=config.method.upper()))
-                        schedule = accel.calibrate(pipe, config, kwargs, num_inference_steps=steps,
+                        artifact = accel.calibrate(pipe, config, kwargs, num_inference_steps=steps,
                                                    progress=progress is not None)
-                        config = config.replace(schedule=schedule)
+                        config = config.replace(**{spec.artifact_field: artifact})
                     ready.append(config)
                 self._wrapped[key] = accel.wrap(pipe, ready)
             return self._wrapped[key]
