@@ -27,7 +27,8 @@ from .method import QuESTConfig, step_group
 from .quantizers import ACTIVATION_PERCENTILES, ActivationQuantizer, fake_quantize, quantize_weight, weight_ranges
 
 _HOOK = "accel.quest.calibration"
-QUANTIZABLE = (torch.nn.Linear, torch.nn.Conv2d)
+QUANTIZABLE = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)
+KINDS = {torch.nn.Linear: "linear", torch.nn.Conv2d: "conv2d", torch.nn.Embedding: "embedding"}
 SAMPLED_ROWS = 1024  # activation rows kept per layer, group and recorded call for the range search
 # Stage B's sensitive layers inside a block's branches: every layer of a feed-forward, the q/k/v projections of an
 # attention (the paper's FFN and attention layers with skewed inputs)
@@ -92,9 +93,9 @@ class CalibrationLayer(ModelHook):
     def __init__(self, session: Session, name: str, module: torch.nn.Module) -> None:
         super().__init__()
         self.session, self.name = session, name
-        self.kind = "linear" if isinstance(module, torch.nn.Linear) else "conv2d"
+        self.kind = next(kind for cls, kind in KINDS.items() if isinstance(module, cls))
         self.latent_weight = torch.nn.Parameter(module.weight.detach().float().clone(), requires_grad=False)
-        bias = module.bias
+        bias = getattr(module, "bias", None)
         self.latent_bias = None if bias is None else torch.nn.Parameter(bias.detach().float().clone(),
                                                                         requires_grad=False)
         self.weight_bits = self.activation_bits = 8
@@ -105,6 +106,9 @@ class CalibrationLayer(ModelHook):
     def setup(self, weight_bits: int, activation_bits: int, groups: int, search: bool) -> None:
         self.weight_bits, self.activation_bits = weight_bits, activation_bits
         self.weight_delta, self.weight_zero = weight_ranges(self.latent_weight, weight_bits, search)
+        if self.kind == "embedding":  # a table lookup: its input is indices, only its weight is quantized
+            self.activation_bits, self.activation = 0, None
+            return
         channels = self.latent_weight.shape[1] if activation_bits == 4 else 0
         self.activation = ActivationQuantizer(groups, activation_bits, channels).to(self.latent_weight.device)
 
@@ -127,7 +131,10 @@ class CalibrationLayer(ModelHook):
     def new_forward(self, module, *args, **kwargs):
         session = self.session
         x = args[0] if args else kwargs["input"]
-        if session.mode == "quant":
+        if session.mode == "quant" and self.kind == "embedding":
+            output = F.embedding(x, self.quantized_weight().to(module.weight.dtype), module.padding_idx,
+                                 module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse)
+        elif session.mode == "quant":
             quantized = self.activation(x, session.group)
             weight = self.quantized_weight().to(x.dtype)
             bias = None if self.latent_bias is None else self.latent_bias.to(x.dtype)
@@ -138,7 +145,9 @@ class CalibrationLayer(ModelHook):
                                   module.groups)
         else:
             output = self.fn_ref.original_forward(*args, **kwargs)
-            if session.mode == "order":
+            if self.kind == "embedding":
+                pass
+            elif session.mode == "order":
                 session.order.append((self.name, x.data_ptr()))
             elif session.mode == "collect":
                 rows = x.detach().movedim(1, -1) if self.kind == "conv2d" else x.detach()
@@ -158,12 +167,13 @@ class CalibrationLayer(ModelHook):
         return QuantizedLayer.from_codes(
             self.kind, tuple(self.latent_weight.shape), self.weight_bits, self.activation_bits, codes.cpu(),
             self.weight_delta.cpu(), self.weight_zero.cpu(), None if bias is None else bias.cpu(),
-            self.activation.delta.cpu(), self.activation.zero_point.cpu(),
+            *((self.activation.delta.cpu(), self.activation.zero_point.cpu()) if self.activation is not None
+              else (torch.zeros(1, 1), torch.zeros(1, 1))),
         )
 
 
 def quantizable_layers(denoisers: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
-    """Every Linear and Conv2d of the denoisers, by qualified name (``"transformer.proj_out_2"``)."""
+    """Every Linear, Conv2d and Embedding of the denoisers, by qualified name (``"transformer.proj_out_2"``)."""
     return {f"{attr}.{name}": module for attr, model in denoisers.items() for name, module in model.named_modules()
             if isinstance(module, QUANTIZABLE) and module.weight is not None and module.weight.numel() > 0}
 
@@ -272,7 +282,9 @@ def calibrate_quest(pipe, config: QuESTConfig, inputs, *, num_inference_steps: i
     groups = min(config.step_groups, num_inference_steps)
     with temporary_scope(pipe, "quest.calibration", lambda scope: None) as scope:
         modules = quantizable_layers(scope.denoisers)
-        if not modules:
+        if not config.quantize_embeddings:
+            modules = {name: m for name, m in modules.items() if not isinstance(m, torch.nn.Embedding)}
+        if not any(not isinstance(module, torch.nn.Embedding) for module in modules.values()):
             raise ValueError(f"{type(pipe).__name__}'s denoiser has no Linear or Conv2d layer to quantize.")
         models = describe_models(scope.denoisers, pipe.scheduler)["denoisers"]
         weights = {name: weights_fingerprint(model) for name, model in scope.denoisers.items()}
@@ -331,14 +343,14 @@ def _calibrate(scope: MethodScope, config: QuESTConfig, session: Session, layers
             for record in [r for r in records if r.group == group]:
                 _forward(scope, record)
         session.mode = "float"
-        for name, rows in session.samples.items():
+        for name, rows in session.samples.items():  # (embeddings collect none)
             layers[name].activation.initialize(group, torch.cat(rows), percentiles)
         session.samples = {}
     seconds["ranges"] = round(time.perf_counter() - started, 2)
 
     rng = random.Random(config.seed)
     losses: dict[str, list[float]] = {}
-    names = list(layers)
+    names = [name for name, layer in layers.items() if layer.activation is not None]  # embeddings: weights only
     stage_a, stage_b = stage_a_layers(scope, names), stage_b_layers(scope, names)
     total = groups * config.stage_a_iterations * bool(stage_a) + \
         config.stage_b_epochs * groups * config.stage_b_iterations * bool(stage_b)
@@ -362,7 +374,8 @@ def _calibrate(scope: MethodScope, config: QuESTConfig, session: Session, layers
             weight_optimizer = torch.optim.Adam(weights, lr=config.weight_lr)
             delta_optimizers = {
                 group: torch.optim.Adam([layer.activation.deltas[group] for name, layer in layers.items()
-                                         if name not in stage_a], lr=config.activation_lr)
+                                         if name not in stage_a and layer.activation is not None],
+                                        lr=config.activation_lr)
                 for group in range(groups)
             }
             for _ in range(config.stage_b_epochs):
@@ -375,6 +388,7 @@ def _calibrate(scope: MethodScope, config: QuESTConfig, session: Session, layers
         seconds["stage_b"] = round(time.perf_counter() - started, 2)
 
     settings = {"weight_bits": config.weight_bits, "activation_bits": config.activation_bits,
+                "quantize_embeddings": config.quantize_embeddings,
                 "step_groups": groups, "edge_bits": config.edge_bits, "search_clipping": config.search_clipping,
                 "activation_range": config.activation_range}
     metadata: dict[str, Any] = {"calibration": {

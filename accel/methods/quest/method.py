@@ -33,6 +33,7 @@ class QuESTConfig(AccelConfig):
         step_groups: timestep groups with their own activation scales (each call's steps split evenly).
         edge_bits: bits of the first layer (the one reading the latent) and the last one executed.
         search_clipping: per-channel weight clipping by L_2.4 error search; ``False`` is plain min/max (RTN).
+        quantize_embeddings: quantize embedding tables (class-label embeddings) at ``weight_bits``, per row.
         activation_range: ``"percentile"`` (searched among percentiles) or ``"minmax"`` (RTN).
         stage_a_iterations: Stage A optimiser steps per step group (time-embedding / modulation layers).
         stage_b_epochs: Stage B passes over the step groups (FFN and q/k/v layers, activation scales).
@@ -53,6 +54,7 @@ class QuESTConfig(AccelConfig):
     step_groups: int = 4
     edge_bits: int = 8
     search_clipping: bool = True
+    quantize_embeddings: bool = True
     activation_range: str = "percentile"
     stage_a_iterations: int = 30
     stage_b_epochs: int = 3
@@ -71,6 +73,7 @@ class QuESTConfig(AccelConfig):
                 raise ValueError(f"{name}={value!r} is not accepted; QuEST quantizes to 4 or 8 bits.")
         check_int("step_groups", self.step_groups, minimum=1, maximum=1000)
         check_bool("search_clipping", self.search_clipping)
+        check_bool("quantize_embeddings", self.quantize_embeddings)
         check_choice("activation_range", self.activation_range, ("percentile", "minmax"))
         check_int("stage_a_iterations", self.stage_a_iterations, minimum=0)
         check_int("stage_b_epochs", self.stage_b_epochs, minimum=0)
@@ -133,23 +136,26 @@ class CallPaths:
 
 class QuantizedLayerHook(ModelHook):
     """Runs a Linear or Conv2d from its quantized weight: its input through the step group's activation quantizer,
-    then an int8 matmul (W8A8, per-tensor activations) or the weight dequantized for this forward."""
+    then an int8 matmul (W8A8, per-tensor activations) or the weight dequantized for this forward. An Embedding
+    (a label table) looks its rows up in the dequantized table."""
 
     def __init__(self, scope: MethodScope, layer: QuantizedLayer, groups: int, paths: CallPaths, execution: str,
                  released: bool) -> None:
         super().__init__()
         self.scope, self.layer, self.groups, self.paths, self.released = scope, layer, groups, paths, released
         channels = layer.activation_delta.shape[1]
-        self.activation = ActivationQuantizer(groups, layer.activation_bits, channels if channels > 1 else 0)
-        self.activation.set_range(layer.activation_delta, layer.activation_zero_point)
-        self.activation.requires_grad_(False)
+        self.activation = None  # an embedding's input is indices
+        if layer.activation_bits:
+            self.activation = ActivationQuantizer(groups, layer.activation_bits, channels if channels > 1 else 0)
+            self.activation.set_range(layer.activation_delta, layer.activation_zero_point)
+            self.activation.requires_grad_(False)
         self.integer = (execution == "auto" and layer.kind == "linear" and layer.weight_bits == 8
                         and layer.activation_bits == 8 and channels == 1)
         if self.integer:
             codes = layer.weight_codes().to(torch.int16) - 128
             self.int_weight_t = codes.to(torch.int8).t().contiguous()  # [in, out] for torch._int_mm
             self.weight_sums = codes.sum(dim=1).to(torch.int32)  # per output channel
-            self.weight_zero = (layer.zero_point - 128).to(torch.int32)
+            self.weight_zero = layer.zero_point.to(torch.int32) - 128
             layer.codes = torch.empty(0, dtype=torch.uint8)  # held once, in the matmul layout
         self.path = PATH_INT8 if self.integer else PATH_DEQUANTIZE
 
@@ -160,6 +166,10 @@ class QuantizedLayerHook(ModelHook):
         x = args[0] if args else kwargs["input"]
         if self.integer:
             return self._integer_linear(x, group)
+        if self.layer.kind == "embedding":
+            weight = self.layer.dequantized_weight(module.weight.dtype).to(x.device)
+            return F.embedding(x, weight, module.padding_idx, module.max_norm, module.norm_type,
+                               module.scale_grad_by_freq, module.sparse)
         quantized = self.activation(x, group)
         weight = self.layer.dequantized_weight(x.dtype).to(x.device)
         bias = None if self.layer.bias is None else self.layer.bias.to(x.device, x.dtype)
@@ -189,7 +199,7 @@ class QuantizedLayerHook(ModelHook):
         weight_zero = self.weight_zero.to(x.device)
         corrected = (accumulated - zero * self.weight_sums.to(x.device)[None, :] - row_sums * weight_zero[None, :]
                      + rows.shape[1] * zero * weight_zero[None, :])
-        output = corrected.to(torch.float32) * (delta * self.layer.delta.to(x.device))[None, :]
+        output = corrected.to(torch.float32) * (delta * self.layer.delta.to(x.device, torch.float32))[None, :]
         if self.layer.bias is not None:
             output = output + self.layer.bias.to(x.device, torch.float32)
         return output.to(x.dtype).reshape(*shape[:-1], -1)
