@@ -6,8 +6,9 @@
     accel.unwrap(pipe)                  # bit-identical to never wrapped
 
 Accelerators live in ``accel.methods`` (registered on import): ``delta_dit`` (Δ-DiT), ``bac`` (BAC), ``adaspa``
-(AdaSpa) and ``vmoba`` (VMoBA) block-sparse attention, ``quest`` (QuEST W8A8 / W4A8 / W4A4 quantization). Model-family knowledge lives in ``accel.pipelines.adapters``;
-the plugin contract (``MethodScope``, ``StepInfo``, ``BranchStates``) in ``accel.hooks``.
+(AdaSpa) and ``vmoba`` (VMoBA) block-sparse attention, ``quest`` (QuEST W8A8 / W4A8 / W4A4 quantization).
+Model-family knowledge lives in ``accel.pipelines.adapters``; the plugin contract (``MethodScope``, ``StepInfo``,
+``BranchStates``) in ``accel.hooks``.
 """
 
 from .api import calibrate, is_wrapped, summary, unwrap, wrap, wrap_calibrated

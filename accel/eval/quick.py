@@ -10,7 +10,7 @@ are interleaved (baseline, method 1, method 2, baseline, ...) after one untimed 
 every row alike (``accel.eval.timing``): latency is the median over rounds, speedup the median of the per-round
 ratios with their spread, flagged "within noise" when the spread reaches 1.0x. Progress lines go to stderr.
 Quality is PSNR against the baseline's output.
-Methods with an offline calibration (BAC) are calibrated on the same model with a seed no measured call uses.
+Methods with an offline calibration (BAC, QuEST) are calibrated on the same model with a seed no measured call uses.
 ``tiny:<family>`` models have random weights: their speed and PSNR figures say nothing about a real model.
 """
 
@@ -68,8 +68,9 @@ def compare(model: ModelHandle, methods: list[tuple[str, list[str]]], repeats: i
     the baseline, the share of blocks run and, on the reference models, class accuracy."""
     pipes = {"baseline": accel.wrap(model.build(), [])}
     for label, names in methods:
-        status(f"building {label}" + (" (calibrating BAC on a held-out seed)" if any(
-            spec.calibrate is not None for spec in map(spec_for, resolve(names))) else ""))
+        calibrating = [spec.name for spec in map(spec_for, resolve(names)) if spec.calibrate is not None]
+        status(f"building {label}" + (f" (calibrating {', '.join(calibrating)} on a held-out seed)"
+                                      if calibrating else ""))
         started = time.perf_counter()
         pipes[label] = build_wrapped(model, names, steps)
         status(f"{label} ready in {time.perf_counter() - started:.1f} s")

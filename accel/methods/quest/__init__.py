@@ -20,7 +20,12 @@ Departures from the paper (measurements: ``docs/methods/quest.md``):
 * Stage A uses the weights' learning rate for its activation scales, as the authors' code does; iteration counts
   are scaled to small models (config). The first layer is the one that reads the latent, the last the last to run.
 * ``quantize_attention`` quantizes q, k, v with dynamic per-tensor ranges (not calibrated), and keeps the softmax
-  probabilities in float, as the authors' Stable Diffusion command (``--sm_abit 16``) does.
+  probabilities in float, as the authors' Stable Diffusion command (``--sm_abit 16``) does. Label-embedding tables
+  are quantized per row at the weight bits (ours: on digits-dit they held two thirds of the remaining bytes).
+
+Measured on the shipped ``digits-dit`` (20 steps, 500 samples, ``python benchmarks/quantization.py``): PSNR against
+float 39.8 / 34.8 / 29.6 dB at W8A8 / W4A8 / W4A4 (round-to-nearest: 36.5 / 31.4 / 29.6), W8A8 FID 18.20 against
+float's 18.32, 4-bit weights in 0.27 of the fp16 bytes, calibration under 4 minutes on 2 CPU cores.
 """
 
 from accel.registry import register_accelerator

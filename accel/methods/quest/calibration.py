@@ -310,7 +310,7 @@ def calibrate_quest(pipe, config: QuESTConfig, inputs, *, num_inference_steps: i
             for params in frozen.values():
                 for param in params:
                     param.requires_grad_(True)
-        for name, module in modules.items():  # leave no empty hook registry behind
+        for module in modules.values():  # leave no empty hook registry behind
             if getattr(module, "_diffusers_hook", None) is not None and not module._diffusers_hook.hooks:
                 del module._diffusers_hook
                 forward = module.__dict__.get("forward")
