@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is a folder of scripts, not a package
 
@@ -44,7 +43,7 @@ def test_weight_bytes_count_what_quest_holds_after_releasing_the_floats():
     accel.wrap(pipe, config.replace(artifact=artifact, release_originals=True))
     held = quantization.transformer_bytes(pipe.transformer)
     assert held >= artifact.weight_bytes  # the codes and scales are counted...
-    assert held < fp16 / 3.5  # ...and the released float weights are not
+    assert held < fp16 / 2  # ...and the released float32 weights (2x fp16) are not
 
 
 def test_the_bars_are_read_from_the_rows():

@@ -49,7 +49,8 @@ def test_main_job_prints_the_table(capsys):
     out = captured.out
     assert "baseline" in out and "random weights" in out and "latency ms" in out
     assert "min–max" in out and "Next: accel-eval" in out  # the spread, and where to go next
-    for phase in ("loading tiny:dit", "building bac (calibrating BAC", "round 1/3 done (warm-up)", "round 3/3"):
+    for phase in ("loading tiny:dit", "building bac (calibrating bac", "building quest (calibrating quest",
+                  "round 1/3 done (warm-up)", "round 3/3"):
         assert phase in captured.err  # progress on stderr, the table alone on stdout
 
 
