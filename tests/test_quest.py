@@ -245,3 +245,10 @@ def test_a_model_with_no_linear_layer_is_refused():
 def test_calibration_inputs_are_checked():
     with pytest.raises(ValueError, match="call arguments"):
         accel.calibrate(tiny.build("dit"), "quest-w8a8", [], num_inference_steps=3, progress=False)
+
+
+@pytest.mark.parametrize("field, value", [("execution", "int4"), ("activation_range", "mse"), ("step_groups", 0),
+                                          ("release_originals", "yes"), ("artifact", 3)])
+def test_other_bad_settings_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        QuESTConfig(**{field: value})

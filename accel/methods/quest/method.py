@@ -149,6 +149,8 @@ class QuantizedLayerHook(ModelHook):
             self.activation = ActivationQuantizer(groups, layer.activation_bits, channels if channels > 1 else 0)
             self.activation.set_range(layer.activation_delta, layer.activation_zero_point)
             self.activation.requires_grad_(False)
+        # the quantizer holds the ranges now: no second copy in the layer
+        layer.activation_delta = layer.activation_zero_point = torch.empty(0)
         self.integer = (execution == "auto" and layer.kind == "linear" and layer.weight_bits == 8
                         and layer.activation_bits == 8 and channels == 1)
         if self.integer:
