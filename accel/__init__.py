@@ -6,7 +6,12 @@
     accel.unwrap(pipe)                  # bit-identical to never wrapped
 
 Accelerators live in ``accel.methods`` (registered on import): ``delta_dit`` (Δ-DiT), ``bac`` (BAC), ``adaspa``
-(AdaSpa) and ``vmoba`` (VMoBA) block-sparse attention, ``quest`` (QuEST W8A8 / W4A8 / W4A4 quantization).
+(AdaSpa) and ``vmoba`` (VMoBA) block-sparse attention, ``quest`` (QuEST W8A8 / W4A8 / W4A4 quantization);
+``hierarchical_prune`` (HierarchicalPrune) makes a smaller model instead of wrapping one:
+
+    report = accel.analyze_contributions(pipe, inputs)          # what removing each block / branch costs
+    pruned = accel.prune(pipe, report, target=6, inputs=inputs)  # remove 6 later blocks, distil the rest
+
 Model-family knowledge lives in ``accel.pipelines.adapters``; the plugin contract (``MethodScope``, ``StepInfo``,
 ``BranchStates``) in ``accel.hooks``.
 """
@@ -18,6 +23,7 @@ from .hooks import BranchStates, MethodScope
 from .methods.adaspa import AdaSpaConfig
 from .methods.bac import BACConfig, BACSchedule
 from .methods.delta_dit import DeltaDiTConfig
+from .methods.hierarchical_prune import ContributionReport, analyze_contributions, load_pruned, prune
 from .methods.quest import QuESTArtifact, QuESTConfig
 from .methods.vmoba import VMoBAConfig
 from .registry import available, register_accelerator, unregister_accelerator
@@ -31,6 +37,7 @@ __all__ = [
     "BACConfig",
     "BACSchedule",
     "BranchStates",
+    "ContributionReport",
     "DeltaDiTConfig",
     "MethodScope",
     "QuESTArtifact",
@@ -39,9 +46,12 @@ __all__ = [
     "StepRecord",
     "Summary",
     "VMoBAConfig",
+    "analyze_contributions",
     "available",
     "calibrate",
     "is_wrapped",
+    "load_pruned",
+    "prune",
     "register_accelerator",
     "summary",
     "unregister_accelerator",
