@@ -3,7 +3,7 @@
     python benchmarks/pruning.py                                        # digits-dit (500 samples) and moving-digits
     python benchmarks/pruning.py --model digits-dit --samples 100 --distill-steps 100 --out /tmp/quick
 
-Every pruned row removes the same number of blocks (``--blocks``; 6 of digits-dit's 12, 3 of moving-digits' 8) and
+Every pruned row removes the same number of blocks (``--blocks``; 5 of digits-dit's 12, 3 of moving-digits' 8) and
 distils, where it distils, with the same settings, steps and data (the full model's trajectories on calibration
 labels and seeds no measured call uses):
 
@@ -57,20 +57,17 @@ from accel.pipelines.digits import split  # noqa: E402
 
 ANALYSIS_SEED, DISTILL_SEED, QUEST_SEED, MEASURE_SEED = 80_000, 70_000, 90_000, 1_000
 SETUP = {  # blocks removed, distillation steps, analysis calls x per call, distillation calls x per call
-    "digits-dit": {"blocks": 6, "steps": 1500, "analysis": (2, 10), "distill": (16, 32), "batch": 50},
-    "moving-digits": {"blocks": 3, "steps": 300, "analysis": (2, 2), "distill": (8, 4), "batch": 10},
+    "digits-dit": {"blocks": 5, "steps": 1500, "analysis": (2, 10), "distill": (16, 32), "batch": 50,
+                   "distilled_baselines": True},
+    # moving-digits reports the same figures with no bar: the distilled baselines are left out to keep the run short
+    "moving-digits": {"blocks": 3, "steps": 200, "analysis": (2, 2), "distill": (8, 4), "batch": 10,
+                      "distilled_baselines": False},
 }
 
 
 def call_inputs(model: str, pipe, calls: int, per_call: int, seed: int) -> list[dict]:
     return [reference.call_kwargs(model, pipe, [(per_call * i + j) % 10 for j in range(per_call)], seed=seed + i)
             for i in range(calls)]
-
-
-def labels_of(inputs: list[dict], model: str) -> list[int]:
-    if model == "digits-dit":
-        return [label for kwargs in inputs for label in kwargs["class_labels"]]
-    raise NotImplementedError
 
 
 @dataclass
@@ -104,12 +101,11 @@ def build_rows(model: str, blocks: int, steps: int, out: Path, work: Path) -> tu
     distill_inputs = call_inputs(model, full, *setup["distill"], DISTILL_SEED)
     settings = DistillationSettings(steps=steps)
 
-    def pruned(name: str, kind: str, **options) -> Row:
+    def pruned(name: str, kind: str, distill: bool = True, **options) -> Row:
         started = time.perf_counter()
-        pipe = accel.prune(full, report, blocks, inputs=distill_inputs, distill_steps=None,
-                           settings=settings, **options)
-        seconds = time.perf_counter() - started if options.get("distill_steps", steps) else None
-        return Row(name, kind, pipe, distill_s=seconds)
+        pipe = accel.prune(full, report, blocks, inputs=distill_inputs, distill_steps=None if distill else 0,
+                           settings=options.pop("settings", settings), **options)
+        return Row(name, kind, pipe, distill_s=time.perf_counter() - started if distill else None)
 
     rows = [Row("full", "full", full)]
     ours = pruned("hierarchical-prune", "ours")
@@ -125,11 +121,13 @@ def build_rows(model: str, blocks: int, steps: int, out: Path, work: Path) -> tu
     quest_s = time.perf_counter() - started
     accel.wrap(stacked, config.replace(artifact=artifact, release_originals=True))
     rows.append(Row("hierarchical-prune + quest-w4a8", "stack", stacked, distill_s=ours.distill_s, artifact=artifact))
-    rows.append(pruned("last blocks, distilled", "baseline", selection="last"))
-    rows.append(pruned("last blocks, no distillation", "baseline", selection="last", distill_steps=0))
-    rows.append(pruned("analysis, no distillation", "baseline", distill_steps=0))
-    rows.append(pruned("uniform feature-KD", "baseline",
-                       settings=DistillationSettings(steps=steps, weighting="binary")))
+    if setup["distilled_baselines"]:
+        rows.append(pruned("last blocks, distilled", "baseline", selection="last"))
+    rows.append(pruned("last blocks, no distillation", "baseline", selection="last", distill=False))
+    rows.append(pruned("analysis, no distillation", "baseline", distill=False))
+    if setup["distilled_baselines"]:
+        rows.append(pruned("uniform feature-KD", "baseline",
+                           settings=DistillationSettings(steps=steps, weighting="binary")))
     saved: dict[str, Path] = {}
     for row in rows:
         row.pipe.set_progress_bar_config(disable=True)
@@ -361,8 +359,15 @@ def plot(settings: list[dict], path: Path) -> None:
 
 
 def write(out: Path, settings: list[dict], allocator: str) -> None:
+    """Write the results, keeping the other models' settings already in ``out/pruning.json`` (one model per run
+    updates its own section)."""
     machine = machine_description(allocator)
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "pruning.json").is_file():
+        earlier = json.loads((out / "pruning.json").read_text())["settings"]
+        measured = {setting["model"] for setting in settings}
+        settings = [s for s in earlier if s["model"] not in measured] + settings
+        settings.sort(key=lambda setting: list(reference.MODELS).index(setting["model"]))
     atomic_write(out / "pruning.json", json.dumps({"machine": machine, "settings": settings}, indent=1))
     atomic_write(out / "pruning.md", markdown(settings, machine))
     plot(settings, out / "pruning.png")
@@ -371,22 +376,27 @@ def write(out: Path, settings: list[dict], allocator: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", action="append", choices=list(reference.MODELS))
-    parser.add_argument("--samples", type=int, default=None, help="default 500 (digits-dit), 60 (moving-digits)")
+    parser.add_argument("--samples", type=int, default=None, help="default 500 (digits-dit), 40 (moving-digits)")
     parser.add_argument("--blocks", type=int, default=None, help="blocks removed (default: SETUP)")
     parser.add_argument("--distill-steps", type=int, default=None, help="default: SETUP")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
+    parser.add_argument("--smoke", action="store_true", help="one short call for analysis and distillation data "
+                        "(checks the script runs; its figures mean nothing)")
     parser.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rss_child:
         _rss_child(*args.rss_child)
         return 0
+    if args.smoke:
+        for setup in SETUP.values():
+            setup.update(analysis=(1, 2), distill=(1, 2))
     torch.set_num_threads(2)
     torch.set_grad_enabled(False)  # distillation turns gradients on where it needs them
     allocator = timing_allocator()
     args.out.mkdir(parents=True, exist_ok=True)
     settings = []
     for model in args.model or ["digits-dit", "moving-digits"]:
-        samples = args.samples or (500 if model == "digits-dit" else 60)
+        samples = args.samples or (500 if model == "digits-dit" else 40)
         setup = SETUP[model]
         settings.append(run_model(model, samples, args.blocks or setup["blocks"],
                                   setup["steps"] if args.distill_steps is None else args.distill_steps, args.out))

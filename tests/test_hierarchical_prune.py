@@ -16,7 +16,7 @@ import accel
 from accel.eval.metrics import output_array
 from accel.methods.hierarchical_prune import ContributionReport, DistillationSettings, ZeroBranch
 from accel.methods.hierarchical_prune.analysis import removed
-from accel.methods.hierarchical_prune.pruning import _lr_scales
+from accel.methods.hierarchical_prune.pruning import lr_scales
 from accel.methods.hierarchical_prune.surgery import ZEROED_KEY, Unit, blocks_of, denoiser_of
 from accel.methods.quest import QuESTConfig
 from accel.pipelines import reference, tiny
@@ -197,11 +197,11 @@ def test_inverse_weighting_slows_the_sensitive_blocks():
                                                  "psnr_db": 0.0, "mse": mse}
                                                 for i, mse in enumerate([1, 1, 0.01, 0.1, 1.0, 10.0])])
     kept = [0, 1, 3, 4, 5]
-    scales = _lr_scales(report, kept, 2, "inverse")
+    scales = lr_scales(report, kept, 2, "inverse")
     assert set(scales) == {2, 3, 4}
     assert scales[2] > scales[3] > scales[4]  # block 3 (mse 0.1) least sensitive, block 5 (mse 10) most
     assert abs(np.mean([min(max(s, 0.2), 5.0) for s in scales.values()]) - 1) < 0.35
-    assert _lr_scales(report, kept, 2, "binary") == {2: 1.0, 3: 1.0, 4: 1.0}
+    assert lr_scales(report, kept, 2, "binary") == {2: 1.0, 3: 1.0, 4: 1.0}
 
 
 def test_pruned_reference_model_loads_with_plain_diffusers(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from accel.eval.metrics import output_array, psnr
+from accel.hooks import context_of
 from accel.io import atomic_write
 
 from .surgery import Unit, all_units, blocks_of, denoiser_of, zero_branch
@@ -139,8 +140,10 @@ class _Runner:
             self.extra["num_inference_steps"] = num_inference_steps
 
     def __call__(self) -> list[np.ndarray]:
-        return [output_array(self.pipe(**{**_with_generators(kwargs, state), **self.extra}))
-                for kwargs, state in zip(self.inputs, self.states)]
+        outputs = [self.pipe(**{**_with_generators(kwargs, state), **self.extra})
+                   for kwargs, state in zip(self.inputs, self.states)]
+        # images [N, H, W, C] or videos [N, F, H, W, C], as the eval harness reads them
+        return [np.asarray(out.images if hasattr(out, "images") else out.frames, dtype=np.float32) for out in outputs]
 
 
 @contextlib.contextmanager
@@ -180,9 +183,7 @@ def analyze_contributions(pipe, inputs, *, num_inference_steps: int | None = Non
     denoiser: the pipeline runs on ``inputs`` (call kwargs with seeded generators) once in full and once per unit
     removed, and each unit gets the PSNR and MSE of its samples against the full model's. ``scorer(outputs)`` (the
     list of output arrays, one per input) adds figures such as class accuracy, for the full model and each unit."""
-    from accel.api import is_wrapped
-
-    if is_wrapped(pipe):
+    if context_of(pipe) is not None:
         raise ValueError("analyze_contributions needs the plain pipeline; accel.unwrap(pipe) first.")
     inputs = check_inputs(inputs, "Contribution analysis")
     model, adapter = denoiser_of(pipe, denoiser)
@@ -196,9 +197,10 @@ def analyze_contributions(pipe, inputs, *, num_inference_steps: int | None = Non
         with removed(model, adapter, unit):
             outputs = run()
         flat = np.concatenate([o.reshape(o.shape[0], -1) for o in outputs])
+        mse = float(np.mean((reference.astype(np.float64) - flat) ** 2))
         row = {"name": unit.name, "block": unit.block, "component": unit.component,
-               "params": unit_params(model, adapter, unit), "psnr_db": psnr(reference, flat),
-               "mse": float(np.mean((reference.astype(np.float64) - flat) ** 2))}
+               "params": unit_params(model, adapter, unit),
+               "psnr_db": math.inf if mse == 0 else 10 * math.log10(1.0 / mse), "mse": mse}
         if scorer is not None:
             row.update(scorer(outputs))
         rows.append(row)

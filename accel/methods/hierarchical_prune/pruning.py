@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from accel.hooks import context_of
+
 from .analysis import ContributionReport, check_inputs
 from .distillation import DistillationSettings, distill, record_calls
 from .surgery import ZEROED_KEY, Unit, blocks_of, check_reloadable, denoiser_of, remove_units
@@ -87,7 +89,7 @@ def choose_units(report: ContributionReport, model, adapter, target, *, granular
     return chosen
 
 
-def _lr_scales(report: ContributionReport, kept: list[int], first_trainable: int, weighting: str) -> dict[int, float]:
+def lr_scales(report: ContributionReport, kept: list[int], first_trainable: int, weighting: str) -> dict[int, float]:
     """Student block position -> learning-rate scale: the inverse of the MSE its removal caused, mean 1."""
     positions = range(first_trainable, len(kept))
     if weighting == "binary" or not positions:
@@ -110,9 +112,7 @@ def prune(pipe, report: ContributionReport, target, *, inputs=None, num_inferenc
     ``inputs``: call kwargs (seeded) whose sampling trajectories are the distillation data; ``distill_steps=0`` or
     ``None`` skips distillation. ``checkpoint_dir`` makes distillation resumable.
     """
-    from accel.api import is_wrapped
-
-    if is_wrapped(pipe):
+    if context_of(pipe) is not None:
         raise ValueError("prune needs the plain pipeline; accel.unwrap(pipe) first.")
     if not isinstance(report, ContributionReport):
         raise ValueError(f"report must be the ContributionReport of accel.analyze_contributions, got "
@@ -154,7 +154,7 @@ def prune(pipe, report: ContributionReport, target, *, inputs=None, num_inferenc
         if first_trainable >= len(kept):
             raise ValueError("Every kept block precedes the cut, so nothing after it can be trained; keep_last >= 1.")
         records = record_calls(pipe, teacher, inputs, num_inference_steps, progress)
-        scales = _lr_scales(report, kept, first_trainable, settings.weighting)
+        scales = lr_scales(report, kept, first_trainable, settings.weighting)
         info["distillation"] = distill(teacher, student, adapter, records, kept, first_trainable, scales, settings,
                                        zeroed=zeroed, checkpoint_dir=checkpoint_dir, progress=progress)
         info["distillation"]["settings"] = dict(settings.__dict__)
