@@ -12,6 +12,11 @@ Accelerators live in ``accel.methods`` (registered on import): ``delta_dit`` (Δ
     report = accel.analyze_contributions(pipe, inputs)          # what removing each block / branch costs
     pruned = accel.prune(pipe, report, target=6, inputs=inputs)  # remove 6 later blocks, distil the rest
 
+``ilf`` (ILF) wraps with a feedback module trained first:
+
+    accel.train_feedback(pipe, inputs, num_inference_steps=20).save(dir)   # then sample in 10 steps:
+    accel.wrap(pipe, "ilf", module=dir)
+
 Model-family knowledge lives in ``accel.pipelines.adapters``; the plugin contract (``MethodScope``, ``StepInfo``,
 ``BranchStates``) in ``accel.hooks``.
 """
@@ -24,6 +29,7 @@ from .methods.adaspa import AdaSpaConfig
 from .methods.bac import BACConfig, BACSchedule
 from .methods.delta_dit import DeltaDiTConfig
 from .methods.hierarchical_prune import ContributionReport, analyze_contributions, load_pruned, prune
+from .methods.ilf import FeedbackModule, FeedbackSettings, ILFConfig, train_feedback
 from .methods.quest import QuESTArtifact, QuESTConfig
 from .methods.vmoba import VMoBAConfig
 from .registry import available, register_accelerator, unregister_accelerator
@@ -39,6 +45,9 @@ __all__ = [
     "BranchStates",
     "ContributionReport",
     "DeltaDiTConfig",
+    "FeedbackModule",
+    "FeedbackSettings",
+    "ILFConfig",
     "MethodScope",
     "QuESTArtifact",
     "QuESTConfig",
@@ -54,6 +63,7 @@ __all__ = [
     "prune",
     "register_accelerator",
     "summary",
+    "train_feedback",
     "unregister_accelerator",
     "unwrap",
     "wrap",
