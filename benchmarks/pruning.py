@@ -57,7 +57,7 @@ from accel.pipelines.digits import split  # noqa: E402
 
 ANALYSIS_SEED, DISTILL_SEED, QUEST_SEED, MEASURE_SEED = 80_000, 70_000, 90_000, 1_000
 SETUP = {  # blocks removed, distillation steps, analysis calls x per call, distillation calls x per call
-    # 3000 steps on 32 recorded calls: 1500 on 16 read FID +10.9%, 3000 on 32 +9.7% (docs/methods/hierarchical_prune.md)
+    # 3000 steps on 32 recorded calls: 1500 on 16 read FID +10.9%, 3000 on 32 +9.7% (docs/methods/)
     "digits-dit": {"blocks": 5, "steps": 3000, "analysis": (2, 10), "distill": (32, 32), "batch": 50,
                    "distilled_baselines": True},
     # moving-digits reports the same figures with no bar: the distilled baselines are left out to keep the run short
