@@ -30,6 +30,7 @@ class AcceleratorSpec:
     presets: dict[str, Callable[[], AccelConfig]]
     calibrate: Callable[..., Any] | None = None  # (pipe, config, inputs, *, num_inference_steps, progress) -> artifact
     artifact_field: str = "schedule"  # the config field that takes what ``calibrate`` returns
+    trained_with: str | None = None  # the function that makes what the method loads (ILF: a trained module)
 
     def supports(self, family: str) -> bool:
         return self.families is None or family in self.families
@@ -49,10 +50,13 @@ def register_accelerator(
     presets: dict[str, Callable[[], AccelConfig]] | None = None,
     calibrate: Callable[..., Any] | None = None,
     artifact_field: str = "schedule",
+    trained_with: str | None = None,
 ) -> AcceleratorSpec:
     """Register an accelerator. ``presets`` maps names (``"bac"``, ``"bac-fast"``) to config factories; the
     method name itself is always a preset for ``config_cls()``. ``calibrate``, for methods that need an offline
-    pass, backs ``accel.calibrate``; the artifact it returns is what the config takes as its ``artifact_field``."""
+    pass, backs ``accel.calibrate``; the artifact it returns is what the config takes as its ``artifact_field``.
+    ``trained_with`` names the function a method needs run first (a training, minutes long): runners that apply
+    every method (``accel-run --methods all``, the demo) leave such a method out and say so."""
     if not (isinstance(config_cls, type) and issubclass(config_cls, AccelConfig)) or not config_cls.method:
         raise ValueError(f"{config_cls!r} must be an AccelConfig subclass with a non-empty `method` name.")
     if calibrate is not None and artifact_field not in getattr(config_cls, "__dataclass_fields__", {}):
@@ -60,7 +64,7 @@ def register_accelerator(
     presets = {config_cls.method: config_cls, **(presets or {})}
     spec = AcceleratorSpec(
         config_cls.method, config_cls, apply, description, tuple(families) if families is not None else None, presets,
-        calibrate, artifact_field,
+        calibrate, artifact_field, trained_with,
     )
     with _LOCK:
         taken = [name for name in presets if name in _PRESETS and _PRESETS[name].config_cls is not config_cls]
@@ -164,6 +168,7 @@ def available() -> list[dict[str, Any]]:
             "description": spec.description,
             "families": list(spec.families) if spec.families is not None else list(FAMILY_NAMES),
             "presets": sorted(spec.presets),
+            "trained_with": spec.trained_with,
         }
         for spec in registered()
     ]

@@ -89,7 +89,8 @@ def feedback_module(model: str, pipe, steps: int, train_steps: int, module_dir: 
                                   settings=FeedbackSettings(steps=train_steps))
     folder = ROOT / "runs" / f"feedback-module-{model}"  # runs/ is not committed; --module reuses it
     module.save(folder)
-    return str(folder), module.card["training"]["seconds"], module.card
+    card = FeedbackModule.read_card(folder)  # the card as saved: region and scale included
+    return str(folder), card["training"]["seconds"], card
 
 
 def bac_wrapped(model: str, budget: float, steps: int):

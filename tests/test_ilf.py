@@ -217,3 +217,15 @@ def test_a_wrapped_pipeline_is_refused():
     pipe = accel.wrap(tiny.build("dit"), "delta-dit")
     with pytest.raises(ValueError, match="unwrap"):
         accel.train_feedback(pipe, inputs_for("dit"), num_inference_steps=4)
+
+
+def test_runners_that_apply_every_method_leave_ilf_out(capsys):
+    from accel.demo.app import default_stack
+    from accel.eval.quick import model_handle, runnable_methods
+
+    rows = runnable_methods(model_handle("tiny:dit"), "all")
+    assert "ilf" not in [label for label, _ in rows] and "delta-dit" in [label for label, _ in rows]
+    assert "accel.train_feedback" in capsys.readouterr().err
+    (entry,) = [entry for entry in accel.available() if entry["name"] == "ilf"]
+    assert entry["trained_with"] == "accel.train_feedback"
+    assert default_stack()[0] != "ilf"

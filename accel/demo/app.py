@@ -389,8 +389,8 @@ def build_demo(model_names: list[str] | tuple[str, ...] = DEFAULT_MODELS, *, con
     import gradio as gr
 
     backend = DemoBackend(list(model_names))
-    methods = [entry["name"] for entry in available()]
-    presets = {entry["name"]: entry["presets"] for entry in available()}
+    methods = [entry["name"] for entry in available() if not entry["trained_with"]]  # no training in a page
+    presets = {entry["name"]: entry["presets"] for entry in available() if not entry["trained_with"]}
     start_method, start_preset = default_stack()
     first = next(iter(backend.handles))
     shown = _visibility(backend.handles[first])

@@ -153,7 +153,11 @@ def runnable_methods(model: ModelHandle, text: str) -> list[tuple[str, list[str]
         if skipped:
             print(f"accel-run: skipping {', '.join(skipped)}: not for the {family!r} family of {model.name}.",
                   file=sys.stderr)
-        return [(spec.name, [spec.name]) for spec in registered() if spec.supports(family)]
+        trained = [spec for spec in registered() if spec.supports(family) and spec.trained_with]
+        for spec in trained:
+            print(f"accel-run: skipping {spec.name}: it loads what {spec.trained_with} trains (minutes); "
+                  f"benchmarks/ measure it.", file=sys.stderr)
+        return [(spec.name, [spec.name]) for spec in registered() if spec.supports(family) and not spec.trained_with]
     rows = parse_method_list(text)
     quiet = logging.getLogger("accel")
     level = quiet.level

@@ -92,4 +92,5 @@ register_accelerator(
     apply_ilf,
     description="ILF: a trained feedback block re-runs an inner loop of blocks so that half the steps suffice",
     families=FAMILIES,
+    trained_with="accel.train_feedback",
 )
