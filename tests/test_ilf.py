@@ -110,6 +110,7 @@ def test_save_load_gives_the_same_output(tmp_path):
     in_memory = run(accel.wrap(tiny.build("dit"), ILFConfig(module=module)), "dit")
     module.save(tmp_path / "ilf")
     card = json.loads((tmp_path / "ilf" / "feedback.json").read_text())
+    assert card == json.loads(json.dumps(module.card, default=str))  # the card in memory is the one on disk
     assert card["num_inference_steps"] == 4 and card["ilf_steps"] == 2 and card["region"] == [1, 1]
     assert card["scheduler"] == "DDIMScheduler" and card["model"]["class"] == "DiTTransformer2DModel"
     assert card["training"]["call_arguments"]["seeds"] == [100, 101]

@@ -23,7 +23,7 @@ from accel.methods.hierarchical_prune.distillation import _detached, collate
 from accel.pipelines.adapters import adapter_for
 
 from .loop import install_loop
-from .module import SCALE_SHAPES, FeedbackModule, model_fingerprint
+from .module import FORMAT, SCALE_SHAPES, FeedbackModule, model_fingerprint
 
 CHECKPOINT_FORMAT = "accel-ilf-checkpoint/1"
 _HOOK = "accel.ilf.training"
@@ -272,6 +272,7 @@ def train_feedback(pipe, inputs: list[dict], num_inference_steps: int = 20, *, r
             p.requires_grad_(id(p) in trainable)
     module.eval().requires_grad_(False)
     module.card = {
+        "format": FORMAT, "region": list(region), "scale": scale,  # as save() writes them
         "model": model_fingerprint(model), "denoiser": denoiser, "scheduler": type(pipe.scheduler).__name__,
         "num_inference_steps": num_inference_steps, "ilf_steps": num_inference_steps // 2,
         "loss": "MSE of the noise prediction against the teacher's at the next base step",
