@@ -230,3 +230,14 @@ def test_runners_that_apply_every_method_leave_ilf_out(capsys):
     (entry,) = [entry for entry in accel.available() if entry["name"] == "ilf"]
     assert entry["trained_with"] == "accel.train_feedback"
     assert default_stack()[0] != "ilf"
+
+
+def test_another_scheduler_is_refused(tmp_path):
+    from diffusers import DDPMScheduler
+
+    trained("dit").save(tmp_path / "ilf")
+    pipe = tiny.build("dit")
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match="trained with DDIMScheduler"):
+        accel.wrap(pipe, "ilf", module=str(tmp_path / "ilf"))
+    assert not accel.is_wrapped(pipe)

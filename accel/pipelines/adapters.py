@@ -117,6 +117,21 @@ class BlockInfo:
         first, second = output
         return (second, first) if self.returns == "context_hidden" else (first, second)
 
+    def with_streams_in(self, args: tuple, kwargs: dict, hidden: torch.Tensor,
+                        context: torch.Tensor | None) -> tuple[tuple, dict]:
+        """This block's call arguments with its input streams replaced (the context stream only for a block that
+        returns it, and only when ``context`` is given): the inverse of ``streams_in``."""
+        args, kwargs = list(args), dict(kwargs)
+        replaced = [("hidden_states", 0, hidden)]
+        if self.returns != "hidden" and context is not None:
+            replaced.append(("encoder_hidden_states", 1, context))
+        for name, position, value in replaced:
+            if name in kwargs or len(args) <= position:
+                kwargs[name] = value
+            else:
+                args[position] = value
+        return tuple(args), kwargs
+
     def make_output(self, hidden: torch.Tensor, context: torch.Tensor | None):
         """A block output with the given streams, in this block's return layout."""
         if self.returns == "hidden":

@@ -13,20 +13,6 @@ from accel.pipelines.adapters import BlockInfo
 from .module import FeedbackModule
 
 
-def with_streams(block: BlockInfo, args: tuple, kwargs: dict, hidden: torch.Tensor,
-                 context: torch.Tensor | None) -> tuple[tuple, dict]:
-    """``block``'s call arguments with its streams replaced (the context stream only for blocks that return it)."""
-    args, kwargs = list(args), dict(kwargs)
-    names = [("hidden_states", 0, hidden)] + ([("encoder_hidden_states", 1, context)] if block.returns != "hidden"
-                                              and context is not None else [])
-    for name, position, value in names:
-        if name in kwargs or len(args) <= position:
-            kwargs[name] = value
-        else:
-            args[position] = value
-    return tuple(args), kwargs
-
-
 class LoopState:
     """What one denoiser forward carries between the region's blocks (reset by the first block)."""
 
@@ -62,7 +48,7 @@ class FeedbackHook(ModelHook):
     def _loop(self, output):
         state, last = self.state, self.region[-1]
         hidden, context = last.streams_out(output)
-        feedback_args, feedback_kwargs = with_streams(last, *state.calls[-1], hidden, context)
+        feedback_args, feedback_kwargs = last.with_streams_in(*state.calls[-1], hidden, context)
         feedback_hidden, feedback_context = last.streams_out(self.module.block(*feedback_args, **feedback_kwargs))
         hidden, context = self.region[0].streams_in(*state.calls[0])
         state.rerunning = True
@@ -71,7 +57,7 @@ class FeedbackHook(ModelHook):
                 hidden = hidden + self.module.scale_for("hidden", position, hidden) * feedback_hidden
                 if context is not None and feedback_context is not None and self.module.context_scales is not None:
                     context = context + self.module.scale_for("context", position, context) * feedback_context
-                block_args, block_kwargs = with_streams(block, *state.calls[position], hidden, context)
+                block_args, block_kwargs = block.with_streams_in(*state.calls[position], hidden, context)
                 hidden, new_context = block.streams_out(block.module(*block_args, **block_kwargs))
                 context = new_context if new_context is not None else context
         finally:
