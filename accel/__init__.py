@@ -17,15 +17,21 @@ Accelerators live in ``accel.methods`` (registered on import): ``delta_dit`` (Δ
     accel.train_feedback(pipe, inputs, num_inference_steps=20).save(dir)   # then sample in 10 steps:
     accel.wrap(pipe, "ilf", module=dir)
 
+``afa`` (AFA) ensembles same-architecture pipelines, mixed block by block by an aggregator trained first:
+
+    accel.train_aggregator([pipe_a, pipe_b], batches).save(dir)
+    pipe = accel.ensemble([pipe_a, pipe_b], aggregator=dir)
+
 Model-family knowledge lives in ``accel.pipelines.adapters``; the plugin contract (``MethodScope``, ``StepInfo``,
 ``BranchStates``) in ``accel.hooks``.
 """
 
-from .api import calibrate, is_wrapped, summary, unwrap, wrap, wrap_calibrated
+from .api import calibrate, ensemble, is_wrapped, summary, unwrap, wrap, wrap_calibrated
 from .attention import AttentionCall
 from .config import AccelConfig
 from .hooks import BranchStates, MethodScope
 from .methods.adaspa import AdaSpaConfig
+from .methods.afa import AFAConfig, Aggregator, AggregatorSettings, train_aggregator
 from .methods.bac import BACConfig, BACSchedule
 from .methods.delta_dit import DeltaDiTConfig
 from .methods.hierarchical_prune import ContributionReport, analyze_contributions, load_pruned, prune
@@ -37,8 +43,11 @@ from .steps import StepInfo
 from .summary import StepRecord, Summary
 
 __all__ = [
+    "AFAConfig",
     "AccelConfig",
     "AdaSpaConfig",
+    "Aggregator",
+    "AggregatorSettings",
     "AttentionCall",
     "BACConfig",
     "BACSchedule",
@@ -58,11 +67,13 @@ __all__ = [
     "analyze_contributions",
     "available",
     "calibrate",
+    "ensemble",
     "is_wrapped",
     "load_pruned",
     "prune",
     "register_accelerator",
     "summary",
+    "train_aggregator",
     "train_feedback",
     "unregister_accelerator",
     "unwrap",

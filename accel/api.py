@@ -77,6 +77,19 @@ def wrap(pipe, methods: str | AccelConfig | list[str | AccelConfig], **overrides
     return pipe
 
 
+def ensemble(pipes: list, aggregator=None):
+    """``pipes[0]``, wrapped so that each of its calls runs every pipeline of ``pipes`` in lock-step, mixed block by
+    block by ``aggregator`` (a folder ``accel.train_aggregator(...).save`` wrote, the ``Aggregator`` itself, or None
+    for the members' plain mean): AFA (``accel.methods.afa``). Wrap it further with other accelerators as usual;
+    ``accel.unwrap`` returns ``pipes[0]`` to itself."""
+    from .methods.afa import AFAConfig
+
+    pipes = list(pipes)
+    if len(pipes) < 2:
+        raise ValueError(f"An ensemble needs 2 or more pipelines, got {len(pipes)}.")
+    return wrap(pipes[0], AFAConfig(members=pipes[1:], aggregator=aggregator))
+
+
 def calibrate(pipe, method: str | AccelConfig, inputs, *, num_inference_steps: int, progress: bool = True,
               **overrides: Any):
     """Run a method's offline calibration on ``pipe`` and return its artifact (BAC: a ``BACSchedule``; QuEST: a

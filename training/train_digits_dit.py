@@ -142,23 +142,33 @@ def quick_check(recipe: Recipe, model, samples: int = 100, seed: int = 4000) -> 
 
 
 def train(recipe: Recipe, steps: int, seed: int = 0, check_every: int = 0, logger=None, progress: bool = True,
-          max_minutes: float | None = None):
-    """Train and return (EMA model, the log of quick checks, final smoothed loss, minutes, steps run)."""
+          max_minutes: float | None = None, init: DiTTransformer2DModel | None = None,
+          subset: np.ndarray | None = None, name: str = "digits-dit"):
+    """Train and return (EMA model, the log of quick checks, final smoothed loss, minutes, steps run).
+
+    ``init``: fine-tune a copy of this model (fp32) instead of training a fresh one; ``subset``: indices of the
+    train split to use instead of all of it."""
     generator = seed_everything(seed)
     train_split = split()["train"]
     images = torch.from_numpy(train_split.images)[:, None] * 2 - 1  # [N, 1, 8, 8] in [-1, 1]
     labels = torch.from_numpy(train_split.labels)
-    model = DiTTransformer2DModel(**TRANSFORMER_CONFIG).eval()  # eval: no built-in per-block label dropout
+    if subset is not None:
+        images, labels = images[torch.as_tensor(subset)], labels[torch.as_tensor(subset)]
+    if init is None:
+        model = DiTTransformer2DModel(**TRANSFORMER_CONFIG).eval()  # eval: no built-in per-block label dropout
+    else:
+        model = DiTTransformer2DModel.from_config(init.config).eval()
+        model.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
     ema = EMA(model, decay=recipe.ema)
     noise_scheduler = DDPMScheduler(**recipe.noise())
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                  lambda index: learning_rate_factor(recipe, index + 1, steps))
     if logger:
-        logger.info("digits-dit: %.2fM parameters, %d steps, seed %d, %s",
-                    sum(p.numel() for p in model.parameters()) / 1e6, steps, seed, recipe)
+        logger.info("%s: %.2fM parameters, %d steps, seed %d, %d images, %s", name,
+                    sum(p.numel() for p in model.parameters()) / 1e6, steps, seed, len(labels), recipe)
     started, running, checks = time.time(), 0.0, []
-    for step in tqdm(range(1, steps + 1), desc="digits-dit", disable=not progress):
+    for step in tqdm(range(1, steps + 1), desc=name, disable=not progress):
         index = torch.randint(0, len(labels), (recipe.batch_size,), generator=generator)
         clean, classes = images[index], labels[index].clone()
         classes[torch.rand(recipe.batch_size, generator=generator) < recipe.label_dropout] = NULL_CLASS

@@ -32,6 +32,8 @@ from .pixel_space import FramePackingVAE, PixelSpaceVAE
 
 MODELS_DIR = Path(__file__).resolve().parent / "reference_models"
 MODELS: tuple[str, ...] = ("digits-dit", "moving-digits")
+# Fine-tunes of digits-dit on disjoint halves of its data (training/train_members.py): AFA's ensemble members.
+ENSEMBLE_MEMBERS: tuple[str, ...] = ("digits-dit-a", "digits-dit-b")
 DEFAULT_CALL: dict[str, dict[str, Any]] = {
     "digits-dit": {"num_inference_steps": 20, "guidance_scale": 1.5},
     "moving-digits": {"num_inference_steps": 20, "guidance_scale": 6.0, "height": 16, "width": 16, "num_frames": 17},
@@ -89,15 +91,17 @@ class MovingDigitsPipeline(WanPipeline):
 
 def model_dir(name_or_path: str | Path) -> Path:
     """The folder of a shipped model name, or the given folder."""
-    if str(name_or_path) in MODELS:
+    if str(name_or_path) in MODELS + ENSEMBLE_MEMBERS:
         folder = MODELS_DIR / str(name_or_path)
     else:
         folder = Path(name_or_path)
     if not (folder / "transformer" / "config.json").is_file():
-        if str(name_or_path) in MODELS:
+        if str(name_or_path) in MODELS + ENSEMBLE_MEMBERS:
+            script = "train_members" if str(name_or_path) in ENSEMBLE_MEMBERS else \
+                f"train_{str(name_or_path).replace('-', '_')}"
             raise ValueError(
                 f"The weights of {name_or_path!r} are missing from {folder}; retrain them with "
-                f"`python -m training.train_{str(name_or_path).replace('-', '_')}`."
+                f"`python -m training.{script}`."
             )
         raise ValueError(
             f"{name_or_path!r} is neither a reference model ({', '.join(MODELS)}) nor a folder with "

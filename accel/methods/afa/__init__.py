@@ -1,0 +1,35 @@
+"""AFA: an ensemble of same-architecture denoisers, mixed block by block by a trained aggregator.
+
+Paper: Wang et al., "Ensembling Diffusion Models via Adaptive Feature Aggregation", ICLR 2025, arXiv 2405.17082.
+
+What it does: the members (fine-tunes of one base, say) run in lock-step. Their block inputs are mixed, and after
+every block a Spatial-Aware Block-Wise (SABW) aggregator mixes their outputs: it projects the concatenated member
+features of each token down, modulates them by a timestep embedding, runs self-attention and attention to the
+condition embedding, and a zero-initialised projection gives N logits per token; the per-token softmax weights sum
+the members' features. The mix is every member's next input. At initialisation the weights are 1/N, exactly the
+members' mean. Only the aggregator is trained, with the members' own denoising loss on training data
+(``accel.train_aggregator``); ``accel.ensemble([pipe_a, pipe_b], aggregator=dir)`` (or ``accel.wrap(pipe_a,
+"afa", members=[pipe_b], aggregator=dir)``) gives a pipeline called like the members.
+
+Where this implementation departs from the paper, and why:
+* DiT-family denoisers, where the paper's code is SD 1.5 U-Net only: one mixing point per block plus the block
+  inputs (the paper mixes after every U-Net layer and the input convolution). The U-Net, whose lock-step needs a
+  re-implemented forward, is not supported.
+* The aggregator embeds the timestep and the condition (class label or ``encoder_hidden_states``) itself, with
+  embeddings shared by all mixing points, instead of averaging the members' own embeddings (which families
+  compute in different places: per block in DiT, once in PixArt and Wan). An adaptive LayerNorm stands in for
+  the paper's timestep-conditioned ResNet block; one transformer layer of width ``hidden`` (64 by default, the
+  paper 128) keeps the aggregators small next to a small model.
+* The lead member's output head (final norm and projection) reads the last mix; the other members' heads are not
+  run, where the paper runs every member's last layer and mixes their noise predictions.
+* A dual-stream block's context stream is mixed by the plain mean.
+
+Measured figures and the command that reproduces them: ``docs/benchmarks/ensemble.md``
+(``python benchmarks/ensemble.py``).
+"""
+
+from .aggregator import Aggregator
+from .method import AFAConfig, apply_afa
+from .training import AggregatorSettings, train_aggregator
+
+__all__ = ["AFAConfig", "Aggregator", "AggregatorSettings", "apply_afa", "train_aggregator"]

@@ -1,0 +1,160 @@
+"""AFA's runtime: the config, ``apply_afa`` (check the members, load the aggregator, hook the lead's blocks),
+``ensemble`` and the registration. The package docstring (``accel.methods.afa``) says what and why."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from accel.config import AccelConfig
+from accel.hooks import MethodScope, context_of
+from accel.pipelines.adapters import ADAPTERS, FamilyAdapter, adapter_for
+from accel.registry import register_accelerator
+
+from ..trained import model_fingerprint
+from .aggregator import Aggregator
+from .lockstep import LockStep, install_lockstep
+
+FAMILIES = tuple(adapter.name for adapter in ADAPTERS
+                 if adapter.sequential_blocks and adapter.name not in ("flux", "hunyuan-video"))
+
+
+@dataclasses.dataclass
+class AFAConfig(AccelConfig):
+    """Configuration of AFA ensembling (arXiv 2405.17082).
+
+    Args:
+        members: the other pipelines of the ensemble (the wrapped pipeline is the first member), same denoiser
+            architecture, not wrapped themselves; required. Not saved with the config (pipelines are not JSON).
+        aggregator: the folder an aggregator was saved to (``accel.train_aggregator(...).save(dir)``), the
+            ``Aggregator`` itself, or None for the untrained ensemble (the members' mean after every block).
+    """
+
+    method = "afa"
+    members: list[Any] | None = None
+    aggregator: str | Aggregator | None = None
+
+    def validate(self) -> None:
+        if isinstance(self.aggregator, os.PathLike):
+            self.aggregator = os.fspath(self.aggregator)
+        if self.aggregator is not None and not isinstance(self.aggregator, (str, Aggregator)):
+            raise ValueError(f"aggregator={self.aggregator!r} is not accepted; pass the folder an aggregator was "
+                             "saved to, the Aggregator accel.train_aggregator returned, or None (the plain mean).")
+        if isinstance(self.aggregator, str):
+            Aggregator.read_card(self.aggregator)
+        if self.members is not None:
+            if isinstance(self.members, (str, bytes)) or not hasattr(self.members, "__iter__"):
+                raise ValueError(f"members must be a list of pipelines, got {type(self.members).__name__}.")
+            self.members = list(self.members)
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        data["members"] = None  # pipelines are not JSON; pass them again when loading
+        if isinstance(self.aggregator, Aggregator):
+            data["aggregator"] = None  # the tensors are saved with aggregator.save
+        return data
+
+
+def condition_of(adapter: FamilyAdapter) -> Any:
+    """The function that picks the aggregator's condition out of a denoiser call: the class labels of a
+    class-conditioned family, the ``encoder_hidden_states`` otherwise."""
+    name = "class_labels" if adapter.conditioning == "class" else "encoder_hidden_states"
+
+    def pick(args: tuple, kwargs: dict):
+        if kwargs.get(name) is None:
+            raise ValueError(f"AFA's aggregator reads {name!r} from the denoiser call's keyword arguments; this "
+                             "call passes none.")
+        return kwargs[name]
+
+    return pick
+
+
+def member_models(pipe, members: list, adapter: FamilyAdapter) -> list[torch.nn.Module]:
+    """The members' denoisers, checked: distinct, not wrapped, same class and config as ``pipe``'s."""
+    from diffusers import DiffusionPipeline
+
+    if not members:
+        raise ValueError("AFA needs members=[pipe_b, ...]: one or more other pipelines of the same architecture "
+                         "(accel.ensemble([pipe_a, pipe_b, ...], aggregator=dir)).")
+    denoisers = adapter.denoisers(pipe)
+    if len(denoisers) != 1:
+        raise ValueError(f"AFA ensembles pipelines with one denoiser; {type(pipe).__name__} has "
+                         f"{', '.join(denoisers)} (two experts by noise level).")
+    lead = next(iter(denoisers.values()))
+    models = []
+    for position, member in enumerate(members, start=2):
+        if not isinstance(member, DiffusionPipeline):
+            raise ValueError(f"Member {position} is a {type(member).__name__}; members are diffusers pipelines.")
+        if context_of(member) is not None:
+            raise ValueError(f"Member {position} is wrapped by accel; pass unwrapped members (wrap the ensemble).")
+        if adapter_for(member).name != adapter.name:
+            raise ValueError(f"Member {position} is a {type(member).__name__} ({adapter_for(member).name}); AFA "
+                             f"mixes same-architecture denoisers ({adapter.name}).")
+        model = adapter.denoisers(member)[next(iter(adapter.denoisers(pipe)))]
+        if model is lead or any(model is other for other in models):
+            raise ValueError(f"Member {position} shares its denoiser with another member; pass distinct pipelines.")
+        if model_fingerprint(model)["config"] != model_fingerprint(lead)["config"]:
+            raise ValueError(f"Member {position}'s {type(model).__name__} has another config than the first "
+                             "member's; AFA mixes denoisers of one architecture (same class and config).")
+        lead_parameter, parameter = next(lead.parameters()), next(model.parameters())
+        if (lead_parameter.device, lead_parameter.dtype) != (parameter.device, parameter.dtype):
+            raise ValueError(f"Member {position} is on {parameter.device} in {parameter.dtype}, the first on "
+                             f"{lead_parameter.device} in {lead_parameter.dtype}; put them on one device and dtype.")
+        models.append(model)
+    return models
+
+
+def check_aggregator(card: dict, lead: torch.nn.Module, models: list[torch.nn.Module], points: int) -> None:
+    """The aggregator was trained for these members, in this order (a clear error otherwise)."""
+    if card.get("members") != 1 + len(models) or card.get("points") != points:
+        raise ValueError(f"The aggregator mixes {card.get('members')} members at {card.get('points')} points; this "
+                         f"ensemble has {1 + len(models)} members and {points} points.")
+    trained_for = card.get("member_fingerprints")
+    if trained_for is not None:
+        now = [model_fingerprint(model)["weights_sha256"] for model in [lead, *models]]
+        if [entry["weights_sha256"] for entry in trained_for] != now:
+            raise ValueError("The aggregator was trained for other member weights (or another member order); "
+                             "pass the members it was trained with, in the same order.")
+
+
+def build_lockstep(pipe, adapter: FamilyAdapter, members: list, aggregator) -> tuple[LockStep, torch.nn.Module]:
+    """The lock-step runtime for ``pipe`` (the lead) and ``members``; ``aggregator`` is an Aggregator, a folder
+    or None."""
+    denoiser = next(iter(adapter.denoisers(pipe)))
+    lead = adapter.denoisers(pipe)[denoiser]
+    models = member_models(pipe, members, adapter)
+    lead_blocks = adapter.blocks(lead)
+    if isinstance(aggregator, (str, Path)):
+        aggregator = Aggregator.load(aggregator)
+    if aggregator is not None:
+        check_aggregator(aggregator.card, lead, models, len(lead_blocks) + 1)
+        parameter = next(lead.parameters())
+        aggregator = aggregator.to(parameter.device)
+    lockstep = LockStep(aggregator, lead_blocks, [(model, adapter.blocks(model)) for model in models],
+                        condition_of(adapter))
+    return lockstep, lead
+
+
+def apply_afa(scope: MethodScope, config: AFAConfig) -> None:
+    """Hook the wrapped pipeline's denoiser so that its blocks run in lock-step with the members'."""
+    others = [name for name in scope.applied_methods() if name != scope.name]
+    if others:
+        raise ValueError(f"AFA must be applied first (before {', '.join(others)}): the other methods act on the "
+                         "ensemble's blocks. Unwrap, then wrap with afa first.")
+    lockstep, lead = build_lockstep(scope.pipe, scope.adapter, config.members or [], config.aggregator)
+    scope.add_state(lockstep.state)
+    install_lockstep(lockstep, lead, scope.is_active, scope.register_hook)
+    scope.extras.update(members=1 + len(lockstep.members), trained=lockstep.aggregator is not None)
+
+
+register_accelerator(
+    AFAConfig,
+    apply_afa,
+    description="AFA: same-architecture denoisers run in lock-step, mixed after every block by a trained aggregator",
+    families=FAMILIES,
+    trained_with="accel.train_aggregator",
+)

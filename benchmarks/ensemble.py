@@ -1,0 +1,291 @@
+"""Ensemble benchmark: AFA on two digits-dit fine-tunes side by side with each member, their prediction average and
+their weight average, on the same labels and seeds.
+
+    python benchmarks/ensemble.py                      # trains the aggregator (about 14 min), then 500 samples
+    python benchmarks/ensemble.py --aggregator DIR     # reuses a saved aggregator (its card's training time)
+    python benchmarks/ensemble.py --samples 50 --train-steps 20 --out /tmp/quick --aggregator-out /tmp/agg
+
+Members: ``digits-dit-a`` and ``digits-dit-b`` (``python -m training.train_members``: digits-dit fine-tuned on
+disjoint halves of its train split with different seeds). Rows, all at the default call (20 steps, guidance 1.5)
+unless named:
+
+* ``member a``, ``member b``: each member alone; ``base (digits-dit, not a member)`` for reference.
+* ``prediction average``: every step's noise prediction is the mean of the members' (two forwards).
+* ``weight average``: one model whose weights are the mean of the members' (a model soup).
+* ``AFA, untrained``: the members in lock-step mixed by the plain mean after every block (the aggregator's start).
+* ``AFA``: the trained aggregator (``accel.train_aggregator``: the members' denoising loss on the full train split,
+  10% of labels dropped to the null class, as the members were trained).
+* ``AFA, N/2 steps``: the equal-compute row (two members at half the steps cost about one member at full steps).
+
+Columns: FID (digit-classifier features vs the held-out digits, torchmetrics), class accuracy, seconds per sample
+and the time ratio to member a (batches interleaved, row order rotating, member a timed before and after each
+batch; median and spread over batches), weights in memory (fp32 MB, members and aggregator), training seconds.
+Writes ``ensemble.json`` and ``ensemble.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from quantization import machine_description  # noqa: E402
+
+import accel  # noqa: E402
+from accel.eval.allocator import timing_allocator  # noqa: E402
+from accel.eval.metrics import digit_fid, output_array  # noqa: E402
+from accel.eval.timing import Speedup  # noqa: E402
+from accel.io import atomic_write  # noqa: E402
+from accel.methods.afa import Aggregator, AggregatorSettings  # noqa: E402
+from accel.pipelines import reference  # noqa: E402
+from accel.pipelines.digits import split  # noqa: E402
+
+MODEL = "digits-dit"
+MEMBERS = reference.ENSEMBLE_MEMBERS
+MEASURE_SEED = 1_000
+NULL_CLASS = 1000  # DiTPipeline's unconditional label
+LABEL_DROPOUT = 0.1  # as the members were trained (training/train_digits_dit.py)
+SETTINGS = AggregatorSettings(steps=2000, batch_size=32, lr=2e-4, warmup_steps=100, hidden=64, heads=4, seed=0)
+AGGREGATOR_OUT = reference.MODELS_DIR / "digits-dit-ab-aggregator"
+BATCH = 50
+
+
+@dataclass
+class Row:
+    name: str
+    kind: str  # "member", "base", "baseline" (an ensembling baseline), "ours"
+    pipe: object
+    steps: int
+    weights_mb: float
+    seconds: list[float] = field(default_factory=list)
+    base_seconds: list[float] = field(default_factory=list)
+    outputs: list[np.ndarray] = field(default_factory=list)
+
+
+def digit_batches():
+    """``batches(generator, size)`` for train_aggregator: train-split digits in [-1, 1], labels with dropout."""
+    data = split()["train"]
+    images = torch.from_numpy(data.images)[:, None].float() * 2 - 1
+    labels = torch.from_numpy(data.labels).long()
+
+    def batches(generator: torch.Generator, size: int) -> dict:
+        index = torch.randint(0, len(labels), (size,), generator=generator)
+        chosen = labels[index].clone()
+        chosen[torch.rand(size, generator=generator) < LABEL_DROPOUT] = NULL_CLASS
+        return {"latents": images[index], "class_labels": chosen}
+
+    return batches
+
+
+def megabytes(*modules: torch.nn.Module) -> float:
+    return sum(p.numel() * p.element_size() for module in modules for p in module.parameters()) / 2**20
+
+
+def prediction_average(pipes: list):
+    """``pipes[0]`` with its transformer's output replaced by the mean of every pipeline's transformer output."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    lead, others = pipes[0], [pipe.transformer for pipe in pipes[1:]]
+
+    def average(module, args, kwargs, output):
+        total = output.sample if hasattr(output, "sample") else output[0]
+        for other in others:
+            total = total + other(*args, **{**kwargs, "return_dict": False})[0]
+        mean = total / len(pipes)
+        return Transformer2DModelOutput(sample=mean) if hasattr(output, "sample") else (mean,)
+
+    lead.transformer.register_forward_hook(average, with_kwargs=True)
+    return lead
+
+
+def weight_average(pipes: list):
+    """A pipeline like ``pipes[0]`` whose transformer holds the mean of the members' weights."""
+    soup = reference.load(MEMBERS[0])
+    states = [pipe.transformer.state_dict() for pipe in pipes]
+    soup.transformer.load_state_dict({key: sum(state[key] for state in states) / len(states) for key in states[0]})
+    return soup
+
+
+def aggregator_for(train_steps: int, aggregator_dir: Path | None, aggregator_out: Path) -> tuple[Path, dict]:
+    if aggregator_dir is not None:
+        return aggregator_dir, Aggregator.read_card(aggregator_dir)
+    pipes = [reference.load(name) for name in MEMBERS]
+    settings = AggregatorSettings(**{**SETTINGS.__dict__, "steps": train_steps})
+    aggregator = accel.train_aggregator(pipes, digit_batches(), settings=settings,
+                                        checkpoint_dir=ROOT / "runs" / f"afa-checkpoint-{train_steps}")
+    aggregator.save(aggregator_out)
+    return aggregator_out, Aggregator.read_card(aggregator_out)
+
+
+def build_rows(steps: int, aggregator: Path) -> list[Row]:
+    members = [reference.load(name) for name in MEMBERS]
+    one = megabytes(members[0].transformer)
+    rows = [Row(f"member a ({MEMBERS[0]})", "member", members[0], steps, one),
+            Row(f"member b ({MEMBERS[1]})", "member", members[1], steps, one),
+            Row("base (digits-dit, not a member)", "base", reference.load(MODEL), steps, one),
+            Row("prediction average", "baseline", prediction_average([reference.load(n) for n in MEMBERS]), steps,
+                2 * one),
+            Row("weight average", "baseline", weight_average([reference.load(n) for n in MEMBERS]), steps, one),
+            Row("AFA, untrained (plain mean after every block)", "baseline",
+                accel.ensemble([reference.load(n) for n in MEMBERS]), steps, 2 * one)]
+    loaded = Aggregator.load(aggregator)
+    size = 2 * one + megabytes(loaded)
+    rows.append(Row("AFA", "ours", accel.ensemble([reference.load(n) for n in MEMBERS], aggregator=aggregator),
+                    steps, size))
+    rows.append(Row(f"AFA, {steps // 2} steps (equal compute)", "ours",
+                    accel.ensemble([reference.load(n) for n in MEMBERS], aggregator=aggregator), steps // 2, size))
+    for row in rows:
+        row.pipe.set_progress_bar_config(disable=True)
+    return rows
+
+
+def measure(rows: list[Row], samples: int) -> list[int]:
+    labels = [i % 10 for i in range(samples)]
+    batches = [labels[start:start + BATCH] for start in range(0, samples, BATCH)]
+    base, others = rows[0], rows[1:]
+    for row in rows:  # warm-up, untimed
+        row.pipe(**reference.call_kwargs(MODEL, row.pipe, [0, 1], seed=MEASURE_SEED - 1,
+                                         num_inference_steps=row.steps))
+    progress = tqdm(total=len(batches) * (len(rows) + 1), desc="ensemble: generate")
+    for index, batch_labels in enumerate(batches):
+        shift = index % len(others)
+        order = [base] + others[shift:] + others[:shift] + [base]
+        base_times = []
+        for position, row in enumerate(order):
+            kwargs = reference.call_kwargs(MODEL, row.pipe, batch_labels, seed=MEASURE_SEED + index,
+                                           num_inference_steps=row.steps)
+            started = time.perf_counter()
+            output = output_array(row.pipe(**kwargs))
+            seconds = time.perf_counter() - started
+            if row is base:
+                base_times.append(seconds)
+                if position == 0:
+                    row.outputs.append(output)
+                elif not np.array_equal(output, row.outputs[-1]):
+                    raise RuntimeError("Member a is not deterministic: the same seeds gave other outputs.")
+            else:
+                row.seconds.append(seconds)
+                row.outputs.append(output)
+            progress.update()
+        mean = sum(base_times) / 2
+        base.seconds.append(mean)
+        for row in others:
+            row.base_seconds.append(mean)
+    base.base_seconds = list(base.seconds)
+    progress.close()
+    return labels
+
+
+def run(samples: int, train_steps: int, aggregator_dir: Path | None, aggregator_out: Path) -> dict:
+    steps = reference.DEFAULT_CALL[MODEL]["num_inference_steps"]
+    aggregator, card = aggregator_for(train_steps, aggregator_dir, aggregator_out)
+    rows = build_rows(steps, aggregator)
+    labels = measure(rows, samples)
+    classifier = reference.classifier()
+    held_out = split()["held_out"].images
+    results = []
+    for row in rows:
+        images = np.concatenate(row.outputs)
+        speed = Speedup.from_times(row.base_seconds, row.seconds)
+        results.append({
+            "name": row.name, "kind": row.kind, "steps": row.steps, "weights_mb": round(row.weights_mb, 2),
+            "fid": digit_fid(classifier, images, held_out), "class_accuracy": classifier.accuracy(images, labels),
+            "seconds_per_sample": sum(row.seconds) / samples, "speed": speed.to_dict(),
+            "time_ratio": float(np.median(np.array(row.seconds) / np.array(row.base_seconds))),
+            "speed_text": speed.describe() if row is not rows[0] else "1.00×",
+        })
+    members = [json.loads((reference.model_dir(name) / "training.json").read_text()) for name in MEMBERS]
+    return {"model": MODEL, "members": list(MEMBERS), "steps": steps, "samples": samples,
+            "guidance_scale": reference.DEFAULT_CALL[MODEL]["guidance_scale"],
+            "member_training": [{"name": name, "minutes": info["minutes"], "steps": info["steps"],
+                                 "data": info["data"], "seed": info["seed"]} for name, info in zip(MEMBERS, members)],
+            "aggregator": str(aggregator.relative_to(ROOT)) if aggregator.is_relative_to(ROOT) else str(aggregator),
+            "aggregator_loaded": aggregator_dir is not None, "aggregator_training": card["training"],
+            "rows": results}
+
+
+def bars(result: dict) -> list[str]:
+    """The issue's bars, checked against the measured rows (nothing here is a result)."""
+    rows = {row["name"]: row for row in result["rows"]}
+    ours = next(row for row in result["rows"] if row["name"] == "AFA")
+    lines = []
+
+    def check(label: str, ok: bool, detail: str) -> None:
+        lines.append(f"- {'met' if ok else '**not met**'}: {label} ({detail})")
+
+    for name, row in rows.items():
+        if row["kind"] in ("member", "baseline") and not name.startswith("AFA"):
+            check(f"FID better than '{name}'", ours["fid"] < row["fid"], f"{ours['fid']:.2f} vs {row['fid']:.2f}")
+    training = result["aggregator_training"]
+    minutes = training["seconds_this_run"] / 60
+    if training.get("resumed_from_step"):
+        lines.append(f"- not measured: aggregator training time (this run resumed at step "
+                     f"{training['resumed_from_step']}; {minutes:.1f} min after it)")
+    else:
+        check("aggregator training ≤ 20 minutes on 2 CPU cores", minutes <= 20, f"{minutes:.1f} min")
+    return lines
+
+
+def markdown(result: dict, machine: dict) -> str:
+    training = result["aggregator_training"]
+    members = "; ".join(f"`{m['name']}`: {m['data']}, seed {m['seed']}, {m['steps']} steps in {m['minutes']} min"
+                        for m in result["member_training"])
+    lines = ["# Ensembling: AFA vs each member, the prediction average and the weight average", "",
+             "Generated by `python benchmarks/ensemble.py` (module docstring: rows, columns, protocol). "
+             f"Machine: {machine['processor']}, {machine['threads']} threads, torch {machine['torch']}; measured "
+             f"{machine['date']}. Every figure is a trained reference model's.", "",
+             f"## {result['model']} fine-tunes, {result['steps']} steps, guidance {result['guidance_scale']}, "
+             f"{result['samples']} samples", "",
+             f"Members (fine-tuned from digits-dit, `python -m training.train_members`): {members}.", "",
+             f"Aggregator (`{result['aggregator']}`): {training['parameters']:,} parameters, hidden {training['hidden']}, "
+             f"{training['steps']} steps of batch {training['batch_size']}, lr {training['lr']}, in "
+             f"{training['seconds_this_run'] / 60:.1f} min"
+             + (" (loaded; its card's training time)" if result["aggregator_loaded"] else " (trained in this run)")
+             + f"; loss {training['first_losses_mean']} → {training['last_losses_mean']} (mean of the first and last "
+             "steps).", "",
+             "| row | steps | FID | class acc. | s / sample | time vs member a | weights MB |",
+             "|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['name']} | {row['steps']} | {row['fid']:.2f} | {100 * row['class_accuracy']:.1f}% | "
+                     f"{row['seconds_per_sample']:.3f} | {row['time_ratio']:.2f}× time ({row['speed_text']} speed) | "
+                     f"{row['weights_mb']:.1f} |")
+    lines += ["", "Time: the median over batches of the row's seconds over member a's (mean of its calls before "
+              "and after the batch); the speed column is its inverse with the spread over batches.", "",
+              "Bars:"] + bars(result) + [""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--train-steps", type=int, default=SETTINGS.steps)
+    parser.add_argument("--aggregator", type=Path, default=None, help="a saved aggregator's folder (skips training)")
+    parser.add_argument("--aggregator-out", type=Path, default=AGGREGATOR_OUT)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
+    args = parser.parse_args(argv)
+    if args.samples < BATCH or args.samples % BATCH:
+        parser.error(f"--samples must be a positive multiple of {BATCH}")
+    torch.set_num_threads(2)
+    torch.set_grad_enabled(False)  # training turns gradients on where it needs them
+    allocator = timing_allocator()
+    result = run(args.samples, args.train_steps, args.aggregator, args.aggregator_out)
+    machine = machine_description(allocator)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out / "ensemble.json", json.dumps({"machine": machine, **result}, indent=1))
+    atomic_write(args.out / "ensemble.md", markdown(result, machine))
+    print(markdown(result, machine))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
