@@ -46,7 +46,7 @@ from accel.eval.allocator import timing_allocator  # noqa: E402
 from accel.eval.metrics import digit_fid, output_array  # noqa: E402
 from accel.eval.timing import Speedup  # noqa: E402
 from accel.io import atomic_write  # noqa: E402
-from accel.methods.afa import Aggregator, AggregatorSettings  # noqa: E402
+from accel.methods.afa import Aggregator, AggregatorSettings, validation_loss  # noqa: E402
 from accel.pipelines import reference  # noqa: E402
 from accel.pipelines.digits import split  # noqa: E402
 
@@ -55,7 +55,9 @@ MEMBERS = reference.ENSEMBLE_MEMBERS
 MEASURE_SEED = 1_000
 NULL_CLASS = 1000  # DiTPipeline's unconditional label
 LABEL_DROPOUT = 0.1  # as the members were trained (training/train_digits_dit.py)
-SETTINGS = AggregatorSettings(steps=2000, batch_size=32, lr=2e-4, warmup_steps=100, hidden=64, heads=4, seed=0)
+SETTINGS = AggregatorSettings(steps=2000, batch_size=32, lr=5e-4, warmup_steps=100, hidden=64, heads=4, seed=0)
+BOOTSTRAP = 200  # resamples of the measured samples for the FID differences' intervals
+HALF_CLASSES = {"digits 0-4": range(0, 5), "digits 5-9": range(5, 10)}
 AGGREGATOR_OUT = reference.MODELS_DIR / "digits-dit-ab-aggregator"
 BATCH = 50
 
@@ -72,19 +74,54 @@ class Row:
     outputs: list[np.ndarray] = field(default_factory=list)
 
 
-def digit_batches():
-    """``batches(generator, size)`` for train_aggregator: train-split digits in [-1, 1], labels with dropout."""
-    data = split()["train"]
+def digit_batches(part: str = "train", dropout: float = LABEL_DROPOUT):
+    """``batches(generator, size)`` for train_aggregator: ``part``'s digits in [-1, 1], labels with dropout."""
+    data = split()[part]
     images = torch.from_numpy(data.images)[:, None].float() * 2 - 1
     labels = torch.from_numpy(data.labels).long()
 
     def batches(generator: torch.Generator, size: int) -> dict:
         index = torch.randint(0, len(labels), (size,), generator=generator)
         chosen = labels[index].clone()
-        chosen[torch.rand(size, generator=generator) < LABEL_DROPOUT] = NULL_CLASS
+        chosen[torch.rand(size, generator=generator) < dropout] = NULL_CLASS
         return {"latents": images[index], "class_labels": chosen}
 
     return batches
+
+
+def held_out_losses(aggregator: Path) -> dict[str, float]:
+    """The denoising loss on held-out digits (fixed noise and timesteps, conditional): members, base, ensembles."""
+    batches = digit_batches("held_out", dropout=0.0)
+    losses = {name: validation_loss([reference.load(name)], batches) for name in (*MEMBERS, MODEL)}
+    losses["AFA, untrained"] = validation_loss([reference.load(n) for n in MEMBERS], batches)
+    losses["AFA"] = validation_loss([reference.load(n) for n in MEMBERS], batches, aggregator)
+    return {name: round(value, 5) for name, value in losses.items()}
+
+
+def _frechet(features: np.ndarray, real_mean: np.ndarray, real_cov: np.ndarray) -> float:
+    from scipy.linalg import sqrtm
+
+    mean, cov = features.mean(0), np.cov(features, rowvar=False)
+    root = sqrtm(cov @ real_cov).real
+    return float(((mean - real_mean) ** 2).sum() + np.trace(cov + real_cov - 2 * root))
+
+
+def fid_difference(classifier, ours: np.ndarray, other: np.ndarray, held_out: np.ndarray) -> dict:
+    """FID(ours) - FID(other) on the same labels and seeds (torchmetrics), with a 90% paired bootstrap interval:
+    both sets resampled with the same indices, the Fréchet distance recomputed on the classifier features
+    (computed once; the same 64-d features torchmetrics reads)."""
+    with torch.no_grad():
+        ours_f, other_f, real_f = (classifier.features(images).double().numpy() for images in (ours, other, held_out))
+    real_mean, real_cov = real_f.mean(0), np.cov(real_f, rowvar=False)
+    rng = np.random.default_rng(0)
+    differences = []
+    for _ in range(BOOTSTRAP):
+        index = rng.integers(0, len(ours_f), len(ours_f))
+        differences.append(_frechet(ours_f[index], real_mean, real_cov)
+                           - _frechet(other_f[index], real_mean, real_cov))
+    low, high = np.percentile(differences, [5, 95])
+    return {"difference": digit_fid(classifier, ours, held_out) - digit_fid(classifier, other, held_out),
+            "interval_90": [float(low), float(high)]}
 
 
 def megabytes(*modules: torch.nn.Module) -> float:
@@ -192,18 +229,28 @@ def run(samples: int, train_steps: int, aggregator_dir: Path | None, aggregator_
     rows = build_rows(steps, aggregator)
     labels = measure(rows, samples)
     classifier = reference.classifier()
-    held_out = split()["held_out"].images
+    held = split()["held_out"]
+    held_out = held.images
+    label_array = np.array(labels)
     results = []
     for row in rows:
         images = np.concatenate(row.outputs)
         speed = Speedup.from_times(row.base_seconds, row.seconds)
+        halves = {name: digit_fid(classifier, images[np.isin(label_array, list(classes))],
+                                  held_out[np.isin(held.labels, list(classes))])
+                  for name, classes in HALF_CLASSES.items()}
         results.append({
             "name": row.name, "kind": row.kind, "steps": row.steps, "weights_mb": round(row.weights_mb, 2),
-            "fid": digit_fid(classifier, images, held_out), "class_accuracy": classifier.accuracy(images, labels),
+            "fid": digit_fid(classifier, images, held_out), "fid_halves": halves,
+            "class_accuracy": classifier.accuracy(images, labels),
             "seconds_per_sample": sum(row.seconds) / samples, "speed": speed.to_dict(),
             "time_ratio": float(np.median(np.array(row.seconds) / np.array(row.base_seconds))),
             "speed_text": speed.describe() if row is not rows[0] else "1.00×",
         })
+    ours = np.concatenate(next(row for row in rows if row.name == "AFA").outputs)
+    for row, result in zip(rows, results):
+        if row.kind in ("member", "baseline"):
+            result["afa_minus_this"] = fid_difference(classifier, ours, np.concatenate(row.outputs), held_out)
     members = [json.loads((reference.model_dir(name) / "training.json").read_text()) for name in MEMBERS]
     return {"model": MODEL, "members": list(MEMBERS), "steps": steps, "samples": samples,
             "guidance_scale": reference.DEFAULT_CALL[MODEL]["guidance_scale"],
@@ -211,7 +258,7 @@ def run(samples: int, train_steps: int, aggregator_dir: Path | None, aggregator_
                                  "data": info["data"], "seed": info["seed"]} for name, info in zip(MEMBERS, members)],
             "aggregator": str(aggregator.relative_to(ROOT)) if aggregator.is_relative_to(ROOT) else str(aggregator),
             "aggregator_loaded": aggregator_dir is not None, "aggregator_training": card["training"],
-            "rows": results}
+            "held_out_loss": held_out_losses(aggregator), "rows": results}
 
 
 def bars(result: dict) -> list[str]:
@@ -225,7 +272,11 @@ def bars(result: dict) -> list[str]:
 
     for name, row in rows.items():
         if row["kind"] in ("member", "baseline") and not name.startswith("AFA"):
-            check(f"FID better than '{name}'", ours["fid"] < row["fid"], f"{ours['fid']:.2f} vs {row['fid']:.2f}")
+            low, high = row["afa_minus_this"]["interval_90"]
+            noise = "outside the noise" if high < 0 else "**inside the noise**"
+            check(f"FID better than '{name}'", ours["fid"] < row["fid"],
+                  f"{ours['fid']:.2f} vs {row['fid']:.2f}; difference {ours['fid'] - row['fid']:+.2f}, 90% paired "
+                  f"bootstrap interval [{low:+.2f}, {high:+.2f}]: {noise}")
     training = result["aggregator_training"]
     minutes = training["seconds_this_run"] / 60
     if training.get("resumed_from_step"):
@@ -247,19 +298,34 @@ def markdown(result: dict, machine: dict) -> str:
              f"## {result['model']} fine-tunes, {result['steps']} steps, guidance {result['guidance_scale']}, "
              f"{result['samples']} samples", "",
              f"Members (fine-tuned from digits-dit, `python -m training.train_members`): {members}.", "",
-             f"Aggregator (`{result['aggregator']}`): {training['parameters']:,} parameters, hidden {training['hidden']}, "
+             f"Aggregator (`{result['aggregator']}`): {training['parameters']:,} parameters, hidden "
+             f"{training['hidden']}, "
              f"{training['steps']} steps of batch {training['batch_size']}, lr {training['lr']}, in "
              f"{training['seconds_this_run'] / 60:.1f} min"
              + (" (loaded; its card's training time)" if result["aggregator_loaded"] else " (trained in this run)")
              + f"; loss {training['first_losses_mean']} → {training['last_losses_mean']} (mean of the first and last "
              "steps).", "",
-             "| row | steps | FID | class acc. | s / sample | time vs member a | weights MB |",
-             "|---|---|---|---|---|---|---|"]
+             "| row | steps | FID | FID digits 0-4 | FID digits 5-9 | AFA − row (90% interval) | class acc. | "
+             "s / sample | time vs member a | weights MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
-        lines.append(f"| {row['name']} | {row['steps']} | {row['fid']:.2f} | {100 * row['class_accuracy']:.1f}% | "
+        halves = row["fid_halves"]
+        versus = row.get("afa_minus_this")
+        versus_text = "–" if versus is None else \
+            f"{versus['difference']:+.2f} [{versus['interval_90'][0]:+.2f}, {versus['interval_90'][1]:+.2f}]"
+        lines.append(f"| {row['name']} | {row['steps']} | {row['fid']:.2f} | {halves['digits 0-4']:.2f} | "
+                     f"{halves['digits 5-9']:.2f} | {versus_text} | {100 * row['class_accuracy']:.1f}% | "
                      f"{row['seconds_per_sample']:.3f} | {row['time_ratio']:.2f}× time ({row['speed_text']} speed) | "
                      f"{row['weights_mb']:.1f} |")
-    lines += ["", "Time: the median over batches of the row's seconds over member a's (mean of its calls before "
+    losses = result["held_out_loss"]
+    lines += ["", "Denoising loss on the held-out digits (the training objective; fixed noise and timesteps, "
+              "8 batches of 64, conditional): " + ", ".join(f"{name} {value:.5f}" for name, value in losses.items())
+              + "."]
+    lines += ["", "FID per half: the samples of digits 0-4 (5-9) against the held-out digits 0-4 (5-9). The interval "
+              f"column: AFA's FID minus the row's, with the 5th-95th percentiles over {BOOTSTRAP} paired bootstrap "
+              f"resamples of the {result['samples']} samples (an interval that holds 0 is a difference inside the "
+              "noise).", ""]
+    lines += ["Time: the median over batches of the row's seconds over member a's (mean of its calls before "
               "and after the batch); the speed column is its inverse with the spread over batches.", "",
               "Bars:"] + bars(result) + [""]
     return "\n".join(lines)

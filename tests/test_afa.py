@@ -11,7 +11,7 @@ import torch
 from accelerator_tester import AcceleratorTesterMixin, run
 
 import accel
-from accel.methods.afa import AFAConfig, Aggregator, AggregatorSettings
+from accel.methods.afa import AFAConfig, Aggregator, AggregatorSettings, validation_loss
 from accel.methods.afa.method import FAMILIES
 from accel.pipelines import reference, tiny
 from accel.pipelines.adapters import adapter_for
@@ -212,3 +212,10 @@ def test_the_shipped_members_and_aggregator():
     accel.unwrap(members[0])
     with pytest.raises(ValueError, match="other member weights"):
         accel.ensemble(members[::-1], aggregator=folder)
+
+
+def test_the_validation_loss_of_identical_members_is_the_members():
+    batches = recorded_batches("dit")
+    alone = validation_loss([tiny.build("dit")], batches, count=2, batch_size=2)
+    assert validation_loss([tiny.build("dit"), tiny.build("dit")], batches, count=2, batch_size=2) == alone
+    assert validation_loss([tiny.build("dit"), member("dit")], batches, count=2, batch_size=2) != alone

@@ -1,9 +1,11 @@
-"""What the methods that train a module share: the fingerprint of the backbone it was trained on, and resumable
-training checkpoints (parameters, optimizer state, step and loss history in safetensors + JSON, written
-atomically: a run killed mid-write resumes from the previous checkpoint)."""
+"""What the methods that train or calibrate on recorded calls share: recorded call arguments (``detached``) and
+batches of them (``collate``), the fingerprint of the backbone a module was trained on, and resumable training
+checkpoints (parameters, optimizer state, step and loss history in safetensors + JSON, written atomically: a run
+killed mid-write resumes from the previous checkpoint)."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -13,6 +15,47 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from accel.io import atomic_write
+
+
+def detached(value):
+    """A copy of recorded call arguments that later in-place updates and autograd cannot reach."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {key: detached(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(detached(item) for item in value)
+    return copy.copy(value)
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+    return hidden.shape[0]
+
+
+def _merge(values: list, sizes: list[int]):
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        if first.ndim == 0:
+            if all(torch.equal(v, first) for v in values):
+                return first
+            return torch.cat([v.reshape(1).expand(size) for v, size in zip(values, sizes)])
+        if all(v.shape[0] == size for v, size in zip(values, sizes)):
+            return torch.cat(values)
+        return first
+    if isinstance(first, dict):
+        return {key: _merge([v[key] for v in values], sizes) for key in first}
+    if isinstance(first, (list, tuple)) and first and isinstance(first[0], torch.Tensor):
+        return type(first)(_merge([v[i] for v in values], sizes) for i in range(len(first)))
+    return first
+
+
+def collate(records: list[tuple[tuple, dict]]) -> tuple[tuple, dict]:
+    """One denoiser call from several recorded ones: batched tensors concatenated, per-call scalars expanded."""
+    sizes = [_batch_size(args, kwargs) for args, kwargs in records]
+    args = tuple(_merge([r[0][i] for r in records], sizes) for i in range(len(records[0][0])))
+    kwargs = {key: _merge([r[1][key] for r in records], sizes) for key in records[0][1]}
+    return args, kwargs
 
 
 def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
@@ -45,7 +88,8 @@ def save_checkpoint(folder: Path, format_name: str, key: str, step: int, params:
 
 
 def load_checkpoint(folder: Path, format_name: str, key: str, params: dict[str, torch.nn.Parameter],
-                    optimizer: torch.optim.Optimizer, what: str = "training") -> tuple[int, list[float]]:
+                    optimizer: torch.optim.Optimizer, what: str = "training",
+                    other: str = "another model or other settings") -> tuple[int, list[float]]:
     """Restore what ``save_checkpoint`` wrote into ``params`` and ``optimizer``; (0, []) when ``folder`` holds none.
     A checkpoint of another training (``format_name`` or ``key`` differ) raises ``ValueError``."""
     card = folder / "checkpoint.json"
@@ -53,8 +97,8 @@ def load_checkpoint(folder: Path, format_name: str, key: str, params: dict[str, 
         return 0, []
     meta = json.loads(card.read_text())
     if meta.get("format") != format_name or meta.get("key") != key:
-        raise ValueError(f"{folder} holds a {what} checkpoint of another model or other settings; pass an empty "
-                         "checkpoint_dir or delete it.")
+        raise ValueError(f"{folder} holds a {what} checkpoint of {other}; pass an empty checkpoint_dir or delete "
+                         "it.")
     tensors = load_file(str(folder / "checkpoint.safetensors"))
     with torch.no_grad():
         for name, p in params.items():

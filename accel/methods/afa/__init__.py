@@ -30,6 +30,6 @@ Measured figures and the command that reproduces them: ``docs/benchmarks/ensembl
 
 from .aggregator import Aggregator
 from .method import AFAConfig, apply_afa
-from .training import AggregatorSettings, train_aggregator
+from .training import AggregatorSettings, train_aggregator, validation_loss
 
-__all__ = ["AFAConfig", "Aggregator", "AggregatorSettings", "apply_afa", "train_aggregator"]
+__all__ = ["AFAConfig", "Aggregator", "AggregatorSettings", "apply_afa", "train_aggregator", "validation_loss"]

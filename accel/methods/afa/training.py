@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -99,6 +101,66 @@ def _dry_run(lead: torch.nn.Module, blocks, batch: dict[str, Any]) -> int:
     return found["hidden"].shape[-1]
 
 
+@contextlib.contextmanager
+def _in_lockstep(pipes: list, adapter, aggregator: Aggregator | None):
+    """Within the block, every forward of the lead denoiser runs the members in lock-step (outside a pipeline
+    call, as training needs); the members are frozen and get their requires_grad flags back after."""
+    lead = adapter.denoisers(pipes[0])[next(iter(adapter.denoisers(pipes[0])))]
+    models = member_models(pipes[0], pipes[1:], adapter)
+    lockstep = LockStep(aggregator, adapter.blocks(lead), [(model, adapter.blocks(model)) for model in models],
+                        condition_of(adapter))
+    registry = HookRegistry.check_if_exists_or_initialize
+    names: list[tuple[torch.nn.Module, str]] = []
+
+    def register(module, hook, suffix):
+        name = f"{_HOOK}.{suffix}.{len(names)}"
+        registry(module).register_hook(hook, name)
+        names.append((module, name))
+
+    flags = [(p, p.requires_grad) for model in [lead, *models] for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        install_lockstep(lockstep, lead, lambda: True, register)
+        yield lead
+    finally:
+        for module, name in names:
+            registry(module).remove_hook(name, recurse=False)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _loss(lead, scheduler, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    clean = batch.pop("latents").to(next(lead.parameters()))
+    noisy, timesteps, target = noised(scheduler, clean, generator)
+    output = lead(noisy, timestep=timesteps, **batch, return_dict=False)[0]
+    if output.shape[1] == 2 * clean.shape[1]:  # learned variance: the mean prediction is the first half
+        output = output[:, :clean.shape[1]]
+    return F.mse_loss(output.float(), target.float())
+
+
+@torch.no_grad()
+def validation_loss(pipes: list, batches: Callable[[torch.Generator, int], dict[str, Any]], aggregator=None, *,
+                    count: int = 8, batch_size: int = 64, seed: int = 0) -> float:
+    """The training loss on ``count`` fixed batches (noise and timesteps seeded by ``seed``): of ``pipes[0]``'s
+    denoiser alone when ``pipes`` holds one pipeline, else of the ensemble mixed by ``aggregator`` (an
+    ``Aggregator``, a folder, or None for the plain mean). Compare members, ensembles and aggregators on held-out
+    batches with it."""
+    pipes = list(pipes)
+    adapter = adapter_for(pipes[0])
+    if isinstance(aggregator, (str, os.PathLike)):
+        aggregator = Aggregator.load(aggregator)
+    losses = []
+    with contextlib.ExitStack() as stack:
+        lead = adapter.denoisers(pipes[0])[next(iter(adapter.denoisers(pipes[0])))]
+        if len(pipes) > 1:
+            stack.enter_context(_in_lockstep(pipes, adapter, aggregator))
+        for index in range(count):
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+            losses.append(float(_loss(lead, pipes[0].scheduler, batches(generator, batch_size), generator)))
+    return sum(losses) / len(losses)
+
+
 def train_aggregator(pipes: list, batches: Callable[[torch.Generator, int], dict[str, Any]], *,
                      settings: AggregatorSettings | None = None, checkpoint_dir=None,
                      progress: bool = True) -> Aggregator:
@@ -144,36 +206,18 @@ def train_aggregator(pipes: list, batches: Callable[[torch.Generator, int], dict
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start, losses = (0, []) if folder is None else \
         load_checkpoint(folder, CHECKPOINT_FORMAT, key, params, optimizer, what="aggregator-training")
-    lockstep = LockStep(aggregator, blocks, [(model, adapter.blocks(model)) for model in models], pick)
-    registry = HookRegistry.check_if_exists_or_initialize
-    names: list[tuple[torch.nn.Module, str]] = []
-
-    def register(module, hook, suffix):
-        name = f"{_HOOK}.{suffix}.{len(names)}"
-        registry(module).register_hook(hook, name)
-        names.append((module, name))
-
-    trainable = {id(p) for model in all_models for p in model.parameters() if p.requires_grad}
-    for model in all_models:
-        model.requires_grad_(False)
-    install_lockstep(lockstep, lead, lambda: True, register)
     started = time.perf_counter()
     aggregator.train()
-    try:
+    with _in_lockstep(pipes, adapter, aggregator):
         bar = tqdm(total=settings.steps, initial=start, desc="AFA: training the aggregator", disable=not progress)
         for step in range(start, settings.steps):
             generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
             batch = batches(generator, settings.batch_size)
-            clean = batch.pop("latents").to(next(lead.parameters()))
-            noisy, timesteps, target = noised(pipes[0].scheduler, clean, generator)
             factor = min(1.0, (step + 1) / max(1, settings.warmup_steps))
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * factor
             with torch.enable_grad():
-                output = lead(noisy, timestep=timesteps, **batch, return_dict=False)[0]
-                if output.shape[1] == 2 * clean.shape[1]:  # learned variance: the mean prediction is the first half
-                    output = output[:, :clean.shape[1]]
-                loss = F.mse_loss(output.float(), target.float())
+                loss = _loss(lead, pipes[0].scheduler, batch, generator)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
@@ -184,12 +228,6 @@ def train_aggregator(pipes: list, batches: Callable[[torch.Generator, int], dict
             if folder is not None and ((step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps):
                 save_checkpoint(folder, CHECKPOINT_FORMAT, key, step + 1, params, optimizer, losses)
         bar.close()
-    finally:
-        for module, name in names:
-            registry(module).remove_hook(name, recurse=False)
-        for model in all_models:
-            for p in model.parameters():
-                p.requires_grad_(id(p) in trainable)
     aggregator.eval().requires_grad_(False)
     window = max(1, min(50, len(losses) // 10))
     aggregator.card["training"] = {

@@ -13,11 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from accel.io import atomic_write
-
+from ..trained import collate, detached, load_checkpoint, save_checkpoint
 from .analysis import _generator_states, _with_generators
 from .surgery import blocks_of
 
@@ -56,16 +54,6 @@ class DistillationSettings:
                              f"got {self.weighting!r}.")
 
 
-def _detached(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {key: _detached(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_detached(item) for item in value)
-    return value
-
-
 @torch.no_grad()
 def record_calls(pipe, model: torch.nn.Module, inputs: list[dict], num_inference_steps: int | None,
                  progress: bool) -> list[tuple[tuple, dict]]:
@@ -74,7 +62,7 @@ def record_calls(pipe, model: torch.nn.Module, inputs: list[dict], num_inference
     records: list[tuple[tuple, dict]] = []
 
     def hook(module, args, kwargs):
-        records.append((_detached(args), _detached(kwargs)))
+        records.append((detached(args), detached(kwargs)))
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
     extra = {"output_type": "np"} | ({} if num_inference_steps is None else
@@ -85,36 +73,6 @@ def record_calls(pipe, model: torch.nn.Module, inputs: list[dict], num_inference
     finally:
         handle.remove()
     return records
-
-
-def _batch_size(args: tuple, kwargs: dict) -> int:
-    hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
-    return hidden.shape[0]
-
-
-def _merge(values: list, sizes: list[int]):
-    first = values[0]
-    if isinstance(first, torch.Tensor):
-        if first.ndim == 0:
-            if all(torch.equal(v, first) for v in values):
-                return first
-            return torch.cat([v.reshape(1).expand(size) for v, size in zip(values, sizes)])
-        if all(v.shape[0] == size for v, size in zip(values, sizes)):
-            return torch.cat(values)
-        return first
-    if isinstance(first, dict):
-        return {key: _merge([v[key] for v in values], sizes) for key in first}
-    if isinstance(first, (list, tuple)) and first and isinstance(first[0], torch.Tensor):
-        return type(first)(_merge([v[i] for v in values], sizes) for i in range(len(first)))
-    return first
-
-
-def collate(records: list[tuple[tuple, dict]]) -> tuple[tuple, dict]:
-    """One denoiser call from several recorded ones: batched tensors concatenated, per-call scalars expanded."""
-    sizes = [_batch_size(args, kwargs) for args, kwargs in records]
-    args = tuple(_merge([r[0][i] for r in records], sizes) for i in range(len(records[0][0])))
-    kwargs = {key: _merge([r[1][key] for r in records], sizes) for key in records[0][1]}
-    return args, kwargs
 
 
 def _sample(output) -> torch.Tensor:
@@ -156,46 +114,6 @@ def _fingerprint(settings: DistillationSettings, kept: list[int], zeroed: dict, 
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _save_checkpoint(folder: Path, step: int, key: str, params: dict[str, torch.nn.Parameter],
-                     optimizer: torch.optim.Optimizer, losses: list[float]) -> None:
-    tensors = {f"param/{name}": p.detach().contiguous() for name, p in params.items()}
-    names = {id(p): name for name, p in params.items()}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for slot, value in optimizer.state.get(p, {}).items():
-                tensors[f"optimizer/{names[id(p)]}/{slot}"] = value.detach().reshape(-1).contiguous() \
-                    if value.ndim == 0 else value.detach().contiguous()
-    folder.mkdir(parents=True, exist_ok=True)
-    temporary = folder / ".checkpoint.safetensors.tmp"
-    save_file(tensors, str(temporary))
-    temporary.replace(folder / "checkpoint.safetensors")
-    atomic_write(folder / "checkpoint.json", json.dumps({"format": CHECKPOINT_FORMAT, "key": key, "step": step,
-                                                         "losses": losses}) + "\n")
-
-
-def _load_checkpoint(folder: Path, key: str, params: dict[str, torch.nn.Parameter],
-                     optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
-    card = folder / "checkpoint.json"
-    if not card.is_file() or not (folder / "checkpoint.safetensors").is_file():
-        return 0, []
-    meta = json.loads(card.read_text())
-    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("key") != key:
-        raise ValueError(f"{folder} holds a distillation checkpoint of another cut or other settings; pass an empty "
-                         "checkpoint_dir or delete it.")
-    tensors = load_file(str(folder / "checkpoint.safetensors"))
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[f"param/{name}"])
-    for name, p in params.items():
-        slots = {key.rpartition("/")[2]: value for key, value in tensors.items()
-                 if key.startswith(f"optimizer/{name}/")}
-        if slots:
-            if "step" in slots:
-                slots["step"] = slots["step"].reshape(())
-            optimizer.state[p] = slots
-    return int(meta["step"]), list(meta.get("losses", []))
-
-
 def trainable_parameters(student: torch.nn.Module, first_trainable_block: str) -> dict[str, torch.nn.Parameter]:
     """Positional weight preservation: parameters from ``first_trainable_block`` on, in module order; the rest
     stay frozen."""
@@ -234,7 +152,8 @@ def distill(teacher: torch.nn.Module, student: torch.nn.Module, adapter, records
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start, losses = (0, [])
     if folder is not None:
-        start, losses = _load_checkpoint(folder, key, params, optimizer)
+        start, losses = load_checkpoint(folder, CHECKPOINT_FORMAT, key, params, optimizer, what="distillation",
+                                        other="another cut or other settings")
     teacher_tap = _FeatureTap([teacher_blocks[kept[b.index]] for b in trainable_blocks])
     student_tap = _FeatureTap(trainable_blocks)
     # The student stays in eval mode: train mode switches on the models' own regularisers (DiT drops 10% of class
@@ -266,7 +185,7 @@ def distill(teacher: torch.nn.Module, student: torch.nn.Module, adapter, records
             losses.append(round(float(loss.detach()), 6))
             bar.update()
             if folder is not None and ((step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps):
-                _save_checkpoint(folder, step + 1, key, params, optimizer, losses)
+                save_checkpoint(folder, CHECKPOINT_FORMAT, key, step + 1, params, optimizer, losses)
         bar.close()
     finally:
         teacher_tap.remove()

@@ -4,7 +4,6 @@ scheduler, step count and loop region they were trained for; saved as safetensor
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -15,20 +14,10 @@ from safetensors.torch import load_file, save_file
 from accel.io import atomic_write
 from accel.pipelines.adapters import BlockInfo
 
+from ..trained import model_fingerprint
+
 FORMAT = "accel-ilf/1"
 SCALE_SHAPES = ("block", "channel")
-
-
-def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
-    """What identifies the backbone a module was trained on: its class, its config and a hash of its weights
-    (the first 1,024 values of every tensor, so a 12B model hashes in well under a second)."""
-    config = {k: v for k, v in dict(getattr(model, "config", {})).items() if not k.startswith("_")}
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().flatten()[:1024].float().cpu().numpy().tobytes())
-    return {"class": type(model).__name__, "config": json.loads(json.dumps(config, default=str)),
-            "weights_sha256": digest.hexdigest()}
 
 
 def copy_block(template: torch.nn.Module) -> torch.nn.Module:

@@ -14,18 +14,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.hooks import HookRegistry
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from accel.hooks import context_of
-from accel.io import atomic_write
-from accel.methods.hierarchical_prune.distillation import _detached, collate
 from accel.pipelines.adapters import adapter_for
 
+from ..trained import collate, detached, load_checkpoint, model_fingerprint, save_checkpoint
 from .loop import install_loop
-from .module import FORMAT, SCALE_SHAPES, FeedbackModule, model_fingerprint
+from .module import FORMAT, SCALE_SHAPES, FeedbackModule
 
-CHECKPOINT_FORMAT = "accel-ilf-checkpoint/1"
+CHECKPOINT_FORMAT = "accel-ilf-checkpoint/2"
 _HOOK = "accel.ilf.training"
 
 
@@ -103,7 +101,7 @@ def record_trajectories(pipe, model, inputs, steps, progress) -> list[list[list[
         return original_step(*args, **kwargs)
 
     def before(module, args, kwargs):
-        pending.append((_detached(args), _detached(kwargs)))
+        pending.append((detached(args), detached(kwargs)))
 
     def after(module, args, kwargs, output):
         stored_args, stored_kwargs = pending.pop()
@@ -136,41 +134,6 @@ def _stream_dims(model, blocks, region, record) -> tuple[int, int | None]:
         handle.remove()
     hidden, context = last.streams_out(found["out"])
     return hidden.shape[-1], None if context is None else context.shape[-1]
-
-
-def _save_checkpoint(folder: Path, step: int, key: str, module, optimizer, losses) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"module/{k}": v.detach().contiguous() for k, v in module.state_dict().items()}
-    names = {id(p): n for n, p in module.named_parameters()}
-    for p, state in optimizer.state.items():
-        for slot, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim/{names[id(p)]}/{slot}"] = value.detach().contiguous().reshape(value.shape or (1,))
-    temporary = folder / ".checkpoint.safetensors.tmp"
-    save_file(tensors, str(temporary))
-    temporary.replace(folder / "checkpoint.safetensors")
-    atomic_write(folder / "checkpoint.json",
-                 json.dumps({"format": CHECKPOINT_FORMAT, "key": key, "step": step, "losses": losses}) + "\n")
-
-
-def _load_checkpoint(folder: Path, key: str, module, optimizer) -> tuple[int, list[float]]:
-    card = folder / "checkpoint.json"
-    if not card.is_file() or not (folder / "checkpoint.safetensors").is_file():
-        return 0, []
-    meta = json.loads(card.read_text())
-    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("key") != key:
-        raise ValueError(f"{folder} holds a feedback-training checkpoint of another model or other settings; pass an "
-                         "empty checkpoint_dir or delete it.")
-    tensors = load_file(str(folder / "checkpoint.safetensors"))
-    module.load_state_dict({k[len("module/"):]: v for k, v in tensors.items() if k.startswith("module/")})
-    named = dict(module.named_parameters())
-    for name, p in named.items():
-        state = {slot.rsplit("/", 1)[1]: v for slot, v in tensors.items()
-                 if slot.startswith(f"optim/{name}/") and slot.count("/") == name.count("/") + 2}
-        if state:
-            state["step"] = state["step"].reshape(())
-            optimizer.state[p] = state
-    return int(meta["step"]), list(meta["losses"])
 
 
 def _check(pipe, inputs, num_inference_steps, region, scale, denoiser):
@@ -227,7 +190,9 @@ def train_feedback(pipe, inputs: list[dict], num_inference_steps: int = 20, *, r
                       len(pairs), num_inference_steps])
     optimizer = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=0.0)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    start, losses = _load_checkpoint(folder, key, module, optimizer) if folder is not None else (0, [])
+    params = dict(module.named_parameters())
+    start, losses = (0, []) if folder is None else \
+        load_checkpoint(folder, CHECKPOINT_FORMAT, key, params, optimizer, what="feedback-training")
     registry = HookRegistry.check_if_exists_or_initialize
     names: list[tuple[torch.nn.Module, str]] = []
 
@@ -263,7 +228,7 @@ def train_feedback(pipe, inputs: list[dict], num_inference_steps: int = 20, *, r
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
             if folder is not None and ((step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps):
-                _save_checkpoint(folder, step + 1, key, module, optimizer, losses)
+                save_checkpoint(folder, CHECKPOINT_FORMAT, key, step + 1, params, optimizer, losses)
         bar.close()
     finally:
         for block_module, name in names:

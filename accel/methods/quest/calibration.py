@@ -4,7 +4,6 @@ against the float model. Backs ``accel.calibrate(pipe, "quest-w4a8", ...)``."""
 
 from __future__ import annotations
 
-import copy
 import datetime
 import fnmatch
 import random
@@ -22,6 +21,7 @@ from accel.hooks import MethodScope, temporary_scope
 from accel.methods.bac.cache import weights_fingerprint
 from accel.methods.bac.schedule import describe_models
 
+from ..trained import detached
 from .artifact import QuantizedLayer, QuESTArtifact
 from .method import QuESTConfig, step_group
 from .quantizers import ACTIVATION_PERCENTILES, ActivationQuantizer, fake_quantize, quantize_weight, weight_ranges
@@ -45,16 +45,6 @@ class Record:
     kwargs: dict
 
 
-def _detached(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {key: _detached(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_detached(item) for item in value)
-    return copy.copy(value)
-
-
 class _RecordHook(ModelHook):
     def __init__(self, scope: MethodScope, attr: str, records: list[Record], groups: int) -> None:
         super().__init__()
@@ -64,7 +54,7 @@ class _RecordHook(ModelHook):
         info = self.scope.current if self.scope.is_active() else None
         if info is not None:
             group = step_group(info.step, info.num_steps, self.groups)
-            self.records.append(Record(self.attr, group, _detached(args), _detached(kwargs)))
+            self.records.append(Record(self.attr, group, detached(args), detached(kwargs)))
         return args, kwargs
 
 
