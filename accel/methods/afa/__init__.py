@@ -12,9 +12,11 @@ members' mean. Only the aggregator is trained, with the members' own denoising l
 "afa", members=[pipe_b], aggregator=dir)``) gives a pipeline called like the members.
 
 Where this implementation departs from the paper, and why:
-* DiT-family denoisers, where the paper's code is SD 1.5 U-Net only: one mixing point per block plus the block
-  inputs (the paper mixes after every U-Net layer and the input convolution). The U-Net, whose lock-step needs a
-  re-implemented forward, is not supported.
+* DiT families: one mixing point per block plus the first block's inputs. The U-Net (the paper's SD 1.5 case,
+  ``unet.py``) mixes per stage (after each down block, every skip feature; after the mid and each up block) where
+  the paper mixes after every layer: the stages are modules diffusers calls, the layers are not.
+* The members' stream and time embeddings are their own; their prompt embeddings are the lead pipeline's (the
+  paper runs each member's text encoder; fine-tunes of one base usually share it).
 * The aggregator embeds the timestep and the condition (class label or ``encoder_hidden_states``) itself, with
   embeddings shared by all mixing points, instead of averaging the members' own embeddings (which families
   compute in different places: per block in DiT, once in PixArt and Wan). An adaptive LayerNorm stands in for

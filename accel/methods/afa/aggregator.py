@@ -1,5 +1,5 @@
-"""The trained part of AFA: one Spatial-Aware Block-Wise (SABW) mixer per mixing point (the members' block inputs,
-then every block's output), the timestep and condition embeddings they share, and the card that says which members
+"""The trained part of AFA: one Spatial-Aware Block-Wise (SABW) mixer per mixing point (the members' first-block
+inputs, then every block's outputs), the timestep and condition embeddings they share, and the card that says which members
 (in which order) they were trained for; saved as safetensors + JSON."""
 
 from __future__ import annotations
@@ -67,6 +67,10 @@ class BlockMixer(torch.nn.Module):
         return self.to_logits(x).softmax(dim=-1)
 
     def forward(self, features: list[torch.Tensor], time: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        if features[0].ndim == 4:  # U-Net feature maps [B, C, H, W]: one token per pixel
+            batch, channels, height, width = features[0].shape
+            tokens = [feature.flatten(2).transpose(1, 2) for feature in features]
+            return self(tokens, time, condition).transpose(1, 2).reshape(batch, channels, height, width)
         weights = self.weights(features, time, condition).to(features[0].dtype)
         mixed = weights[..., 0:1] * features[0]
         for index in range(1, len(features)):
@@ -79,22 +83,24 @@ class Aggregator(torch.nn.Module):
     (an embedding table; the pipeline's null class included) or ``("tokens", width)`` (a projection of the
     denoiser's ``encoder_hidden_states``)."""
 
-    def __init__(self, members: int, points: int, dim: int, hidden: int = 64, heads: int = 4,
+    def __init__(self, members: int, points: int, dim: int | list[int], hidden: int = 64, heads: int = 4,
                  condition: tuple[str, int] = ("class", 1001), card: dict[str, Any] | None = None) -> None:
         super().__init__()
         kind, size = condition
         if kind not in CONDITION_KINDS or size < 1:
             raise ValueError(f"condition must be (kind, size) with kind one of {CONDITION_KINDS}, got {condition!r}.")
-        if members < 2 or points < 1 or dim < 1 or hidden < 1 or heads < 1 or hidden % heads:
-            raise ValueError(f"An aggregator needs 2 or more members, a mixing point, and hidden ({hidden}) "
-                             f"divisible by heads ({heads}).")
+        dims = [int(dim)] * points if isinstance(dim, int) else [int(d) for d in dim]
+        if members < 2 or points < 1 or len(dims) != points or min(dims) < 1 or hidden < 1 or heads < 1 or \
+                hidden % heads:
+            raise ValueError(f"An aggregator needs 2 or more members, a feature width per mixing point ({points}), "
+                             f"and hidden ({hidden}) divisible by heads ({heads}).")
         self.members, self.condition_kind = members, kind
         self.time_projection = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(256, hidden)
         self.condition_embedding = torch.nn.Embedding(size, hidden) if kind == "class" else \
             torch.nn.Linear(size, hidden)
-        self.mixers = torch.nn.ModuleList(BlockMixer(members, dim, hidden, heads) for _ in range(points))
-        self.card: dict[str, Any] = {**(card or {}), "members": members, "points": points, "dim": dim,
+        self.mixers = torch.nn.ModuleList(BlockMixer(members, width, hidden, heads) for width in dims)
+        self.card: dict[str, Any] = {**(card or {}), "members": members, "points": points, "dims": dims,
                                      "hidden": hidden, "heads": heads, "condition": [kind, size]}
 
     def embed(self, timestep: torch.Tensor, condition: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +145,8 @@ class Aggregator(torch.nn.Module):
     def load(cls, folder: str | Path) -> Aggregator:
         card = cls.read_card(folder)
         kind, size = card["condition"]
-        aggregator = cls(card["members"], card["points"], card["dim"], card["hidden"], card["heads"], (kind, size),
-                         card={k: v for k, v in card.items() if k != "format"})
+        aggregator = cls(card["members"], card["points"], card.get("dims", card.get("dim")), card["hidden"],
+                         card["heads"], (kind, size),
+                         card={k: v for k, v in card.items() if k not in ("format", "dim")})
         aggregator.load_state_dict(load_file(str(Path(folder) / "aggregator.safetensors")))
         return aggregator.eval().requires_grad_(False)

@@ -9,6 +9,7 @@ whose blocks all take the same non-stream arguments (checked on every block: any
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -42,28 +43,33 @@ class LockStepState:
 
     def __init__(self) -> None:
         self.call: tuple[tuple, dict] | None = None
+        self.named: dict | None = None  # the call's arguments by parameter name
         self.first_block_call: tuple[tuple, dict] | None = None
         self.member_calls: list[tuple[tuple, dict]] | None = None
         self.embedding: tuple[torch.Tensor, torch.Tensor] | None = None
         self.forwards = 0  # ensemble forwards since the last reset (for accel.summary)
 
     def reset(self) -> None:
-        self.call = self.first_block_call = self.member_calls = self.embedding = None
+        self.call = self.named = self.first_block_call = self.member_calls = self.embedding = None
 
 
 class LockStep:
     """The hooks' shared logic: ``lead`` is the lead's blocks, ``members`` each other member's (model, blocks);
-    ``condition_of(args, kwargs)`` picks the aggregator's condition from a denoiser call."""
+    ``condition_of(arguments)`` picks the aggregator's condition from a denoiser call's arguments by name."""
 
     def __init__(self, aggregator: Aggregator | None, lead: list[BlockInfo],
                  members: list[tuple[torch.nn.Module, list[BlockInfo]]],
-                 condition_of: Callable[[tuple, dict], torch.Tensor | None]) -> None:
+                 condition_of: Callable[[dict], torch.Tensor]) -> None:
         self.aggregator, self.lead, self.members, self.condition_of = aggregator, lead, members, condition_of
         self.state = LockStepState()
 
-    def begin(self, args: tuple, kwargs: dict) -> None:
+    def begin(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self.state.reset()
         self.state.call = (args, kwargs)
+        try:  # positional arguments by name (the SD pipelines pass the U-Net's timestep positionally)
+            self.state.named = dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
+        except (TypeError, ValueError):
+            self.state.named = dict(kwargs)
         self.state.forwards += 1
 
     def member_calls(self) -> list[tuple[tuple, dict]]:
@@ -96,12 +102,10 @@ class LockStep:
             return sum(features[1:], features[0]) / len(features)
         state = self.state
         if state.embedding is None:
-            args, kwargs = state.call
-            if kwargs.get("timestep") is None:
-                raise ValueError("AFA's aggregator reads 'timestep' from the denoiser call's keyword arguments; this "
-                                 "call passes none.")
-            state.embedding = self.aggregator.embed(kwargs["timestep"], self.condition_of(args, kwargs),
-                                                    len(features[0]))
+            named = state.named
+            if named.get("timestep") is None:
+                raise ValueError("AFA's aggregator reads the denoiser call's 'timestep'; this call passes none.")
+            state.embedding = self.aggregator.embed(named["timestep"], self.condition_of(named), len(features[0]))
         return self.aggregator.mixers[point](features, *state.embedding)
 
     def run_block(self, index: int, original: Callable, args: tuple, kwargs: dict):
@@ -141,7 +145,7 @@ class DenoiserHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         if self.enabled():
-            self.lockstep.begin(args, kwargs)
+            self.lockstep.begin(module, args, kwargs)
         else:
             self.lockstep.state.reset()
         return args, kwargs

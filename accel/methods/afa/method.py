@@ -18,9 +18,13 @@ from accel.registry import register_accelerator
 from ..trained import model_fingerprint
 from .aggregator import Aggregator
 from .lockstep import LockStep, install_lockstep
+from .unet import UNetLockStep, mixing_dims, unet_stages
 
+# Flux and HunyuanVideo call their single-stream blocks with other arguments than their dual-stream ones, which the
+# captured first-block arguments cannot serve; the U-Net runs by stages (accel.methods.afa.unet).
 FAMILIES = tuple(adapter.name for adapter in ADAPTERS
-                 if adapter.sequential_blocks and adapter.name not in ("flux", "hunyuan-video"))
+                 if (adapter.sequential_blocks or adapter.name == "unet")
+                 and adapter.name not in ("flux", "hunyuan-video"))
 
 
 @dataclasses.dataclass
@@ -64,11 +68,10 @@ def condition_of(adapter: FamilyAdapter) -> Any:
     class-conditioned family, the ``encoder_hidden_states`` otherwise."""
     name = "class_labels" if adapter.conditioning == "class" else "encoder_hidden_states"
 
-    def pick(args: tuple, kwargs: dict):
-        if kwargs.get(name) is None:
-            raise ValueError(f"AFA's aggregator reads {name!r} from the denoiser call's keyword arguments; this "
-                             "call passes none.")
-        return kwargs[name]
+    def pick(arguments: dict):
+        if arguments.get(name) is None:
+            raise ValueError(f"AFA's aggregator reads the denoiser call's {name!r}; this call passes none.")
+        return arguments[name]
 
     return pick
 
@@ -89,14 +92,14 @@ def member_models(pipe, members: list, adapter: FamilyAdapter) -> list[torch.nn.
     for position, member in enumerate(members, start=2):
         if not isinstance(member, DiffusionPipeline):
             raise ValueError(f"Member {position} is a {type(member).__name__}; members are diffusers pipelines.")
-        if context_of(member) is not None:
-            raise ValueError(f"Member {position} is wrapped by accel; pass unwrapped members (wrap the ensemble).")
         if adapter_for(member).name != adapter.name:
             raise ValueError(f"Member {position} is a {type(member).__name__} ({adapter_for(member).name}); AFA "
                              f"mixes same-architecture denoisers ({adapter.name}).")
         model = adapter.denoisers(member)[next(iter(adapter.denoisers(pipe)))]
         if model is lead or any(model is other for other in models):
             raise ValueError(f"Member {position} shares its denoiser with another member; pass distinct pipelines.")
+        if context_of(member) is not None:
+            raise ValueError(f"Member {position} is wrapped by accel; pass unwrapped members (wrap the ensemble).")
         if model_fingerprint(model)["config"] != model_fingerprint(lead)["config"]:
             raise ValueError(f"Member {position}'s {type(model).__name__} has another config than the first "
                              "member's; AFA mixes denoisers of one architecture (same class and config).")
@@ -121,22 +124,33 @@ def check_aggregator(card: dict, lead: torch.nn.Module, models: list[torch.nn.Mo
                              "pass the members it was trained with, in the same order.")
 
 
+def units(adapter: FamilyAdapter, model: torch.nn.Module) -> list:
+    """What runs in lock-step: the blocks of a DiT family, the stages of a U-Net."""
+    return unet_stages(model) if adapter.name == "unet" else adapter.blocks(model)
+
+
+def mixing_points(adapter: FamilyAdapter, model: torch.nn.Module) -> int:
+    return len(mixing_dims(model)) if adapter.name == "unet" else len(adapter.blocks(model)) + 1
+
+
+def make_lockstep(adapter: FamilyAdapter, lead: torch.nn.Module, models: list[torch.nn.Module],
+                  aggregator: Aggregator | None) -> LockStep:
+    kind = UNetLockStep if adapter.name == "unet" else LockStep
+    return kind(aggregator, units(adapter, lead), [(model, units(adapter, model)) for model in models],
+                condition_of(adapter))
+
+
 def build_lockstep(pipe, adapter: FamilyAdapter, members: list, aggregator) -> tuple[LockStep, torch.nn.Module]:
     """The lock-step runtime for ``pipe`` (the lead) and ``members``; ``aggregator`` is an Aggregator, a folder
     or None."""
-    denoiser = next(iter(adapter.denoisers(pipe)))
-    lead = adapter.denoisers(pipe)[denoiser]
+    lead = adapter.denoisers(pipe)[next(iter(adapter.denoisers(pipe)))]
     models = member_models(pipe, members, adapter)
-    lead_blocks = adapter.blocks(lead)
     if isinstance(aggregator, (str, Path)):
         aggregator = Aggregator.load(aggregator)
     if aggregator is not None:
-        check_aggregator(aggregator.card, lead, models, len(lead_blocks) + 1)
-        parameter = next(lead.parameters())
-        aggregator = aggregator.to(parameter.device)
-    lockstep = LockStep(aggregator, lead_blocks, [(model, adapter.blocks(model)) for model in models],
-                        condition_of(adapter))
-    return lockstep, lead
+        check_aggregator(aggregator.card, lead, models, mixing_points(adapter, lead))
+        aggregator = aggregator.to(next(lead.parameters()).device)
+    return make_lockstep(adapter, lead, models, aggregator), lead
 
 
 def apply_afa(scope: MethodScope, config: AFAConfig) -> None:

@@ -23,8 +23,9 @@ from accel.pipelines.adapters import adapter_for
 
 from ..trained import load_checkpoint, model_fingerprint, save_checkpoint
 from .aggregator import Aggregator
-from .lockstep import LockStep, install_lockstep
-from .method import FAMILIES, condition_of, member_models
+from .lockstep import install_lockstep
+from .method import FAMILIES, condition_of, make_lockstep, member_models
+from .unet import mixing_dims
 
 CHECKPOINT_FORMAT = "accel-afa-checkpoint/1"
 _HOOK = "accel.afa.training"
@@ -107,8 +108,7 @@ def _in_lockstep(pipes: list, adapter, aggregator: Aggregator | None):
     call, as training needs); the members are frozen and get their requires_grad flags back after."""
     lead = adapter.denoisers(pipes[0])[next(iter(adapter.denoisers(pipes[0])))]
     models = member_models(pipes[0], pipes[1:], adapter)
-    lockstep = LockStep(aggregator, adapter.blocks(lead), [(model, adapter.blocks(model)) for model in models],
-                        condition_of(adapter))
+    lockstep = make_lockstep(adapter, lead, models, aggregator)
     registry = HookRegistry.check_if_exists_or_initialize
     names: list[tuple[torch.nn.Module, str]] = []
 
@@ -190,15 +190,15 @@ def train_aggregator(pipes: list, batches: Callable[[torch.Generator, int], dict
     if adapter.conditioning == "class":
         condition = ("class", int(lead.config.num_embeds_ada_norm) + 1)
     else:
-        condition = ("tokens", int(pick((), first).shape[-1]))
+        condition = ("tokens", int(pick(first).shape[-1]))
     all_models = [lead, *models]
     card = {"family": adapter.name, "member_fingerprints": [model_fingerprint(m) for m in all_models],
             "scheduler": type(pipes[0].scheduler).__name__}
-    width = _dry_run(lead, blocks, first)
+    dims = mixing_dims(lead) if adapter.name == "unet" else [_dry_run(lead, blocks, first)] * (len(blocks) + 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        aggregator = Aggregator(len(all_models), len(blocks) + 1, width, settings.hidden, settings.heads,
-                                condition, card=card)
+        aggregator = Aggregator(len(all_models), len(dims), dims, settings.hidden, settings.heads, condition,
+                                card=card)
     aggregator.to(next(lead.parameters()).device)
     params = dict(aggregator.named_parameters())
     optimizer = torch.optim.AdamW(params.values(), lr=settings.lr, weight_decay=settings.weight_decay)
