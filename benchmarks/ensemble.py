@@ -153,13 +153,14 @@ def weight_average(pipes: list):
     return soup
 
 
-def aggregator_for(train_steps: int, aggregator_dir: Path | None, aggregator_out: Path) -> tuple[Path, dict]:
+def aggregator_for(train_steps: int, aggregator_dir: Path | None, aggregator_out: Path,
+                   lr: float = SETTINGS.lr) -> tuple[Path, dict]:
     if aggregator_dir is not None:
         return aggregator_dir, Aggregator.read_card(aggregator_dir)
     pipes = [reference.load(name) for name in MEMBERS]
-    settings = AggregatorSettings(**{**SETTINGS.__dict__, "steps": train_steps})
+    settings = AggregatorSettings(**{**SETTINGS.__dict__, "steps": train_steps, "lr": lr})
     aggregator = accel.train_aggregator(pipes, digit_batches(), settings=settings,
-                                        checkpoint_dir=ROOT / "runs" / f"afa-checkpoint-{train_steps}")
+                                        checkpoint_dir=ROOT / "runs" / f"afa-checkpoint-{train_steps}-{lr:g}")
     aggregator.save(aggregator_out)
     return aggregator_out, Aggregator.read_card(aggregator_out)
 
@@ -223,9 +224,10 @@ def measure(rows: list[Row], samples: int) -> list[int]:
     return labels
 
 
-def run(samples: int, train_steps: int, aggregator_dir: Path | None, aggregator_out: Path) -> dict:
+def run(samples: int, train_steps: int, aggregator_dir: Path | None, aggregator_out: Path,
+        lr: float = SETTINGS.lr) -> dict:
     steps = reference.DEFAULT_CALL[MODEL]["num_inference_steps"]
-    aggregator, card = aggregator_for(train_steps, aggregator_dir, aggregator_out)
+    aggregator, card = aggregator_for(train_steps, aggregator_dir, aggregator_out, lr)
     rows = build_rows(steps, aggregator)
     labels = measure(rows, samples)
     classifier = reference.classifier()
@@ -337,6 +339,7 @@ def main(argv=None) -> int:
     parser.add_argument("--train-steps", type=int, default=SETTINGS.steps)
     parser.add_argument("--aggregator", type=Path, default=None, help="a saved aggregator's folder (skips training)")
     parser.add_argument("--aggregator-out", type=Path, default=AGGREGATOR_OUT)
+    parser.add_argument("--lr", type=float, default=SETTINGS.lr, help="the aggregator's learning rate")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     args = parser.parse_args(argv)
     if args.samples < BATCH or args.samples % BATCH:
@@ -344,7 +347,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     torch.set_grad_enabled(False)  # training turns gradients on where it needs them
     allocator = timing_allocator()
-    result = run(args.samples, args.train_steps, args.aggregator, args.aggregator_out)
+    result = run(args.samples, args.train_steps, args.aggregator, args.aggregator_out, args.lr)
     machine = machine_description(allocator)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out / "ensemble.json", json.dumps({"machine": machine, **result}, indent=1))

@@ -6,8 +6,8 @@ Each member starts from the shipped digits-dit weights and is fine-tuned on its 
 its own seed, under the digits-dit recipe with a fine-tuning learning rate, a short warm-up and a linear decay over
 the whole run. The halves split the classes (digits 0-4 and 5-9), so the members specialise as community
 fine-tunes of one base do (a style, a subject); a split of every class in two (``--split random``) gives members
-that differ by little more than noise, on which a trained mix has nothing to learn (docs/methods/afa.md). Each run is capped at ``--max-minutes`` (10 by
-default) on 2 CPU cores. Saved like the other reference models (fp16 safetensors in ``save_pretrained`` layout, the
+that differ by little more than noise (docs/methods/afa.md). Each run is capped at ``--max-minutes`` (10 by default)
+on 2 CPU cores. Saved like the other reference models (fp16 safetensors in ``save_pretrained`` layout, the
 sampler, ``training.json``, a ``README.md`` card, written atomically) under
 ``accel/pipelines/reference_models/<member>``; what the members measure is in ``docs/benchmarks/ensemble.md``.
 """

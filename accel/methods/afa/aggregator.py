@@ -1,6 +1,6 @@
 """The trained part of AFA: one Spatial-Aware Block-Wise (SABW) mixer per mixing point (the members' first-block
-inputs, then every block's outputs), the timestep and condition embeddings they share, and the card that says which members
-(in which order) they were trained for; saved as safetensors + JSON."""
+inputs, then every block's outputs), the timestep and condition embeddings they share, and the card that says which
+members (in which order) they were trained for; saved as safetensors + JSON."""
 
 from __future__ import annotations
 
