@@ -16,10 +16,11 @@ from safetensors.torch import load_file, save_file
 from accel.io import atomic_write
 
 FORMAT = "accel-afa/1"
-# Mixing weights below this are set to 0. A trained mix can route a token almost wholly to one member; the softmax
-# then gives the others denormal weights, whose gradients made every matmul of the members' backward ~3x slower
-# on CPU (measured in training at lr 2e-3, docs/methods/afa.md).
-NEGLIGIBLE_WEIGHT = 1e-30
+# Mixing weights below this are set to 0: below 2^-24 a member's share is under the rounding of an fp32 mix whose
+# weights sum to 1. A trained mix can route a token almost wholly to one member; the softmax then gives the others
+# tiny weights (down to denormals), and their products with the gradients, denormal, made every matmul of the
+# members' backward ~3x slower on CPU (training at lr 2e-3, docs/methods/afa.md); 1e-30 was not enough.
+NEGLIGIBLE_WEIGHT = 2.0 ** -24
 CONDITION_KINDS = ("class", "tokens")
 
 
