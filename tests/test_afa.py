@@ -219,3 +219,21 @@ def test_the_validation_loss_of_identical_members_is_the_members():
     alone = validation_loss([tiny.build("dit")], batches, count=2, batch_size=2)
     assert validation_loss([tiny.build("dit"), tiny.build("dit")], batches, count=2, batch_size=2) == alone
     assert validation_loss([tiny.build("dit"), member("dit")], batches, count=2, batch_size=2) != alone
+
+
+def test_bad_training_input_is_refused(tmp_path):
+    pipes = [tiny.build("dit"), member("dit")]
+    with pytest.raises(ValueError, match="'latents' tensor"):
+        accel.train_aggregator(pipes, lambda generator, size: {"class_labels": torch.zeros(size)}, settings=QUICK,
+                               progress=False)
+    with pytest.raises(ValueError, match="neither"):
+        from types import SimpleNamespace
+
+        from accel.methods.afa.training import noised
+
+        noised(SimpleNamespace(config=SimpleNamespace(num_train_timesteps=1000)), torch.zeros(1, 1, 2, 2),
+               torch.Generator())
+    (tmp_path / "aggregator.json").write_text(json.dumps({"format": "other/1"}))
+    (tmp_path / "aggregator.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="not an accel AFA aggregator card"):
+        AFAConfig(aggregator=str(tmp_path))
