@@ -11,6 +11,9 @@
   (``BranchStates``: one per denoiser and CFG branch, like diffusers' ``StateManager`` per cache context), step
   observers and attention replacements, and removes all of them again on ``unwrap`` or when a later method fails
   to apply. ``temporary_scope`` gives calibration passes the same for the length of a ``with`` block.
+* ``ComputeHook``, innermost on every denoiser, block and branch, counts the forwards that really run and runs the
+  module's own forward, compiled below the hooks once ``module.compile()`` was called (``accel.compiling``); every
+  hooked ``forward`` is kept out of torch.compile's graphs, so decisions are always made eagerly.
 * ``attach_context`` / ``detach_context`` switch one pipeline instance's class to a subclass whose ``__call__``
   runs inside ``PipelineContext.pipeline_call`` (``call_wrapping_class``); other instances are untouched.
 
@@ -36,6 +39,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 
 from accel.pipelines.adapters import ATTENTION_BRANCHES, BlockInfo, FamilyAdapter, adapter_for
 
+from . import compiling
 from .attention import AttentionInterceptHook, check_interceptable
 from .steps import StepInfo
 from .summary import CallRecorder, StepRecord
@@ -125,17 +129,22 @@ def _begin_forward(context: PipelineContext, denoiser: str, module, args, kwargs
         context._begin_forward(denoiser, module, args, kwargs)
 
 
-class _CounterHook(ModelHook):
-    """Innermost hook on each block and branch: counts forwards that really execute."""
+class ComputeHook(ModelHook):
+    """Innermost hook on each denoiser, block and branch: counts forwards that really execute (``kinds``) and runs
+    the module's own forward, compiled once compilation was asked for (``accel.compiling``)."""
 
     def __init__(self, context: PipelineContext, kinds: tuple[str, ...]) -> None:
         super().__init__()
         self.context = context
         self.kinds = kinds
+        self.compiled: Callable[..., Any] | None = None  # the module's forward under torch.compile
 
-    def pre_forward(self, module, *args, **kwargs):
-        _count(self.context, self.kinds)
-        return args, kwargs
+    def new_forward(self, module, *args, **kwargs):
+        if self.kinds:
+            _count(self.context, self.kinds)
+        if self.compiled is not None and id(module) not in self.context.attention_owners:
+            return self.compiled(*args, **kwargs)
+        return self.fn_ref.original_forward(*args, **kwargs)
 
 
 @torch.compiler.disable
@@ -193,15 +202,22 @@ def _detach_step_counter(scheduler) -> None:
 
 def _register(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
     registry = HookRegistry.check_if_exists_or_initialize(module)
-    registry.register_hook(hook, name)
+    compiling.expose_hooks(module)
+    try:
+        registry.register_hook(hook, name)
+    finally:
+        compiling.keep_hooks_eager(module)
 
 
 def _unregister(module: torch.nn.Module, name: str) -> None:
     registry = getattr(module, "_diffusers_hook", None)
     if registry is None:
         return
+    compiling.expose_hooks(module)
     registry.remove_hook(name, recurse=False)
-    if not registry.hooks:
+    if registry.hooks:
+        compiling.keep_hooks_eager(module)
+    else:
         # Leave the module as diffusers found it: no empty registry, no instance-level `forward`.
         del module._diffusers_hook
         forward = module.__dict__.get("forward")
@@ -234,6 +250,11 @@ class PipelineContext:
         self.call_preparers: list[Callable[[dict[str, Any]], None]] = []
         self._lock = threading.RLock()  # held by a call, and by every change (wrap, unwrap, a calibration scope)
         self._installed: list[tuple[torch.nn.Module, str]] = []
+        self._compute_hooks: dict[int, tuple[torch.nn.Module, ComputeHook]] = {}
+        self.compiled_modules: dict[torch.nn.Module, dict[str, Any]] = {}  # module.compile(**kwargs) taken over
+        self._compiled_parts: list[torch.nn.Module] = []  # a compiled denoiser's parts outside its blocks
+        # id(branch) -> (branch, what its compute hook counts, its block)
+        self._branches: dict[int, tuple[torch.nn.Module, tuple[str, ...], torch.nn.Module]] = {}
         self._reset_call_counters()
 
     @property
@@ -249,7 +270,8 @@ class PipelineContext:
 
     # -- installation -----------------------------------------------------------------------------
     def install(self) -> None:
-        """Counters (innermost) on every block and branch, then the step trackers on the denoisers."""
+        """Compute hooks (innermost, counting) on every denoiser, block and branch, then the step trackers on the
+        denoisers; ``module.compile()`` on any of them then compiles below the hooks (``accel.compiling``)."""
         for attr, module in self.denoisers.items():
             registry = getattr(module, "_diffusers_hook", None)
             if registry is not None and registry.get_hook(_TRACKER_HOOK) is not None:
@@ -257,17 +279,99 @@ class PipelineContext:
                     f"The pipeline's {attr} is already wrapped by accel through another pipeline that shares it; "
                     "unwrap that one first, or give each pipeline its own copy of the model."
                 )
+        hooked = self._hooked_modules()
+        compiling.check_not_compiled((name, module) for name, module, _ in hooked)
+        taken_over = [(module, compiling.take_over_compiled(module)) for _, module, _ in hooked]
         try:
-            for blocks in self.blocks.values():
-                for block in blocks:
-                    self._install(block.module, _CounterHook(self, ("block",)), _COUNTER_HOOK)
-                    for kind, (_, branch) in block.branches.items():
-                        kinds = ("branch", "attention") if kind in ATTENTION_BRANCHES else ("branch",)
-                        self._install(branch, _CounterHook(self, kinds), _COUNTER_HOOK)
+            for _, module, kinds in hooked:
+                hook = ComputeHook(self, kinds)
+                self._install(module, hook, _COUNTER_HOOK)
+                self._compute_hooks[id(module)] = (module, hook)
+                compiling.intercept_compile(module, self.compile_below_hooks)
             self.place_trackers_outermost()
+            for module, kwargs in taken_over:
+                if kwargs is not None:
+                    self.compile_below_hooks(module, kwargs)
         except BaseException:
+            for module, kwargs in taken_over:  # handed back compiled as it came
+                if kwargs is not None:
+                    self.compiled_modules.setdefault(module, kwargs)
             self.uninstall()
             raise
+
+    def _hooked_modules(self) -> list[tuple[str, torch.nn.Module, tuple[str, ...]]]:
+        """(name, module, what its compute hook counts) for every denoiser, block and branch."""
+        hooked = []
+        for attr, module in self.denoisers.items():
+            hooked.append((f"pipe.{attr}", module, ()))
+            for index, block in enumerate(self.blocks[attr]):
+                hooked.append((f"pipe.{attr} block {index}", block.module, ("block",)))
+                for kind, (_, branch) in block.branches.items():
+                    kinds = ("branch", "attention") if kind in ATTENTION_BRANCHES else ("branch",)
+                    hooked.append((f"pipe.{attr} block {index} {kind}", branch, kinds))
+                    self._branches[id(branch)] = (branch, kinds, block.module)
+        return hooked
+
+    def compile_below_hooks(self, module: torch.nn.Module, kwargs: dict[str, Any]) -> None:
+        """What ``module.compile(**kwargs)`` does on a wrapped pipeline: compile the computation of ``module`` and of
+        every hooked module inside it, below accel's hooks. Branches that only accel's counter hooks are unhooked
+        first, so that their block compiles as one graph; the block counts them when it runs (``_let_sleep``).
+        With ``fullgraph=True`` only hooked modules that contain no other hooked module (a graph may not break)."""
+        for branch_id, (branch, _, block) in list(self._branches.items()):
+            if branch_id in self._compute_hooks and self._compute_hooks.get(id(block)) is not None and \
+                    any(m is branch for m in module.modules()):
+                self._let_sleep(branch)
+        inside = [self._compute_hooks[id(m)] for m in module.modules() if id(m) in self._compute_hooks]
+        hooked_ids = {id(m) for m, _ in inside}
+        for member, hook in inside:
+            if kwargs.get("fullgraph") and any(id(m) in hooked_ids for m in member.modules() if m is not member):
+                hook.compiled = None
+                continue
+            hook.compiled = compiling.compiled_forward(hook.fn_ref.original_forward, kwargs)
+        if any(module is denoiser for denoiser in self.denoisers.values()):
+            # dynamo gives up on a forward whose block loop breaks the graph; its other parts compile one by one
+            for child in module.children():
+                if all(id(m) not in self._compute_hooks for m in child.modules()) and \
+                        getattr(child, "_compiled_call_impl", None) is None:
+                    type(child).compile(child, **kwargs)
+                    self._compiled_parts.append(child)
+        self.compiled_modules[module] = dict(kwargs)
+        compiling.remember(module, kwargs)
+
+    def _let_sleep(self, branch: torch.nn.Module) -> None:
+        """Remove the compute hook of a branch no method hooks (so a compiled block traces straight through it) and
+        let its block's compute hook count it: a block that runs calls each of its branches once."""
+        registry = getattr(branch, "_diffusers_hook", None)
+        if registry is None or list(registry.hooks) != [_COUNTER_HOOK]:
+            return
+        _, kinds, block = self._branches[id(branch)]
+        _unregister(branch, _COUNTER_HOOK)
+        self._installed.remove((branch, _COUNTER_HOOK))
+        compiling.release_compile(branch)
+        del self._compute_hooks[id(branch)]
+        self._compute_hooks[id(block)][1].kinds += kinds
+
+    def wake(self, module: torch.nn.Module) -> None:
+        """Before a method hooks ``module``: if it is a sleeping branch, give it back its own compute hook (innermost)
+        and compile what was compiled again, now with the graph breaking at it."""
+        record = self._branches.get(id(module))
+        if record is None or id(module) in self._compute_hooks:
+            return
+        branch, kinds, block = record
+        block_hook = self._compute_hooks[id(block)][1]
+        kept = list(block_hook.kinds)
+        for kind in kinds:
+            kept.remove(kind)
+        block_hook.kinds = tuple(kept)
+        hook = ComputeHook(self, kinds)
+        self._install(branch, hook, _COUNTER_HOOK)
+        self._compute_hooks[id(branch)] = (branch, hook)
+        compiling.intercept_compile(branch, self.compile_below_hooks)
+        for compiled, kwargs in list(self.compiled_modules.items()):
+            if any(m is branch for m in compiled.modules()):
+                hook.compiled = compiling.compiled_forward(hook.fn_ref.original_forward, kwargs)
+                if kwargs.get("fullgraph"):
+                    self.compile_below_hooks(compiled, kwargs)
 
     def _install(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
         _register(module, hook, name)
@@ -286,6 +390,10 @@ class PipelineContext:
         for scope in reversed(self.scopes):
             scope.remove()
         self.scopes.clear()
+        for module, _ in self._compute_hooks.values():
+            compiling.release_compile(module)
+        self._compute_hooks.clear()
+        self._branches.clear()
         for module, name in reversed(self._installed):
             _unregister(module, name)
         self._installed.clear()
@@ -293,6 +401,12 @@ class PipelineContext:
             registry = getattr(module, "_diffusers_hook", None)
             if registry is not None:
                 registry.invalidate_child_registries_cache()
+        for part in self._compiled_parts:
+            part._compiled_call_impl = None
+        self._compiled_parts.clear()
+        for module, kwargs in self.compiled_modules.items():
+            compiling.hand_back_compiled(module, kwargs)
+        self.compiled_modules.clear()
 
     @contextlib.contextmanager
     def changing(self, action: str) -> Iterator[None]:
@@ -472,6 +586,7 @@ class MethodScope:
     def register_hook(self, module: torch.nn.Module, hook: ModelHook, suffix: str = "") -> None:
         """Register a diffusers ``ModelHook`` on ``module`` under a name owned by this method."""
         name = f"accel.{self.name}" + (f".{suffix}" if suffix else "")
+        self.context.wake(module)
         _register(module, hook, name)
         self._hooks.append((module, name))
 

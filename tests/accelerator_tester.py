@@ -13,7 +13,10 @@ For every family it checks: the method does something (``saves``: the summary's 
 its attention density, is below 1 on the test inputs); unwrap restores bit-identical output; the same seed gives
 the same output; no state leaks across calls that change batch size, steps, resolution, frame count or guidance
 (each call equals the same call on a freshly wrapped pipeline); a wrapped and a plain instance coexist, also in two
-threads at once. Once per class: every preset of the method round-trips through JSON. ``call_kwargs(family)``
+threads at once. Once per class: every preset of the method round-trips through JSON, and on one family
+(``compile_family``, default "dit") the wrapped denoiser compiled whole or block by block (``module.compile()``,
+dynamo's aot_eager backend) gives the eager outputs and compiles nothing after its first call, over three calls
+with two step counts. ``call_kwargs(family)``
 gives inputs on which the method has work to skip (the sparse methods need more tokens than a block).
 """
 
@@ -24,9 +27,12 @@ import threading
 
 import numpy as np
 import pytest
+import torch
+from torch._dynamo.utils import counters
 
 import accel
 from accel.eval.metrics import output_array
+from accel.hooks import context_of
 from accel.pipelines import tiny
 from accel.registry import resolve
 
@@ -48,6 +54,23 @@ def call_variations(family: str) -> list[dict]:
     return variations + [{}]
 
 
+def compilations() -> dict[str, int]:
+    """What dynamo compiled so far: frames it tried (recompilations included) and graphs it made."""
+    return {"frames": counters["frames"]["total"], "graphs": counters["stats"]["unique_graphs"]}
+
+
+def compile_wrapped(pipe, how: str):
+    """``module.compile(backend="aot_eager")`` on the wrapped denoisers ("whole") or on each of their blocks."""
+    context = context_of(pipe)
+    if how == "whole":
+        modules = list(context.denoisers.values())
+    else:
+        modules = [block.module for blocks in context.blocks.values() for block in blocks]
+    for module in modules:
+        module.compile(backend="aot_eager")
+    return pipe
+
+
 _SUMMARY_FIGURES = {"blocks": "blocks_computed_share", "branches": "branches_computed_share",
                     "attention": "attention_density"}
 
@@ -55,6 +78,7 @@ _SUMMARY_FIGURES = {"blocks": "blocks_computed_share", "branches": "branches_com
 class AcceleratorTesterMixin:
     families: tuple[str, ...] = ()
     saves: str | None = None  # "blocks", "branches" or "attention"; None only for a method that skips nothing
+    compile_family: str | None = None  # the family of the compile test; default "dit", else the first declared
 
     def make_config(self):
         raise NotImplementedError
@@ -148,3 +172,26 @@ class AcceleratorTesterMixin:
             assert len(outputs) == 3
             for output in outputs:
                 np.testing.assert_array_equal(output, expected[name], err_msg=name)
+
+    @pytest.mark.parametrize("how", ["whole", "blocks"])
+    def test_compiled_stays_compiled(self, how):
+        family = self.compile_family or ("dit" if "dit" in self.families else self.families[0])
+        pipe = self.wrapped(family)
+        steps = (3, 4, 3)
+        eager = [self.run(pipe, family, num_inference_steps=count) for count in steps]
+        torch._dynamo.reset()
+        compile_wrapped(pipe, how)
+        counters.clear()
+        compiled = []
+        for index, count in enumerate(steps):
+            compiled.append(self.run(pipe, family, num_inference_steps=count))
+            if index == 0:
+                after_first = compilations()
+        assert after_first["graphs"] > 0, f"nothing was compiled on {family}"
+        assert compilations() == after_first, f"compiled again after the first call on {family}"
+        # a second instance reuses every graph: dynamo guards on no hook, decision or other per-instance state
+        second = compile_wrapped(self.wrapped(family), how)
+        self.run(second, family, num_inference_steps=steps[0])
+        assert compilations() == after_first, f"a second instance compiled again on {family}"
+        for count, got, expected in zip(steps, compiled, eager):
+            np.testing.assert_allclose(got, expected, atol=1e-3, err_msg=f"{count} steps on {family}")

@@ -1,0 +1,119 @@
+"""torch.compile on wrapped pipelines (``accel.compiling``): what is compiled where, the counts, the hand-back.
+
+The per-accelerator check (compiled outputs equal the eager ones, nothing compiles after the first call) is the
+tester mixin's ``test_compiled_stays_compiled``; here the machinery around it, on the tiny DiT.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import accel
+from accel.eval.metrics import output_array
+from accel.hooks import context_of
+from accel.methods.bac import BACConfig
+from accel.methods.delta_dit import DeltaDiTConfig
+from accel.pipelines import tiny
+
+DELTA = DeltaDiTConfig(interval=2, boundary=0.5, cached_fraction=0.5)
+BAC = BACConfig(budget=0.5, calibrate=False)
+
+
+def run(pipe, **kwargs) -> np.ndarray:
+    return output_array(pipe(**tiny.example_inputs("dit", **kwargs)))
+
+
+def hooks_on(module) -> list[str]:
+    registry = getattr(module, "_diffusers_hook", None)
+    return [] if registry is None else list(registry.hooks)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def test_a_hooked_forward_keeps_its_signature_and_the_model_its_hooks_out_of_graphs():
+    pipe = accel.wrap(tiny.build("dit"), DELTA)
+    transformer = pipe.transformer
+    plain = inspect.signature(type(transformer).forward)
+    assert list(inspect.signature(transformer.forward).parameters) == list(plain.parameters)[1:]
+    transformer.compile(backend="aot_eager")
+    run(pipe)
+    # accel's hook frames are never handed to dynamo: no frame of diffusers' hook chain or of accel was compiled
+    graph_breaks = " ".join(counters["graph_break"])
+    assert "new_forward" not in graph_breaks and "accel/" not in graph_breaks
+
+
+def test_the_counts_under_compile_equal_the_eager_counts():
+    eager_pipe = accel.wrap(tiny.build("dit"), DELTA)
+    run(eager_pipe, num_inference_steps=4)
+    eager = accel.summary(eager_pipe)
+    pipe = accel.wrap(tiny.build("dit"), DELTA)
+    pipe.transformer.compile(backend="aot_eager")
+    run(pipe, num_inference_steps=4)
+    compiled = accel.summary(pipe)
+    assert compiled.blocks_computed_share == eager.blocks_computed_share < 1
+    assert compiled.branches_computed_share == eager.branches_computed_share
+    assert [r.branches_computed for r in compiled.steps] == [r.branches_computed for r in eager.steps]
+
+
+def test_branches_nothing_hooks_are_traced_inside_their_block_and_woken_when_a_method_hooks_them():
+    pipe = accel.wrap(tiny.build("dit"), DELTA)
+    block = context_of(pipe).blocks["transformer"][0]
+    _, attention = block.branches["self_attn"]
+    assert hooks_on(attention) == ["accel.counter"]
+    pipe.transformer.compile(backend="aot_eager")
+    assert hooks_on(attention) == []  # its block counts it
+    expected = run(accel.wrap(tiny.build("dit"), [DELTA, BAC]))
+    accel.wrap(pipe, BAC)  # BAC hooks every branch: each gets its own compute hook back, innermost
+    assert hooks_on(attention)[0] == "accel.counter"
+    np.testing.assert_allclose(run(pipe), expected, atol=1e-4)
+    assert accel.summary(pipe).branches_computed_share < 1
+
+
+def test_fullgraph_compiles_the_hook_free_parts():
+    expected = run(accel.wrap(tiny.build("dit"), BAC))
+    pipe = accel.wrap(tiny.build("dit"), BAC)
+    pipe.transformer.compile(backend="aot_eager", fullgraph=True)  # a graph break would raise
+    np.testing.assert_allclose(run(pipe), expected, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] > 0
+
+
+def test_unwrap_hands_the_model_back_compiled_and_a_new_wrap_takes_it_over():
+    pipe = tiny.build("dit")
+    plain = run(pipe)
+    accel.wrap(pipe, DELTA)
+    pipe.transformer.compile(backend="aot_eager")
+    assert pipe.transformer._compiled_call_impl is None  # accel compiles below its hooks instead
+    accel.unwrap(pipe)
+    assert pipe.transformer._compiled_call_impl is not None
+    assert "compile" not in pipe.transformer.__dict__ and not hooks_on(pipe.transformer)
+    np.testing.assert_allclose(run(pipe), plain, atol=1e-4)
+    accel.wrap(pipe, DELTA)  # no refusal: accel knows how this module was compiled
+    assert pipe.transformer._compiled_call_impl is None
+    expected = run(accel.wrap(tiny.build("dit"), DELTA))
+    np.testing.assert_allclose(run(pipe), expected, atol=1e-4)
+
+
+def test_a_model_compiled_before_wrap_is_refused_and_left_as_it_was():
+    pipe = tiny.build("dit")
+    pipe.transformer.compile(backend="aot_eager")
+    with pytest.raises(ValueError, match="compiled before accel.wrap.*compile afterwards"):
+        accel.wrap(pipe, DELTA)
+    assert not accel.is_wrapped(pipe) and not hooks_on(pipe.transformer)
+    assert "forward" not in pipe.transformer.__dict__
+
+
+def test_compile_takes_keyword_arguments_only():
+    pipe = accel.wrap(tiny.build("dit"), DELTA)
+    with pytest.raises(TypeError, match="keyword arguments only"):
+        pipe.transformer.compile("aot_eager")
