@@ -41,6 +41,7 @@ from .methods.vmoba import VMoBAConfig
 from .registry import available, register_accelerator, unregister_accelerator
 from .steps import StepInfo
 from .summary import StepRecord, Summary
+from .tune import Trial, TuneResult, tune
 
 __all__ = [
     "AFAConfig",
@@ -63,6 +64,8 @@ __all__ = [
     "StepInfo",
     "StepRecord",
     "Summary",
+    "Trial",
+    "TuneResult",
     "VMoBAConfig",
     "analyze_contributions",
     "available",
@@ -75,6 +78,7 @@ __all__ = [
     "summary",
     "train_aggregator",
     "train_feedback",
+    "tune",
     "unregister_accelerator",
     "unwrap",
     "wrap",

@@ -14,7 +14,7 @@ from accel.pipelines.adapters import adapter_for
 
 from .config import AccelConfig
 from .hooks import MethodScope, attach_context, context_of, detach_context
-from .registry import calibrating, resolve, spec_for
+from .registry import calibrating, resolve, spec_for, stacking_conflict
 from .summary import Summary
 
 
@@ -30,14 +30,21 @@ def wrap(pipe, methods: str | AccelConfig | list[str | AccelConfig], **overrides
 
     Args:
         pipe: a diffusers pipeline of a supported family (see ``accel.pipelines.adapters``).
-        methods: a preset name (``"bac"``), a config object (``BACConfig(...)``), or a list of them to stack.
+        methods: a preset name (``"bac"``), a config object (``BACConfig(...)``), or a list of them to stack; or
+            what ``accel.tune`` returned (its chosen stack, compiled if it was chosen compiled).
             An empty list installs only accel's step tracking, so ``accel.summary`` measures a plain run.
         **overrides: config fields to change, applied to every chosen config that has the field.
 
-    Raises ``ValueError`` for an unknown name, a bad value, an unsupported family, or a method applied twice;
+    Raises ``ValueError`` for an unknown name, a bad value, an unsupported family, a method applied twice, or
+    methods that do not stack (``accel.registry.stacking_conflict``: the matrix is docs/benchmarks/stacking.md);
     after any error the pipeline is exactly as it was before the call.
     """
     _check_pipeline(pipe)
+    from .tune import TuneResult
+
+    tuned = methods if isinstance(methods, TuneResult) else None
+    if tuned is not None:
+        methods = tuned.configs  # ValueError when nothing met its target
     configs = resolve(methods, overrides)
     context = context_of(pipe)
     adapter = context.adapter if context is not None else adapter_for(pipe)
@@ -53,6 +60,10 @@ def wrap(pipe, methods: str | AccelConfig | list[str | AccelConfig], **overrides
         again = [spec.name for spec in specs if spec.name in applied_names]
         if again:
             raise ValueError(f"{', '.join(again)} already applied to this pipeline; unwrap it first.")
+    applied = [spec_for(scope.config) for scope in context.scopes if scope.config is not None] if context else []
+    conflict = stacking_conflict(applied + specs)
+    if conflict is not None:
+        raise ValueError(conflict)
 
     created = context is None
     if created:
@@ -68,6 +79,9 @@ def wrap(pipe, methods: str | AccelConfig | list[str | AccelConfig], **overrides
             context.place_trackers_outermost()
             for scope in added:  # what cannot be undone (QuEST releasing float weights) runs once all applied
                 scope.run_when_applied()
+            if tuned is not None and tuned.chosen.compiled:
+                for denoiser in context.denoisers.values():
+                    denoiser.compile(**tuned.compile_kwargs)
     except BaseException:
         for scope in reversed(added):
             scope.remove()

@@ -91,6 +91,13 @@ def hand_back_compiled(module: torch.nn.Module, kwargs: dict[str, Any]) -> None:
     _COMPILE_KWARGS[module] = kwargs
 
 
+def forget_compiled(module: torch.nn.Module) -> None:
+    """Undo ``hand_back_compiled``: the module runs eagerly again and a later ``accel.wrap`` does not compile it."""
+    if module in _COMPILE_KWARGS:
+        module._compiled_call_impl = None
+        del _COMPILE_KWARGS[module]
+
+
 def intercept_compile(module: torch.nn.Module, compile_below_hooks: Callable[..., None]) -> None:
     """Make ``module.compile(**kwargs)`` call ``compile_below_hooks(module, kwargs)`` instead (instance only)."""
 

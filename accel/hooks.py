@@ -323,13 +323,15 @@ class PipelineContext:
                 self._let_sleep(branch)
         inside = [self._compute_hooks[id(m)] for m in module.modules() if id(m) in self._compute_hooks]
         hooked_ids = {id(m) for m, _ in inside}
+        denoisers = [denoiser for denoiser in self.denoisers.values()]
         for member, hook in inside:
-            if kwargs.get("fullgraph") and any(id(m) in hooked_ids for m in member.modules() if m is not member):
-                hook.compiled = None
+            nested = any(id(m) in hooked_ids for m in member.modules() if m is not member)
+            if (kwargs.get("fullgraph") and nested) or (nested and any(member is d for d in denoisers)):
+                hook.compiled = None  # dynamo gives up on a forward whose loop over hooked blocks breaks the graph
                 continue
             hook.compiled = compiling.compiled_forward(hook.fn_ref.original_forward, kwargs)
-        if any(module is denoiser for denoiser in self.denoisers.values()):
-            # dynamo gives up on a forward whose block loop breaks the graph; its other parts compile one by one
+        if any(module is denoiser for denoiser in denoisers):
+            # the denoiser's own forward runs eagerly (its block loop breaks the graph); its other parts compile
             for child in module.children():
                 if all(id(m) not in self._compute_hooks for m in child.modules()) and \
                         getattr(child, "_compiled_call_impl", None) is None:

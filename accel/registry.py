@@ -31,10 +31,23 @@ class AcceleratorSpec:
     calibrate: Callable[..., Any] | None = None  # (pipe, config, inputs, *, num_inference_steps, progress) -> artifact
     artifact_field: str = "schedule"  # the config field that takes what ``calibrate`` returns
     trained_with: str | None = None  # the function that makes what the method loads (ILF: a trained module)
+    role: str | None = None  # one of STACKING_ROLES: what the method does to the model, for the stacking rules
 
     def supports(self, family: str) -> bool:
         return self.families is None or family in self.families
 
+
+# What a method does to the model. Two methods of one role do not stack, except caching methods (Δ-DiT's block
+# reuse and BAC's branch reuse compose: BAC leaves blocks another method hooks to it); nor do the pairs below.
+STACKING_ROLES = ("ensembling", "caching", "sparse attention", "quantization", "feedback")
+_SAME_ROLE = {
+    "sparse attention": "both replace the attention computation of the same attention modules",
+}
+_STACKS_WITH_ITS_OWN_ROLE = {"caching"}
+_PAIR_CONFLICTS = {
+    frozenset({"feedback", "caching"}): "{feedback} re-runs the blocks of its loop within one forward, and {caching} "
+                                        "keeps per-step state for every block: it would see each looped block twice",
+}
 
 _SPECS: dict[type[AccelConfig], AcceleratorSpec] = {}
 _PRESETS: dict[str, AcceleratorSpec] = {}
@@ -51,12 +64,16 @@ def register_accelerator(
     calibrate: Callable[..., Any] | None = None,
     artifact_field: str = "schedule",
     trained_with: str | None = None,
+    role: str | None = None,
 ) -> AcceleratorSpec:
     """Register an accelerator. ``presets`` maps names (``"bac"``, ``"bac-fast"``) to config factories; the
     method name itself is always a preset for ``config_cls()``. ``calibrate``, for methods that need an offline
     pass, backs ``accel.calibrate``; the artifact it returns is what the config takes as its ``artifact_field``.
     ``trained_with`` names the function a method needs run first (a training, minutes long): runners that apply
-    every method (``accel-run --methods all``, the demo) leave such a method out and say so."""
+    every method (``accel-run --methods all``, the demo) leave such a method out and say so. ``role`` (one of
+    ``STACKING_ROLES``) is what ``stacking_conflict`` reasons about; a method without one stacks with anything."""
+    if role is not None and role not in STACKING_ROLES:
+        raise ValueError(f"role must be one of {', '.join(STACKING_ROLES)} or None, got {role!r}.")
     if not (isinstance(config_cls, type) and issubclass(config_cls, AccelConfig)) or not config_cls.method:
         raise ValueError(f"{config_cls!r} must be an AccelConfig subclass with a non-empty `method` name.")
     if calibrate is not None and artifact_field not in getattr(config_cls, "__dataclass_fields__", {}):
@@ -64,7 +81,7 @@ def register_accelerator(
     presets = {config_cls.method: config_cls, **(presets or {})}
     spec = AcceleratorSpec(
         config_cls.method, config_cls, apply, description, tuple(families) if families is not None else None, presets,
-        calibrate, artifact_field, trained_with,
+        calibrate, artifact_field, trained_with, role,
     )
     with _LOCK:
         taken = [name for name in presets if name in _PRESETS and _PRESETS[name].config_cls is not config_cls]
@@ -97,9 +114,43 @@ def registered() -> list[AcceleratorSpec]:
         return sorted(_SPECS.values(), key=lambda spec: spec.name)
 
 
+def config_class(method: str) -> type[AccelConfig]:
+    """The config class of the registered accelerator named ``method`` (a saved config's ``"method"``)."""
+    spec = _PRESETS.get(method)
+    if spec is None or spec.name != method:
+        known = ", ".join(spec.name for spec in registered())
+        raise ValueError(f"No registered accelerator is named {method!r}; known: {known}.")
+    return spec.config_cls
+
+
 def calibrating() -> list[AcceleratorSpec]:
     """The registered accelerators that have an offline calibration (``accel.calibrate``)."""
     return [spec for spec in registered() if spec.calibrate is not None]
+
+
+def stacking_conflict(stack: list[AcceleratorSpec]) -> str | None:
+    """Why the methods of ``stack`` (in the order they are applied) cannot be stacked, or ``None`` if they can.
+
+    Ensembling must come first (the others act on the ensemble's blocks); two methods of one role do not stack,
+    caching methods excepted; feedback and caching do not stack (``_PAIR_CONFLICTS``). ``accel.wrap`` raises
+    ``ValueError`` with this text."""
+    for index, spec in enumerate(stack):
+        if spec.role == "ensembling" and index > 0:
+            before = ", ".join(other.name for other in stack[:index])
+            return (f"{spec.name} must be applied first (before {before}): the other methods act on the ensemble's "
+                    f"blocks. Wrap with {spec.name} first.")
+        for other in stack[:index]:
+            if spec.role is None or other.role is None:
+                continue
+            if spec.role == other.role and spec.role not in _STACKS_WITH_ITS_OWN_ROLE:
+                reason = _SAME_ROLE.get(spec.role, f"both are {spec.role} methods; use one")
+                return f"{other.name} and {spec.name} do not stack: {reason}."
+            reason = _PAIR_CONFLICTS.get(frozenset({spec.role, other.role}))
+            if reason is not None:
+                names = {spec.role: spec.name, other.role: other.name}
+                return f"{other.name} and {spec.name} do not stack: " + reason.format(**{
+                    role.replace(" ", "_"): name for role, name in names.items()}) + "."
+    return None
 
 
 def preset_names() -> list[str]:
@@ -169,6 +220,7 @@ def available() -> list[dict[str, Any]]:
             "families": list(spec.families) if spec.families is not None else list(FAMILY_NAMES),
             "presets": sorted(spec.presets),
             "trained_with": spec.trained_with,
+            "role": spec.role,
         }
         for spec in registered()
     ]

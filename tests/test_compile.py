@@ -18,10 +18,12 @@ from accel.eval.metrics import output_array
 from accel.hooks import context_of
 from accel.methods.bac import BACConfig
 from accel.methods.delta_dit import DeltaDiTConfig
+from accel.methods.vmoba import VMoBAConfig
 from accel.pipelines import tiny
 
 DELTA = DeltaDiTConfig(interval=2, boundary=0.5, cached_fraction=0.5)
 BAC = BACConfig(budget=0.5, calibrate=False)
+SPARSE = VMoBAConfig(block_size=16)
 
 
 def run(pipe, **kwargs) -> np.ndarray:
@@ -73,11 +75,13 @@ def test_branches_nothing_hooks_are_traced_inside_their_block_and_woken_when_a_m
     assert hooks_on(attention) == ["accel.counter"]
     pipe.transformer.compile(backend="aot_eager")
     assert hooks_on(attention) == []  # its block counts it
-    expected = run(accel.wrap(tiny.build("dit"), [DELTA, BAC]))
-    accel.wrap(pipe, BAC)  # BAC hooks every branch: each gets its own compute hook back, innermost
-    assert hooks_on(attention)[0] == "accel.counter"
+    expected = run(accel.wrap(tiny.build("dit"), [DELTA, SPARSE]))
+    accel.wrap(pipe, SPARSE)  # VMoBA hooks every attention: it gets its own compute hook back, innermost
+    assert hooks_on(attention)[0] == "accel.counter" and len(hooks_on(attention)) == 2
     np.testing.assert_allclose(run(pipe), expected, atol=1e-4)
-    assert accel.summary(pipe).branches_computed_share < 1
+    eager = accel.wrap(tiny.build("dit"), [DELTA, SPARSE])
+    run(eager)
+    assert accel.summary(pipe).branches_computed_share == accel.summary(eager).branches_computed_share < 1
 
 
 def test_fullgraph_compiles_the_hook_free_parts():

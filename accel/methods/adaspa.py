@@ -214,4 +214,5 @@ register_accelerator(
     description="AdaSpa: block-sparse self-attention from an exact attention-mass search, head-adaptive sparsity",
     families=FAMILIES,
     presets={"adaspa-fast": lambda: AdaSpaConfig(sparsity=0.8), "adaspa-quality": lambda: AdaSpaConfig(sparsity=0.5)},
+    role="sparse attention",
 )

@@ -208,4 +208,5 @@ register_accelerator(
     apply_delta_dit,
     description="Δ-DiT: reuse the residual of the rear (early steps) or front (late steps) blocks on cached steps",
     families=FAMILIES,
+    role="caching",
 )

@@ -219,4 +219,5 @@ register_accelerator(
     description="VMoBA: per-token top-threshold key-block selection over cycling 1D/2D/3D partitions",
     families=FAMILIES,
     presets={"vmoba-quality": lambda: VMoBAConfig(threshold=0.5)},
+    role="sparse attention",
 )

@@ -171,4 +171,5 @@ register_accelerator(
     description="AFA: same-architecture denoisers run in lock-step, mixed after every block by a trained aggregator",
     families=FAMILIES,
     trained_with="accel.train_aggregator",
+    role="ensembling",
 )

@@ -55,4 +55,5 @@ register_accelerator(
         "bac-paper": lambda: BACConfig(),  # the paper's schedule: cosine similarity per branch, budget 0.4
     },
     calibrate=calibrate_bac,
+    role="caching",
 )

@@ -93,4 +93,5 @@ register_accelerator(
     description="ILF: a trained feedback block re-runs an inner loop of blocks so that half the steps suffice",
     families=FAMILIES,
     trained_with="accel.train_feedback",
+    role="feedback",
 )

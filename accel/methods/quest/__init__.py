@@ -48,4 +48,5 @@ register_accelerator(
     },
     calibrate=calibrate_quest,
     artifact_field="artifact",
+    role="quantization",
 )
