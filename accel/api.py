@@ -40,11 +40,9 @@ def wrap(pipe, methods: str | AccelConfig | list[str | AccelConfig], **overrides
     after any error the pipeline is exactly as it was before the call.
     """
     _check_pipeline(pipe)
-    from .tune import TuneResult
-
-    tuned = methods if isinstance(methods, TuneResult) else None
-    if tuned is not None:
-        methods = tuned.configs  # ValueError when nothing met its target
+    compile_kwargs = None
+    if callable(getattr(methods, "accel_stack", None)):  # accel.tune's result
+        methods, compile_kwargs = methods.accel_stack()  # ValueError when nothing met its target
     configs = resolve(methods, overrides)
     context = context_of(pipe)
     adapter = context.adapter if context is not None else adapter_for(pipe)
@@ -79,9 +77,9 @@ def wrap(pipe, methods: str | AccelConfig | list[str | AccelConfig], **overrides
             context.place_trackers_outermost()
             for scope in added:  # what cannot be undone (QuEST releasing float weights) runs once all applied
                 scope.run_when_applied()
-            if tuned is not None and tuned.chosen.compiled:
+            if compile_kwargs is not None:
                 for denoiser in context.denoisers.values():
-                    denoiser.compile(**tuned.compile_kwargs)
+                    denoiser.compile(**compile_kwargs)
     except BaseException:
         for scope in reversed(added):
             scope.remove()

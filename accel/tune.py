@@ -83,6 +83,11 @@ class TuneResult:
             raise ValueError(f"No trial met the target {self.target}; loosen it or raise budget_s (see .table()).")
         return list(self.chosen.configs)
 
+    def accel_stack(self) -> tuple[list[AccelConfig], dict[str, Any] | None]:
+        """What ``accel.wrap(pipe, result)`` applies: the chosen configs, and torch.compile's kwargs if compiled."""
+        configs = self.configs
+        return configs, (dict(self.compile_kwargs) if self.chosen.compiled else None)
+
     def pareto(self) -> list[Trial]:
         """The trials no other trial beats on both speedup and PSNR, fastest first."""
         front = [t for t in self.trials if not any(
