@@ -14,8 +14,8 @@ pipeline instances with the same weights. PSNR against R on ``--samples`` sample
 ``--rounds`` rounds (seeds 2000+), every row of a model once per round, order rotating, each row's first call
 outside the timed part; speedup = median over rounds of R's seconds / the row's seconds in the same round, with
 the spread. Two predictions for A+B: the product of A's and B's speedups, and the PSNR if A's and B's errors added
-(their mean squared errors summed; independent errors add so). BAC's schedule and QuEST's calibration use seeds
-90000+. Writes ``stacking.md`` and ``stacking.json`` to ``--out`` (default docs/benchmarks).
+(their mean squared errors summed; independent errors add so). BAC's schedule (calibrated on the ensemble for
+AFA + BAC) and QuEST's calibration use seeds 90000+. Writes ``stacking.md`` and ``stacking.json`` to ``--out`` (default docs/benchmarks).
 """
 
 from __future__ import annotations
@@ -110,17 +110,26 @@ def build(model: str, parts: list[str], artifacts: dict):
         members = [reference.load(name) for name in reference.ENSEMBLE_MEMBERS]
         pipe = accel.ensemble(members)  # member a wrapped with AFA (no aggregator: the members' plain mean)
         parts = parts[1:]
+        if "bac" in parts:  # BAC's schedule calibrated on the ensemble it runs on
+            configs["bac"] = BAC.replace(schedule=accel.calibrate(
+                pipe, BAC, calibration_inputs(model, pipe, artifacts["batch"]), num_inference_steps=20,
+                progress=False))
     if parts:
         accel.wrap(pipe, [configs[part] for part in parts])
     return pipe
 
 
-def calibrate(model: str, batch: int) -> dict:
-    pipe = reference.load(model)
+def calibration_inputs(model: str, pipe, batch: int) -> list[dict]:
     inputs = [call(model, pipe, batch, CALIBRATION_SEED + index) for index in range(2)]
     for kwargs in inputs:
         kwargs.pop("num_inference_steps", None)
-    artifacts = {"bac": accel.calibrate(pipe, BAC, inputs, num_inference_steps=20, progress=False)}
+    return inputs
+
+
+def calibrate(model: str, batch: int) -> dict:
+    pipe = reference.load(model)
+    inputs = calibration_inputs(model, pipe, batch)
+    artifacts = {"batch": batch, "bac": accel.calibrate(pipe, BAC, inputs, num_inference_steps=20, progress=False)}
     if model == "digits-dit":
         artifacts["quest"] = accel.calibrate(pipe, QUEST_RTN_W8A8, inputs, num_inference_steps=20, progress=False)
     return artifacts
