@@ -317,28 +317,29 @@ class PipelineContext:
         every hooked module inside it, below accel's hooks. Branches that only accel's counter hooks are unhooked
         first, so that their block compiles as one graph; the block counts them when it runs (``_let_sleep``).
         With ``fullgraph=True`` only hooked modules that contain no other hooked module (a graph may not break)."""
-        for branch_id, (branch, _, block) in list(self._branches.items()):
-            if branch_id in self._compute_hooks and self._compute_hooks.get(id(block)) is not None and \
-                    any(m is branch for m in module.modules()):
-                self._let_sleep(branch)
-        inside = [self._compute_hooks[id(m)] for m in module.modules() if id(m) in self._compute_hooks]
-        hooked_ids = {id(m) for m, _ in inside}
-        denoisers = [denoiser for denoiser in self.denoisers.values()]
-        for member, hook in inside:
-            nested = any(id(m) in hooked_ids for m in member.modules() if m is not member)
-            if (kwargs.get("fullgraph") and nested) or (nested and any(member is d for d in denoisers)):
-                hook.compiled = None  # dynamo gives up on a forward whose loop over hooked blocks breaks the graph
-                continue
-            hook.compiled = compiling.compiled_forward(hook.fn_ref.original_forward, kwargs)
-        if any(module is denoiser for denoiser in denoisers):
-            # the denoiser's own forward runs eagerly (its block loop breaks the graph); its other parts compile
-            for child in module.children():
-                if all(id(m) not in self._compute_hooks for m in child.modules()) and \
-                        getattr(child, "_compiled_call_impl", None) is None:
-                    type(child).compile(child, **kwargs)
-                    self._compiled_parts.append(child)
-        self.compiled_modules[module] = dict(kwargs)
-        compiling.remember(module, kwargs)
+        with self.changing("module.compile()"):
+            inside_ids = {id(m) for m in module.modules()}
+            for branch_id, (branch, _, block) in list(self._branches.items()):
+                if branch_id in inside_ids and branch_id in self._compute_hooks and id(block) in self._compute_hooks:
+                    self._let_sleep(branch)
+            inside = [self._compute_hooks[id(m)] for m in module.modules() if id(m) in self._compute_hooks]
+            hooked_ids = {id(m) for m, _ in inside}
+            denoiser_ids = {id(denoiser) for denoiser in self.denoisers.values()}
+            for member, hook in inside:
+                nested = any(id(m) in hooked_ids for m in member.modules() if m is not member)
+                if nested and (kwargs.get("fullgraph") or id(member) in denoiser_ids):
+                    hook.compiled = None  # dynamo gives up on a forward whose loop over hooked blocks breaks it
+                    continue
+                hook.compiled = compiling.compiled_forward(hook.fn_ref.original_forward, kwargs)
+            if id(module) in denoiser_ids:
+                # the denoiser's own forward runs eagerly (its block loop breaks the graph); its other parts compile
+                for child in module.children():
+                    if all(id(m) not in self._compute_hooks for m in child.modules()) and \
+                            getattr(child, "_compiled_call_impl", None) is None:
+                        type(child).compile(child, **kwargs)
+                        self._compiled_parts.append(child)
+            self.compiled_modules[module] = dict(kwargs)
+            compiling.remember(module, kwargs)
 
     def _let_sleep(self, branch: torch.nn.Module) -> None:
         """Remove the compute hook of a branch no method hooks (so a compiled block traces straight through it) and

@@ -15,7 +15,8 @@ pipeline instances with the same weights. PSNR against R on ``--samples`` sample
 outside the timed part; speedup = median over rounds of R's seconds / the row's seconds in the same round, with
 the spread. Two predictions for A+B: the product of A's and B's speedups, and the PSNR if A's and B's errors added
 (their mean squared errors summed; independent errors add so). BAC's schedule (calibrated on the ensemble for
-AFA + BAC) and QuEST's calibration use seeds 90000+. Writes ``stacking.md`` and ``stacking.json`` to ``--out`` (default docs/benchmarks).
+AFA + BAC) and QuEST's calibration use seeds 90000+. Writes ``stacking.md`` and ``stacking.json`` to ``--out``
+(default docs/benchmarks).
 """
 
 from __future__ import annotations
