@@ -8,14 +8,17 @@ and ``unwrap`` switches back.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from accel.pipelines.adapters import adapter_for
 
 from .config import AccelConfig
 from .hooks import MethodScope, attach_context, context_of, detach_context
-from .registry import calibrating, resolve, spec_for, stacking_conflict
+from .registry import calibrating, resolve, spec_for, stacking_conflict, stacking_warning
 from .summary import Summary
+
+logger = logging.getLogger(__name__)
 
 
 def _check_pipeline(pipe) -> None:
@@ -62,6 +65,9 @@ def wrap(pipe, methods: str | AccelConfig | list[str | AccelConfig], **overrides
     conflict = stacking_conflict(applied + specs)
     if conflict is not None:
         raise ValueError(conflict)
+    caution = stacking_warning(applied + specs)
+    if caution is not None:
+        logger.warning(caution)
 
     created = context is None
     if created:

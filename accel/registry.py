@@ -153,6 +153,16 @@ def stacking_conflict(stack: list[AcceleratorSpec]) -> str | None:
     return None
 
 
+def stacking_warning(stack: list[AcceleratorSpec]) -> str | None:
+    """What ``accel.wrap`` logs as a warning for a stack that runs but whose methods interfere, or ``None``."""
+    caching = [spec.name for spec in stack if spec.role == "caching"]
+    if len(caching) > 1:
+        return (f"{' and '.join(caching)} both reuse computation across steps: on a step where one reuses a block, "
+                "the other's state for that block is not updated, and it reuses or extrapolates older outputs; "
+                "their errors compound rather than add (docs/benchmarks/stacking.md measures it). Prefer one.")
+    return None
+
+
 def preset_names() -> list[str]:
     return sorted(_PRESETS)
 

@@ -37,6 +37,7 @@ from .io import atomic_write
 from .registry import config_class, registered, stacking_conflict
 
 TARGETS = ("psnr", "fid_ratio")
+PLOT_PSNR_CAP = 60.0
 
 
 @dataclass
@@ -116,19 +117,23 @@ class TuneResult:
         import matplotlib.pyplot as plt
 
         figure, axes = plt.subplots(figsize=(7, 4.5))
-        for trial in self.trials:
+        front = {id(t) for t in self.pareto()}
+        shown = [min(t.psnr, PLOT_PSNR_CAP) for t in self.trials]  # a near-exact trial (compile alone) is off scale
+        for trial, value in zip(self.trials, shown):
             colour = "tab:green" if trial.meets else "tab:grey"
-            axes.errorbar(trial.speedup.median, trial.psnr, xerr=[[trial.speedup.median - trial.speedup.low],
-                          [trial.speedup.high - trial.speedup.median]], fmt="o", color=colour, capsize=2)
-            axes.annotate(trial.label, (trial.speedup.median, trial.psnr), fontsize=6, xytext=(3, 3),
-                          textcoords="offset points")
+            axes.errorbar(trial.speedup.median, value, xerr=[[trial.speedup.median - trial.speedup.low],
+                          [trial.speedup.high - trial.speedup.median]], fmt="o", color=colour, capsize=2,
+                          alpha=1.0 if id(trial) in front else 0.5)
+            if id(trial) in front or trial is self.chosen:
+                axes.annotate(trial.label, (trial.speedup.median, value), fontsize=6, xytext=(3, 3),
+                              textcoords="offset points")
         if "psnr" in self.target:
             axes.axhline(self.target["psnr"], color="tab:red", linestyle="--", linewidth=1, label="target")
         if self.chosen is not None:
-            axes.plot(self.chosen.speedup.median, self.chosen.psnr, "*", color="tab:red", markersize=14,
-                      label="chosen")
+            axes.plot(self.chosen.speedup.median, min(self.chosen.psnr, PLOT_PSNR_CAP), "*", color="tab:red",
+                      markersize=14, label="chosen")
         axes.set_xlabel("speedup over the plain pipeline (median, spread)")
-        axes.set_ylabel("PSNR vs the plain output, dB")
+        axes.set_ylabel(f"PSNR vs the plain output, dB (above {PLOT_PSNR_CAP:.0f} shown at it)")
         axes.legend(fontsize=7)
         figure.tight_layout()
         buffer = Path(path)

@@ -1,7 +1,7 @@
 """Stacking benchmark: which accelerators stack, and, for pairs that do, whether speedups multiply and losses add.
 
     python benchmarks/stacking.py                          # the matrix, digits-dit and moving-digits pairs
-    python benchmarks/stacking.py --sections matrix        # only the matrix (no measurement, seconds)
+    python benchmarks/stacking.py --sections matrix        # only the matrix; measured sections kept from the JSON
     python benchmarks/stacking.py --rounds 2 --samples 4 --out /tmp/quick
 
 The matrix is ``accel.registry.stacking_conflict`` for every ordered pair of registered accelerators (tests/
@@ -48,7 +48,7 @@ from accel.methods.delta_dit import DeltaDiTConfig  # noqa: E402
 from accel.methods.quest import QuESTConfig  # noqa: E402
 from accel.methods.vmoba import VMoBAConfig  # noqa: E402
 from accel.pipelines import reference  # noqa: E402
-from accel.registry import registered, stacking_conflict  # noqa: E402
+from accel.registry import registered, stacking_conflict, stacking_warning  # noqa: E402
 
 QUALITY_SEED, TIMING_SEED, CALIBRATION_SEED = 1000, 2000, 90_000
 BAC = BACConfig(budget=0.35, forecast=1, metric="l2", per_block=True, share_budget=True, top_k=0)  # the "bac" preset
@@ -88,12 +88,13 @@ PLANS = {
 
 def matrix() -> dict:
     specs = sorted((spec for spec in registered() if spec.role is not None), key=lambda spec: spec.name)
-    cells = {}
+    cells, warnings = {}, {}
     for first in specs:
         for second in specs:
             if first is not second:
                 cells[f"{first.name} → {second.name}"] = stacking_conflict([first, second])
-    return {"methods": [(spec.name, spec.role) for spec in specs], "cells": cells}
+                warnings[f"{first.name} → {second.name}"] = stacking_warning([first, second])
+    return {"methods": [(spec.name, spec.role) for spec in specs], "cells": cells, "warnings": warnings}
 
 
 def call(model: str, pipe, count: int, seed: int, **overrides) -> dict:
@@ -193,13 +194,14 @@ def markdown(report: dict) -> str:
              f"{report['torch']}); module docstring: protocol.", "",
              "## Which pairs stack", "",
              "Row: the method applied first; column: the one applied after it. `accel.wrap` refuses a refused pair "
-             "with a `ValueError` giving the reason below, before touching the pipeline (tests/test_stacking.py "
-             "checks every cell on the tiny DiT).", ""]
+             "with a `ValueError` giving the reason below, before touching the pipeline, and logs a warning for a "
+             "pair that runs but interferes (tests/test_stacking.py checks every cell on the tiny DiT).", ""]
     methods = report["matrix"]["methods"]
     names = [name for name, _ in methods]
     roles = dict(methods)
     lines += ["| first ↓ / then → | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    reasons: dict[str, int] = {}
+    reasons: dict[str, tuple[int, str]] = {}
+    warned: dict[str, int] = {}
     for name, role in methods:
         cells = []
         for other in names:
@@ -207,7 +209,11 @@ def markdown(report: dict) -> str:
                 cells.append("—")
                 continue
             reason = report["matrix"]["cells"][f"{name} → {other}"]
-            if reason is None:
+            caution = report["matrix"].get("warnings", {}).get(f"{name} → {other}")
+            if reason is None and caution is not None:
+                number = warned.setdefault(caution, len(warned) + 1)
+                cells.append(f"stacks, warns ({chr(96 + number)})")
+            elif reason is None:
                 cells.append("stacks")
             else:  # one footnote per pair of roles, quoting the first refusal of that kind
                 pair_roles = {roles[name], roles[other]}
@@ -216,12 +222,14 @@ def markdown(report: dict) -> str:
                 number = reasons.setdefault(key, (len(reasons) + 1, reason))[0]
                 cells.append(f"refused ({number})")
         lines.append(f"| **{name}** ({role}) | " + " | ".join(cells) + " |")
-    lines += [""] + [f"{number}. {kind}: {reason}" for kind, (number, reason) in reasons.items()] + [""]
+    lines += [""] + [f"{number}. {kind}: {reason}" for kind, (number, reason) in reasons.items()]
+    lines += [f"{chr(96 + number)}. logged as a warning: {text}" for text, number in warned.items()] + [""]
     lines += ["Pruning (`accel.prune`, HierarchicalPrune) is not in the matrix: what it returns is a plain diffusers "
               "pipeline with fewer blocks, which every method above wraps like any other model of its family (the "
               "pruning benchmark measures it with QuEST's 4-bit weights on top).", ""]
     for section in report.get("sections", []):
         lines += [f"## {section['model']}: measured pairs", "",
+                  f"Measured {section.get('measured', report['date'])}: `{section.get('command', '').strip()}`. "
                   f"{section['samples']} samples for PSNR, {section['rounds']} timed rounds of {section['batch']} "
                   "samples per call.", "",
                   "A and B are measured against the plain model; A+B against the last column's row (the ensemble's "
@@ -259,10 +267,17 @@ def main(argv: list[str] | None = None) -> int:
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
               "allocator": timing_allocator(), "matrix": matrix(), "sections": [],
               "command": "python benchmarks/stacking.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    previous = {}
+    if (args.out / "stacking.json").exists():  # a section not measured now keeps its last measurement
+        old = json.loads((args.out / "stacking.json").read_text(encoding="utf-8"))
+        previous = {section["model"]: section for section in old.get("sections", [])}
     for model in ("digits-dit", "moving-digits"):
         if model in sections:
             samples = args.samples if model == "digits-dit" else max(2, args.samples // 8)
-            report["sections"].append(measure(model, samples, args.rounds))
+            report["sections"].append(measure(model, samples, args.rounds) | {"measured": report["date"],
+                                                                             "command": report["command"]})
+        elif model in previous:
+            report["sections"].append(previous[model])
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out / "stacking.json", json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
     atomic_write(args.out / "stacking.md", markdown(report))

@@ -15,7 +15,7 @@ from stacking_configs import FAMILY, config
 import accel
 from accel.eval.metrics import output_array
 from accel.pipelines import tiny
-from accel.registry import STACKING_ROLES, register_accelerator, registered, stacking_conflict
+from accel.registry import STACKING_ROLES, register_accelerator, registered, stacking_conflict, stacking_warning
 
 STACKING_MD = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "stacking.md"
 NAMES = sorted(spec.name for spec in registered() if spec.role is not None)
@@ -32,7 +32,7 @@ def test_every_registered_accelerator_declares_its_role():
 
 
 @pytest.mark.parametrize(("first", "second"), list(itertools.permutations(NAMES, 2)))
-def test_a_pair_composes_or_is_refused_as_the_rule_says(first, second):
+def test_a_pair_composes_or_is_refused_as_the_rule_says(first, second, caplog):
     plain = run(tiny.build(FAMILY))
     conflict = stacking_conflict([SPECS[first], SPECS[second]])
     pipe = tiny.build(FAMILY)
@@ -43,7 +43,10 @@ def test_a_pair_composes_or_is_refused_as_the_rule_says(first, second):
         assert not accel.is_wrapped(pipe)
         np.testing.assert_array_equal(run(pipe), plain)
         return
-    accel.wrap(pipe, [config(first), config(second)])
+    with caplog.at_level("WARNING", logger="accel.api"):
+        accel.wrap(pipe, [config(first), config(second)])
+    caution = stacking_warning([SPECS[first], SPECS[second]])
+    assert (caution in caplog.text) if caution else ("do not stack" not in caplog.text)
     output = run(pipe)
     assert np.isfinite(output).all()
     assert [entry["method"] for entry in accel.summary(pipe).methods] == [first, second]
@@ -88,5 +91,14 @@ def test_the_published_matrix_is_the_rule():
             if first == second:
                 assert cell == "—"
                 continue
-            expected = "refused" if stacking_conflict([SPECS[first], SPECS[second]]) else "stacks"
-            assert cell.startswith(expected), (first, second, cell)
+            if stacking_conflict([SPECS[first], SPECS[second]]):
+                assert cell.startswith("refused"), (first, second, cell)
+            elif stacking_warning([SPECS[first], SPECS[second]]):
+                assert cell.startswith("stacks, warns"), (first, second, cell)
+            else:
+                assert cell == "stacks", (first, second, cell)
+
+
+def test_two_caching_methods_stack_with_a_warning_naming_both():
+    assert "delta-dit and bac both reuse computation" in stacking_warning([SPECS["delta-dit"], SPECS["bac"]])
+    assert stacking_warning([SPECS["bac"], SPECS["vmoba"]]) is None
