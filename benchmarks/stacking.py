@@ -1,14 +1,16 @@
 """Stacking benchmark: which accelerators stack, and, for pairs that do, whether speedups multiply and losses add.
 
     python benchmarks/stacking.py                          # the matrix, digits-dit and moving-digits pairs
+    python benchmarks/stacking.py --ilf-digits DIR --ilf-moving DIR   # ILF pairs too (trained modules)
     python benchmarks/stacking.py --sections matrix        # only the matrix; measured sections kept from the JSON
     python benchmarks/stacking.py --rounds 2 --samples 4 --out /tmp/quick
 
 The matrix is ``accel.registry.stacking_conflict`` for every ordered pair of registered accelerators (tests/
 test_stacking.py checks that ``accel.wrap`` does exactly that on the tiny DiT). The measured sections take the
 stacking pairs whose parts need no training run here: caching × caching, caching × quantization and ensembling ×
-caching on digits-dit
-(20 steps, guidance 1.5), caching × sparse attention on moving-digits (20 steps, guidance 6, 576 tokens a clip).
+caching on digits-dit (20 steps, guidance 1.5), caching × sparse attention on moving-digits (20 steps, guidance 6,
+576 tokens a clip); with a trained ILF module given (``--ilf-digits``, ``--ilf-moving``: train one with
+benchmarks/feedback.py), feedback × quantization and feedback × sparse attention too, ILF at 10 steps.
 Per pair, rows R (the reference: the plain model; for ensembling, the untouched ensemble), A, B and A+B are their own
 pipeline instances with the same weights. PSNR against R on ``--samples`` samples (seeds 1000+); speed in
 ``--rounds`` rounds (seeds 2000+), every row of a model once per round, order rotating, each row's first call
@@ -45,6 +47,7 @@ from accel.io import atomic_write  # noqa: E402
 from accel.methods.adaspa import AdaSpaConfig  # noqa: E402
 from accel.methods.bac import BACConfig  # noqa: E402
 from accel.methods.delta_dit import DeltaDiTConfig  # noqa: E402
+from accel.methods.ilf import ILFConfig  # noqa: E402
 from accel.methods.quest import QuESTConfig  # noqa: E402
 from accel.methods.vmoba import VMoBAConfig  # noqa: E402
 from accel.pipelines import reference  # noqa: E402
@@ -66,22 +69,28 @@ PLANS = {
         "batch": 16,
         "rows": {"plain": [], "Δ-DiT": ["delta"], "BAC": ["bac"], "QuEST W8A8 (RTN)": ["quest"],
                  "Δ-DiT + QuEST": ["delta", "quest"], "BAC + QuEST": ["bac", "quest"], "Δ-DiT + BAC": ["delta", "bac"],
-                 "AFA (untrained mean)": ["afa"], "AFA + Δ-DiT": ["afa", "delta"], "AFA + BAC": ["afa", "bac"]},
+                 "AFA (untrained mean)": ["afa"], "AFA + Δ-DiT": ["afa", "delta"], "AFA + BAC": ["afa", "bac"],
+                 "ILF (10 steps)": ["ilf"], "ILF + QuEST (10 steps)": ["ilf", "quest"]},
         # (A, B, A+B, what A+B is measured against): the ensemble's caching against the ensemble, compared with
         # the caching method on one member against that member
         "pairs": [("Δ-DiT", "BAC", "Δ-DiT + BAC", "plain"),
                   ("Δ-DiT", "QuEST W8A8 (RTN)", "Δ-DiT + QuEST", "plain"),
                   ("BAC", "QuEST W8A8 (RTN)", "BAC + QuEST", "plain"),
                   ("Δ-DiT", None, "AFA + Δ-DiT", "AFA (untrained mean)"),
-                  ("BAC", None, "AFA + BAC", "AFA (untrained mean)")],
+                  ("BAC", None, "AFA + BAC", "AFA (untrained mean)"),
+                  ("ILF (10 steps)", "QuEST W8A8 (RTN)", "ILF + QuEST (10 steps)", "plain")],
     },
     "moving-digits": {
         "batch": 2,
         "rows": {"plain": [], "Δ-DiT": ["delta"], "BAC": ["bac"], "AdaSpa": ["adaspa"], "VMoBA": ["vmoba"],
                  "Δ-DiT + AdaSpa": ["delta", "adaspa"], "Δ-DiT + VMoBA": ["delta", "vmoba"],
-                 "BAC + AdaSpa": ["bac", "adaspa"], "BAC + VMoBA": ["bac", "vmoba"]},
+                 "BAC + AdaSpa": ["bac", "adaspa"], "BAC + VMoBA": ["bac", "vmoba"],
+                 "ILF (10 steps)": ["ilf"], "ILF + AdaSpa (10 steps)": ["ilf", "adaspa"],
+                 "ILF + VMoBA (10 steps)": ["ilf", "vmoba"]},
         "pairs": [("Δ-DiT", "AdaSpa", "Δ-DiT + AdaSpa", "plain"), ("Δ-DiT", "VMoBA", "Δ-DiT + VMoBA", "plain"),
-                  ("BAC", "AdaSpa", "BAC + AdaSpa", "plain"), ("BAC", "VMoBA", "BAC + VMoBA", "plain")],
+                  ("BAC", "AdaSpa", "BAC + AdaSpa", "plain"), ("BAC", "VMoBA", "BAC + VMoBA", "plain"),
+                  ("ILF (10 steps)", "AdaSpa", "ILF + AdaSpa (10 steps)", "plain"),
+                  ("ILF (10 steps)", "VMoBA", "ILF + VMoBA (10 steps)", "plain")],
     },
 }
 
@@ -107,7 +116,7 @@ def build(model: str, parts: list[str], artifacts: dict):
     depth = len(pipe.transformer.transformer_blocks if model == "digits-dit" else pipe.transformer.blocks)
     configs = {"delta": delta_dit(depth), "bac": BAC.replace(schedule=artifacts.get("bac")),
                "quest": QUEST_RTN_W8A8.replace(artifact=artifacts.get("quest")),
-               "adaspa": AdaSpaConfig(), "vmoba": VMoBAConfig()}
+               "adaspa": AdaSpaConfig(), "vmoba": VMoBAConfig(), "ilf": ILFConfig(module=artifacts.get("ilf"))}
     if parts and parts[0] == "afa":
         members = [reference.load(name) for name in reference.ENSEMBLE_MEMBERS]
         pipe = accel.ensemble(members)  # member a wrapped with AFA (no aggregator: the members' plain mean)
@@ -137,25 +146,40 @@ def calibrate(model: str, batch: int) -> dict:
     return artifacts
 
 
-def measure(model: str, samples: int, rounds: int) -> dict:
+def steps_of(parts: list[str]) -> int:
+    return 10 if "ilf" in parts else 20  # ILF samples in half the steps it was trained for
+
+
+def measure(model: str, samples: int, rounds: int, ilf_module: Path | None) -> dict:
     plan = PLANS[model]
     batch = plan["batch"]
     artifacts = calibrate(model, batch)
-    pipes = {name: build(model, parts, artifacts) for name, parts in plan["rows"].items()}
+    rows = dict(plan["rows"])
+    pairs_plan = list(plan["pairs"])
+    skipped = None
+    if ilf_module is None:
+        rows = {name: parts for name, parts in rows.items() if "ilf" not in parts}
+        pairs_plan = [pair for pair in pairs_plan if pair[2] in rows]
+        skipped = "ILF rows: no trained feedback module given (--ilf-" + model.split("-")[0] + ")"
+    else:
+        artifacts["ilf"] = str(ilf_module)
+    pipes = {name: build(model, parts, artifacts) for name, parts in rows.items()}
+    steps = {name: steps_of(parts) for name, parts in rows.items()}
     outputs = {name: [] for name in pipes}
     for start in tqdm(range(0, samples, batch), desc=f"{model}: quality"):
         count = min(batch, samples - start)
         for name, pipe in pipes.items():
-            outputs[name].append(output_array(pipe(**call(model, pipe, count, QUALITY_SEED + start))))
+            kwargs = call(model, pipe, count, QUALITY_SEED + start, num_inference_steps=steps[name])
+            outputs[name].append(output_array(pipe(**kwargs)))
     outputs = {name: np.concatenate(parts) for name, parts in outputs.items()}
     names = list(pipes)
     for name in names:  # warm-up outside the timed part
-        pipes[name](**call(model, pipes[name], batch, TIMING_SEED))
+        pipes[name](**call(model, pipes[name], batch, TIMING_SEED, num_inference_steps=steps[name]))
     seconds = {name: [] for name in names}
     for round_index in tqdm(range(rounds), desc=f"{model}: timed rounds"):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            kwargs = call(model, pipes[name], batch, TIMING_SEED + 1 + round_index)
+            kwargs = call(model, pipes[name], batch, TIMING_SEED + 1 + round_index, num_inference_steps=steps[name])
             started = time.perf_counter()
             pipes[name](**kwargs)
             seconds[name].append(time.perf_counter() - started)
@@ -166,7 +190,7 @@ def measure(model: str, samples: int, rounds: int) -> dict:
         return Speedup.from_times(seconds[against], seconds[name]).to_dict()
 
     pairs = []
-    for first, second, both, stack_reference in plan["pairs"]:
+    for first, second, both, stack_reference in pairs_plan:
         parts = [first] + ([second] if second else [])
         pairs.append({
             "parts": parts, "stack": both, "stack_reference": stack_reference,
@@ -175,7 +199,7 @@ def measure(model: str, samples: int, rounds: int) -> dict:
             "predicted_speedup": math.prod(speedup(name, "plain")["median"] for name in parts),
             "predicted_psnr": _psnr(sum(mse(name, "plain") for name in parts)),
         })
-    return {"model": model, "batch": batch, "samples": samples, "rounds": rounds,
+    return {"model": model, "batch": batch, "samples": samples, "rounds": rounds, "skipped": skipped,
             "seconds_per_call": {name: float(np.median(values)) for name, values in seconds.items()},
             "pairs": pairs}
 
@@ -231,7 +255,8 @@ def markdown(report: dict) -> str:
         lines += [f"## {section['model']}: measured pairs", "",
                   f"Measured {section.get('measured', report['date'])}: `{section.get('command', '').strip()}`. "
                   f"{section['samples']} samples for PSNR, {section['rounds']} timed rounds of {section['batch']} "
-                  "samples per call.", "",
+                  "samples per call." + (f" Not measured: {section['skipped']}." if section.get("skipped") else ""),
+                  "",
                   "A and B are measured against the plain model; A+B against the last column's row (the ensemble's "
                   "caching against the ensemble). Predictions: A×B, and the PSNR if A's and B's errors added.", "",
                   "| stack | speedup A | speedup B | speedup A+B | A×B | PSNR A | PSNR B | PSNR A+B "
@@ -260,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
+    parser.add_argument("--ilf-digits", type=Path, help="a digits-dit feedback module (benchmarks/feedback.py)")
+    parser.add_argument("--ilf-moving", type=Path, help="a moving-digits feedback module (benchmarks/feedback.py)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     sections = [part.strip() for part in args.sections.split(",") if part.strip()]
@@ -274,8 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     for model in ("digits-dit", "moving-digits"):
         if model in sections:
             samples = args.samples if model == "digits-dit" else max(2, args.samples // 8)
-            report["sections"].append(measure(model, samples, args.rounds) | {"measured": report["date"],
-                                                                             "command": report["command"]})
+            module = args.ilf_digits if model == "digits-dit" else args.ilf_moving
+            report["sections"].append(measure(model, samples, args.rounds, module) | {
+                "measured": report["date"], "command": report["command"]})
         elif model in previous:
             report["sections"].append(previous[model])
     args.out.mkdir(parents=True, exist_ok=True)
