@@ -15,7 +15,7 @@ from accel.pipelines.adapters import adapter_for
 
 from .config import AccelConfig
 from .hooks import MethodScope, attach_context, context_of, detach_context
-from .registry import calibrating, resolve, spec_for, stacking_conflict, stacking_warning
+from .registry import calibrating, registered, resolve, spec_for, stacking_conflict, stacking_warning
 from .summary import Summary
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,13 @@ def wrap(pipe, methods: str | AccelConfig | list[str | AccelConfig], **overrides
     adapter = context.adapter if context is not None else adapter_for(pipe)
     specs = [spec_for(config) for config in configs]
     for spec in specs:
-        if not spec.supports(adapter.name):
+        if not spec.supports_adapter(adapter):
+            if adapter.inferred:
+                structural = ", ".join(other.name for other in registered() if other.structural)
+                raise ValueError(
+                    f"{spec.name!r} needs a declared adapter; accel inferred {adapter.name!r} from the module tree "
+                    f"(the structural fallback), which only these methods accept: {structural}."
+                )
             raise ValueError(
                 f"{spec.name!r} does not support the {adapter.name!r} family ({type(pipe).__name__}); "
                 f"supported: {', '.join(spec.families or ())}."

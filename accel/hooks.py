@@ -37,7 +37,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from accel.pipelines.adapters import ATTENTION_BRANCHES, BlockInfo, FamilyAdapter, adapter_for
+from accel.pipelines.adapters import ATTENTION_BRANCHES, BlockCallCheck, BlockInfo, FamilyAdapter, adapter_for
 
 from . import compiling
 from .attention import AttentionInterceptHook, check_interceptable
@@ -138,13 +138,18 @@ class ComputeHook(ModelHook):
         self.context = context
         self.kinds = kinds
         self.compiled: Callable[..., Any] | None = None  # the module's forward under torch.compile
+        self.check: Callable[[tuple, dict, Any], None] | None = None  # an inferred adapter's first-call check
 
     def new_forward(self, module, *args, **kwargs):
         if self.kinds:
             _count(self.context, self.kinds)
         if self.compiled is not None and id(module) not in self.context.attention_owners:
-            return self.compiled(*args, **kwargs)
-        return self.fn_ref.original_forward(*args, **kwargs)
+            output = self.compiled(*args, **kwargs)
+        else:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+        if self.check is not None and _ACTIVE.get() is self.context:
+            self.check(args, kwargs, output)
+        return output
 
 
 @torch.compiler.disable
@@ -239,6 +244,8 @@ class PipelineContext:
         if not self.denoisers:
             raise ValueError(f"{type(pipe).__name__} has no {adapter.name} denoiser to wrap.")
         self.blocks: dict[str, list[BlockInfo]] = {attr: adapter.blocks(m) for attr, m in self.denoisers.items()}
+        # an inferred adapter's assumptions, confirmed on the first call (accel.pipelines.adapters.BlockCallCheck)
+        self.block_checks = {attr: BlockCallCheck(attr) for attr in self.denoisers} if adapter.inferred else {}
         self.scopes: list[MethodScope] = []
         self.recorder = CallRecorder()
         self.last_call: list[StepRecord] = []
@@ -283,8 +290,10 @@ class PipelineContext:
         compiling.check_not_compiled((name, module) for name, module, _ in hooked)
         taken_over = [(module, compiling.take_over_compiled(module)) for _, module, _ in hooked]
         try:
+            checks = self._call_checks()
             for _, module, kinds in hooked:
                 hook = ComputeHook(self, kinds)
+                hook.check = checks.get(id(module))
                 self._install(module, hook, _COUNTER_HOOK)
                 self._compute_hooks[id(module)] = (module, hook)
                 compiling.intercept_compile(module, self.compile_below_hooks)
@@ -298,6 +307,16 @@ class PipelineContext:
                     self.compiled_modules.setdefault(module, kwargs)
             self.uninstall()
             raise
+
+    def _call_checks(self) -> dict[int, Callable[[tuple, dict, Any], None]]:
+        """id(module) -> its compute hook's check, for an inferred adapter: each block's call, the forward's end."""
+        checks: dict[int, Callable[[tuple, dict, Any], None]] = {}
+        for attr, check in self.block_checks.items():
+            blocks = self.blocks[attr]
+            checks[id(self.denoisers[attr])] = functools.partial(check.forward_done, len(blocks))
+            for block in blocks:
+                checks[id(block.module)] = functools.partial(check.check, block.name, block.index)
+        return checks
 
     def _hooked_modules(self) -> list[tuple[str, torch.nn.Module, tuple[str, ...]]]:
         """(name, module, what its compute hook counts) for every denoiser, block and branch."""
@@ -438,6 +457,9 @@ class PipelineContext:
         if _ACTIVE.get() is self:
             raise RuntimeError("A wrapped pipeline was called from inside its own call; accel does not support that.")
         with self._lock:  # one call at a time per wrapped instance; a plain diffusers pipeline isn't reentrant either
+            for check in self.block_checks.values():
+                if check.failure is not None:
+                    raise ValueError(check.failure)
             token = _ACTIVE.set(self)
             scheduler = self.pipe.scheduler
             self._start_call()

@@ -32,9 +32,14 @@ class AcceleratorSpec:
     artifact_field: str = "schedule"  # the config field that takes what ``calibrate`` returns
     trained_with: str | None = None  # the function that makes what the method loads (ILF: a trained module)
     role: str | None = None  # one of STACKING_ROLES: what the method does to the model, for the stacking rules
+    structural: bool = False  # needs only blocks and branches: applies to an adapter inferred from the module tree
 
     def supports(self, family: str) -> bool:
         return self.families is None or family in self.families
+
+    def supports_adapter(self, adapter) -> bool:
+        """Whether the method applies to ``adapter``'s family, or, for an inferred adapter, works structurally."""
+        return self.supports(adapter.name) or (getattr(adapter, "inferred", False) and self.structural)
 
 
 # What a method does to the model. Two methods of one role do not stack, except caching methods (Δ-DiT's block
@@ -65,13 +70,16 @@ def register_accelerator(
     artifact_field: str = "schedule",
     trained_with: str | None = None,
     role: str | None = None,
+    structural: bool = False,
 ) -> AcceleratorSpec:
     """Register an accelerator. ``presets`` maps names (``"bac"``, ``"bac-fast"``) to config factories; the
     method name itself is always a preset for ``config_cls()``. ``calibrate``, for methods that need an offline
     pass, backs ``accel.calibrate``; the artifact it returns is what the config takes as its ``artifact_field``.
     ``trained_with`` names the function a method needs run first (a training, minutes long): runners that apply
     every method (``accel-run --methods all``, the demo) leave such a method out and say so. ``role`` (one of
-    ``STACKING_ROLES``) is what ``stacking_conflict`` reasons about; a method without one stacks with anything."""
+    ``STACKING_ROLES``) is what ``stacking_conflict`` reasons about; a method without one stacks with anything.
+    ``structural``: the method needs only the blocks and their branches, so it applies to a denoiser whose adapter
+    was inferred from its module tree (``accel.pipelines.adapters.infer_adapter``)."""
     if role is not None and role not in STACKING_ROLES:
         raise ValueError(f"role must be one of {', '.join(STACKING_ROLES)} or None, got {role!r}.")
     if not (isinstance(config_cls, type) and issubclass(config_cls, AccelConfig)) or not config_cls.method:
@@ -81,7 +89,7 @@ def register_accelerator(
     presets = {config_cls.method: config_cls, **(presets or {})}
     spec = AcceleratorSpec(
         config_cls.method, config_cls, apply, description, tuple(families) if families is not None else None, presets,
-        calibrate, artifact_field, trained_with, role,
+        calibrate, artifact_field, trained_with, role, structural,
     )
     with _LOCK:
         taken = [name for name in presets if name in _PRESETS and _PRESETS[name].config_cls is not config_cls]
@@ -220,9 +228,11 @@ def resolve(methods: Any, overrides: dict[str, Any] | None = None) -> list[Accel
 
 
 def available() -> list[dict[str, Any]]:
-    """Every registered accelerator: name, one-line description, supported families and preset names."""
-    from accel.pipelines.adapters import FAMILY_NAMES
+    """Every registered accelerator: name, one-line description, the families it declares, preset names, and whether
+    it applies to adapters inferred from a module tree (with the ones inferred so far in this process)."""
+    from accel.pipelines.adapters import FAMILY_NAMES, inferred_families
 
+    inferred = inferred_families()
     return [
         {
             "name": spec.name,
@@ -231,6 +241,8 @@ def available() -> list[dict[str, Any]]:
             "presets": sorted(spec.presets),
             "trained_with": spec.trained_with,
             "role": spec.role,
+            "structural_fallback": spec.structural,  # also applies to a denoiser with an inferred adapter
+            "inferred_families": inferred if spec.structural else [],  # those inferred so far in this process
         }
         for spec in registered()
     ]

@@ -215,4 +215,5 @@ register_accelerator(
     families=FAMILIES,
     presets={"adaspa-fast": lambda: AdaSpaConfig(sparsity=0.8), "adaspa-quality": lambda: AdaSpaConfig(sparsity=0.5)},
     role="sparse attention",
+    structural=True,
 )

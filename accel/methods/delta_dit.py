@@ -209,4 +209,5 @@ register_accelerator(
     description="Δ-DiT: reuse the residual of the rear (early steps) or front (late steps) blocks on cached steps",
     families=FAMILIES,
     role="caching",
+    structural=True,
 )

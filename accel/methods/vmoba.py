@@ -220,4 +220,5 @@ register_accelerator(
     families=FAMILIES,
     presets={"vmoba-quality": lambda: VMoBAConfig(threshold=0.5)},
     role="sparse attention",
+    structural=True,
 )

@@ -6,12 +6,16 @@ the time embedding / AdaLN modulation, how classifier-free guidance reaches the 
 maps to a token layout (frames x height x width after patching, plus where text tokens sit in joint attention).
 Accelerators read these facts through the adapter and never name a model's modules themselves.
 
-Adding a family is one ``FamilyAdapter(...)`` entry here plus a tiny builder in ``accel.pipelines.tiny``.
+Adding a family is one ``FamilyAdapter(...)`` entry here plus a tiny builder in ``accel.pipelines.tiny``. A denoiser
+no entry declares gets an adapter inferred from its module tree (``infer_adapter``, the structural fallback at the
+end of this file), which the methods registered with ``structural=True`` accept.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -218,6 +222,7 @@ class FamilyAdapter:
     # transformer blocks do not: resnets and resampling sit between them.
     sequential_blocks: bool = True
     notes: str = ""
+    inferred: bool = False  # made by infer_adapter from the module tree, not declared (see the structural fallback)
 
     def blocks(self, model: torch.nn.Module) -> list[BlockInfo]:
         """The model's blocks in execution order, each with its branches."""
@@ -496,14 +501,15 @@ def supported_denoiser_classes() -> list[str]:
 
 
 def adapter_for_model(model: torch.nn.Module, pipeline_class: str | None = None) -> FamilyAdapter:
-    """The adapter for a denoiser, looked up by its class (and the pipeline class where two families share one)."""
+    """The adapter for a denoiser, looked up by its class (and the pipeline class where two families share one);
+    for a class no family declares, the one ``infer_adapter`` makes from the module tree."""
     class_name = type(model).__name__
     matches = [adapter for adapter in ADAPTERS if class_name in adapter.denoiser_classes]
     if not matches:
-        raise ValueError(
-            f"accel has no adapter for the denoiser class {class_name!r}. Supported: "
-            f"{', '.join(supported_denoiser_classes())}."
-        )
+        try:
+            return infer_adapter(model, pipeline_class or "")
+        except ValueError as error:
+            raise ValueError(f"{error} Declared: {', '.join(supported_denoiser_classes())}.") from None
     for adapter in matches:
         if pipeline_class in adapter.pipeline_classes:
             return adapter
@@ -543,3 +549,146 @@ def get_adapter(name: str) -> FamilyAdapter:
         if adapter.name == name:
             return adapter
     raise ValueError(f"Unknown family {name!r}; known families: {', '.join(FAMILY_NAMES)}.")
+
+
+# ----------------------------------------------------------------------------------- structural fallback
+# The structural fallback: a ``FamilyAdapter`` inferred from a denoiser's module tree when none is declared.
+# What it finds: the denoiser's blocks (every ``nn.ModuleList`` of two or more modules of one class, each holding a
+# diffusers-style attention module, one that has a ``processor``), in registration order, and in each block its
+# branches: the attention children in order (the first "self_attn", a second "cross_attn") and the feed-forward
+# child (a class named ``*FeedForward*`` or a child named ``ff`` / ``mlp`` / ``feed_forward``). What it cannot know
+# from the tree is checked on the wrapped pipeline's first call (``BlockCallCheck``, a dry run on the call's own
+# inputs): every block is called in that order with ``hidden_states`` and returns a tensor of its shape. A model the
+# tree does not explain is refused with a ``ValueError`` naming what was missing; a call the check does not confirm
+# raises one naming the block and what it saw, and every later call of that pipeline raises it again.
+# Only methods that need nothing else (registered with ``structural=True``: Δ-DiT, BAC, AdaSpa, VMoBA) apply to an
+# inferred adapter; a model with two-stream blocks, a U-Net, or anything a method needs a declared fact for (residual
+# rules, modulation layers, CFG layout) needs its own ``FamilyAdapter``.
+
+logger = logging.getLogger(__name__)
+_FEED_FORWARD_NAMES = ("ff", "mlp", "feed_forward")
+_INFERRED: dict[str, FamilyAdapter] = {}  # by denoiser class name: every adapter inferred in this process
+_LOCK = threading.Lock()
+
+
+def _is_attention(module: torch.nn.Module) -> bool:
+    return getattr(module, "processor", None) is not None
+
+
+def _is_feed_forward(name: str, module: torch.nn.Module) -> bool:
+    return "FeedForward" in type(module).__name__ or name in _FEED_FORWARD_NAMES
+
+
+def block_lists(model: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList]]:
+    """The ``ModuleList``s of two or more same-class modules that each hold an attention module."""
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.ModuleList) or len(module) < 2:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        if all(any(_is_attention(m) for m in child.modules()) for child in module):
+            found.append((name, module))
+    return found
+
+
+def _branches(block: torch.nn.Module) -> dict[str, str]:
+    branches: dict[str, str] = {}
+    attentions = [name for name, child in block.named_children() if _is_attention(child)]
+    for kind, name in zip(("self_attn", "cross_attn"), attentions):
+        branches[kind] = name
+    feed_forward = [name for name, child in block.named_children() if _is_feed_forward(name, child)]
+    if feed_forward:
+        branches["ff"] = feed_forward[0]
+    return branches
+
+
+def _layout(model, args, kwargs) -> TokenLayout:
+    hidden = _arg(args, kwargs, "hidden_states", 0)
+    if not isinstance(hidden, torch.Tensor):
+        raise ValueError(f"{type(model).__name__} was called without a hidden_states tensor.")
+    patch_t, patch_h, patch_w = _patch_size(getattr(getattr(model, "config", None), "patch_size", None) or 1)
+    if hidden.ndim == 5:  # [B, C, F, H, W]
+        return TokenLayout(hidden.shape[2] // patch_t, hidden.shape[3] // patch_h, hidden.shape[4] // patch_w)
+    if hidden.ndim == 4:  # [B, C, H, W]
+        return TokenLayout(1, hidden.shape[2] // patch_h, hidden.shape[3] // patch_w)
+    return TokenLayout(1, 1, hidden.shape[1])  # a token sequence
+
+
+def infer_adapter(model: torch.nn.Module, pipeline_class: str) -> FamilyAdapter:
+    """An adapter for ``model`` from its module tree, or ``ValueError`` naming what the tree lacks."""
+    class_name = type(model).__name__
+    with _LOCK:
+        known = _INFERRED.get(class_name)
+    if known is not None:
+        return known
+    lists = block_lists(model)
+    if not lists:
+        raise ValueError(
+            f"accel has no adapter for the denoiser class {class_name!r} and could not infer one: it holds no "
+            "nn.ModuleList of two or more blocks of one class that each contain an attention module (one with a "
+            "`processor`)."
+        )
+    groups = []
+    for name, blocks in lists:
+        branches = _branches(blocks[0])
+        if "self_attn" not in branches:
+            raise ValueError(f"accel has no adapter for the denoiser class {class_name!r} and could not infer one: "
+                             f"the blocks of {name} hold their attention deeper than a direct child, so their "
+                             "branches cannot be told apart.")
+        groups.append(BlockGroup(f"{name}.*", branches))
+    adapter = FamilyAdapter(
+        name=f"inferred:{class_name}", denoiser_classes=(class_name,), pipeline_classes=(pipeline_class,),
+        block_groups=tuple(groups), modulation=(), token_layout=_layout, cfg="batched", inferred=True,
+        notes="inferred from the module tree (accel.pipelines.inferred); confirmed on the first call",
+    )
+    with _LOCK:
+        _INFERRED.setdefault(class_name, adapter)
+    logger.warning("accel: no adapter is declared for %s; inferred one from its module tree: blocks %s. Only the "
+                   "methods that need nothing more apply (Δ-DiT, BAC, the sparse attention methods); the first call "
+                   "checks the blocks' calls.", class_name, ", ".join(group.pattern for group in groups))
+    return adapter
+
+
+def inferred_families() -> list[str]:
+    """The adapters inferred so far in this process, by family name."""
+    with _LOCK:
+        return sorted(adapter.name for adapter in _INFERRED.values())
+
+
+class BlockCallCheck:
+    """Confirms, on a pipeline's first denoiser forward, what an inferred adapter assumed about its blocks: they run
+    in the adapter's order, each with a ``hidden_states`` tensor, returning a tensor of that shape."""
+
+    def __init__(self, denoiser: str) -> None:
+        self.denoiser = denoiser
+        self.confirmed = False
+        self.next_index = 0
+        self.failure: str | None = None
+
+    def check(self, block_name: str, index: int, args: tuple, kwargs: dict, output) -> None:
+        if self.confirmed:
+            return
+        hidden = _arg(args, kwargs, "hidden_states", 0)
+        problem = None
+        if index != self.next_index:
+            problem = f"ran as block {self.next_index} of the forward, not as block {index} of the module tree"
+        elif not isinstance(hidden, torch.Tensor):
+            problem = "was called without a hidden_states tensor (as its first argument or by name)"
+        elif not isinstance(output, torch.Tensor) or output.shape != hidden.shape:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            problem = f"returned {shape} for hidden_states of shape {tuple(hidden.shape)}, not a tensor of that shape"
+        if problem is not None:
+            self.failure = (f"accel's inferred adapter does not fit this model: {block_name} {problem}. Unwrap the "
+                            "pipeline; the model needs a declared FamilyAdapter (accel.pipelines.adapters).")
+            raise ValueError(self.failure)
+        self.next_index += 1
+
+    def forward_done(self, blocks: int, args: tuple, kwargs: dict, output) -> None:
+        if not self.confirmed and self.next_index == blocks:
+            self.confirmed = True
+        elif not self.confirmed and self.failure is None:
+            self.failure = (f"accel's inferred adapter does not fit this model: the first forward ran "
+                            f"{self.next_index} of its {blocks} blocks. Unwrap the pipeline; the model needs a "
+                            "declared FamilyAdapter (accel.pipelines.adapters).")
+            raise ValueError(self.failure)

@@ -56,4 +56,5 @@ register_accelerator(
     },
     calibrate=calibrate_bac,
     role="caching",
+    structural=True,
 )
