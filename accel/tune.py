@@ -272,8 +272,7 @@ def tune(pipe, inputs, *, num_inference_steps: int, target: dict[str, float], bu
     if budget_s <= 0 or rounds < 1:
         raise ValueError(f"budget_s must be positive and rounds at least 1 (got {budget_s!r}, {rounds!r}).")
     calls = _Inputs([dict(call, num_inference_steps=num_inference_steps) for call in _as_list(inputs)])
-    queue = ([_Candidate(" + ".join(c.method for c in stack), list(stack)) for stack in candidates]
-             if candidates is not None else default_candidates(pipe))
+    queue = _checked(pipe, candidates) if candidates is not None else default_candidates(pipe)
     started = time.perf_counter()
     search = _Search(pipe, calls, target, fid, rounds, dict(compile_kwargs or {}), num_inference_steps)
     from tqdm.auto import tqdm
@@ -307,9 +306,30 @@ def tune(pipe, inputs, *, num_inference_steps: int, target: dict[str, float], bu
         held = _Search(pipe, _Inputs([dict(call, num_inference_steps=num_inference_steps)
                                       for call in _as_list(held_out)]), target, fid, rounds, search.compile_kwargs,
                        num_inference_steps)
-        result.held_out = held.run(_Candidate(chosen.label + " (held-out inputs)", chosen.configs, chosen.compiled),
-                                   calibrate=False)
+        label = chosen.label.removesuffix(", compiled") + " (held-out inputs)"
+        result.held_out = held.run(_Candidate(label, chosen.configs, chosen.compiled), calibrate=False)
     return result
+
+
+def _checked(pipe, candidates) -> list[_Candidate]:
+    """The user's candidate stacks, each resolved and checked (family, stacking rules) before any trial runs."""
+    from .pipelines.adapters import adapter_for
+    from .registry import resolve, spec_for
+
+    adapter = adapter_for(pipe)
+    checked = []
+    for stack in candidates:
+        configs = resolve(list(stack))
+        specs = [spec_for(config) for config in configs]
+        unsupported = [spec.name for spec in specs if not spec.supports_adapter(adapter)]
+        if unsupported:
+            raise ValueError(f"candidate {[c.method for c in configs]}: {', '.join(unsupported)} does not support "
+                             f"the {adapter.name!r} family.")
+        conflict = stacking_conflict(specs)
+        if conflict is not None:
+            raise ValueError(f"candidate {[c.method for c in configs]}: {conflict}")
+        checked.append(_Candidate(" + ".join(c.method for c in configs) or "no method", configs))
+    return checked
 
 
 def _as_list(inputs) -> list[dict[str, Any]]:

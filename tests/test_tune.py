@@ -45,6 +45,11 @@ def test_a_bad_target_is_refused(target, message):
         accel.tune(tiny.build("dit"), inputs(), num_inference_steps=STEPS, target=target)
 
 
+def test_a_candidate_that_cannot_run_is_refused_before_any_trial():
+    with pytest.raises(ValueError, match="candidate \\['adaspa', 'vmoba'\\]: adaspa and vmoba do not stack"):
+        quick_tune(tiny.build("dit"), candidates=[[DELTA], ["adaspa", "vmoba"]])
+
+
 def test_a_wrapped_pipeline_is_refused():
     with pytest.raises(ValueError, match="unwrapped pipeline"):
         quick_tune(accel.wrap(tiny.build("dit"), DELTA))
