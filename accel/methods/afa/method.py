@@ -154,11 +154,8 @@ def build_lockstep(pipe, adapter: FamilyAdapter, members: list, aggregator) -> t
 
 
 def apply_afa(scope: MethodScope, config: AFAConfig) -> None:
-    """Hook the wrapped pipeline's denoiser so that its blocks run in lock-step with the members'."""
-    others = [name for name in scope.applied_methods() if name != scope.name]
-    if others:
-        raise ValueError(f"AFA must be applied first (before {', '.join(others)}): the other methods act on the "
-                         "ensemble's blocks. Unwrap, then wrap with afa first.")
+    """Hook the wrapped pipeline's denoiser so that its blocks run in lock-step with the members'. That AFA comes
+    first is the stacking rule of its role (``accel.registry.stacking_conflict``), checked before anything applies."""
     lockstep, lead = build_lockstep(scope.pipe, scope.adapter, config.members or [], config.aggregator)
     scope.add_state(lockstep.state)
     install_lockstep(lockstep, lead, scope.is_active, scope.register_hook)
