@@ -38,7 +38,7 @@ sys.path[:0] = [str(ROOT)]
 import accel  # noqa: E402
 from accel.eval.allocator import timing_allocator  # noqa: E402
 from accel.eval.metrics import output_array, psnr  # noqa: E402
-from accel.eval.timing import Speedup, Spread  # noqa: E402
+from accel.eval.timing import Speedup, Spread, interleaved_timings  # noqa: E402
 from accel.io import atomic_write  # noqa: E402
 from accel.methods.bac import BACConfig  # noqa: E402
 from accel.methods.delta_dit import DeltaDiTConfig  # noqa: E402
@@ -96,16 +96,14 @@ def measure(args, batch: int, allocator: str) -> dict:
         outputs[name, mode] = output_array(output)
 
     before = compilations()
-    seconds: dict[tuple[str, str], list[float]] = {row: [] for row in rows}
-    for round_index in tqdm(range(args.rounds), desc=f"batch {batch}: timed rounds"):
-        shift = round_index % len(rows)
-        for row in rows[shift:] + rows[:shift]:
-            pipe = pipes[row]
-            kwargs = reference.call_kwargs(MODEL, pipe, labels, seed=MEASURE_SEED + 1 + round_index,
-                                           num_inference_steps=args.steps)
-            started = time.perf_counter()
-            pipe(**kwargs)
-            seconds[row].append(time.perf_counter() - started)
+    def timed_call(pipe):
+        return lambda: pipe(**reference.call_kwargs(MODEL, pipe, labels, seed=MEASURE_SEED + 1,
+                                                    num_inference_steps=args.steps))
+
+    progress = tqdm(total=args.rounds, desc=f"batch {batch}: timed rounds")
+    seconds = interleaved_timings({row: timed_call(pipes[row]) for row in rows}, args.rounds, warmup=0,
+                                  rotate=True, on_round=lambda done, total: progress.update())
+    progress.close()
     compiled_during_rounds = compilations() - before
 
     results = []

@@ -13,7 +13,7 @@ caching on digits-dit (20 steps, guidance 1.5), caching × sparse attention on m
 benchmarks/feedback.py), feedback × quantization and feedback × sparse attention too, ILF at 10 steps.
 Per pair, rows R (the reference: the plain model; for ensembling, the untouched ensemble), A, B and A+B are their own
 pipeline instances with the same weights. PSNR against R on ``--samples`` samples (seeds 1000+); speed in
-``--rounds`` rounds (seeds 2000+), every row of a model once per round, order rotating, each row's first call
+``--rounds`` rounds (seed 2000), every row of a model once per round, order rotating, each row's first call
 outside the timed part; speedup = median over rounds of R's seconds / the row's seconds in the same round, with
 the spread. Two predictions for A+B: the product of A's and B's speedups, and the PSNR if A's and B's errors added
 (their mean squared errors summed; independent errors add so). BAC's schedule (calibrated on the ensemble for
@@ -28,7 +28,6 @@ import json
 import math
 import platform
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -42,7 +41,7 @@ sys.path[:0] = [str(ROOT)]
 import accel  # noqa: E402
 from accel.eval.allocator import timing_allocator  # noqa: E402
 from accel.eval.metrics import output_array  # noqa: E402
-from accel.eval.timing import Speedup  # noqa: E402
+from accel.eval.timing import Speedup, interleaved_timings  # noqa: E402
 from accel.io import atomic_write  # noqa: E402
 from accel.methods.adaspa import AdaSpaConfig  # noqa: E402
 from accel.methods.bac import BACConfig  # noqa: E402
@@ -175,14 +174,13 @@ def measure(model: str, samples: int, rounds: int, ilf_module: Path | None) -> d
     names = list(pipes)
     for name in names:  # warm-up outside the timed part
         pipes[name](**call(model, pipes[name], batch, TIMING_SEED, num_inference_steps=steps[name]))
-    seconds = {name: [] for name in names}
-    for round_index in tqdm(range(rounds), desc=f"{model}: timed rounds"):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            kwargs = call(model, pipes[name], batch, TIMING_SEED + 1 + round_index, num_inference_steps=steps[name])
-            started = time.perf_counter()
-            pipes[name](**kwargs)
-            seconds[name].append(time.perf_counter() - started)
+    def timed_call(name: str):
+        return lambda: pipes[name](**call(model, pipes[name], batch, TIMING_SEED, num_inference_steps=steps[name]))
+
+    progress = tqdm(total=rounds, desc=f"{model}: timed rounds")
+    seconds = interleaved_timings({name: timed_call(name) for name in names}, rounds, warmup=0, rotate=True,
+                                  on_round=lambda done, total: progress.update())
+    progress.close()
     def mse(name: str, against: str) -> float:
         return float(np.mean((outputs[against].astype(np.float64) - outputs[name]) ** 2))
 

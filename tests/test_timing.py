@@ -34,3 +34,11 @@ def test_eight_rounds_or_more_use_the_interquartile_range():
 def test_bad_round_counts_are_refused(rounds, warmup):
     with pytest.raises(ValueError):
         interleaved_timings({"a": lambda: None}, rounds=rounds, warmup=warmup)
+
+
+def test_rotated_rounds_start_one_entry_later_each_time():
+    ran: list[str] = []
+    calls = {name: (lambda name=name: ran.append(name)) for name in "abc"}
+    seconds = interleaved_timings(calls, rounds=3, warmup=1, rotate=True)
+    assert ran == list("abc" "bca" "cab" "abc")
+    assert {name: len(values) for name, values in seconds.items()} == {"a": 3, "b": 3, "c": 3}

@@ -25,20 +25,24 @@ IQR_FROM_ROUNDS = 8
 
 def interleaved_timings(calls: dict[str, Callable[[], Any]], rounds: int, *, warmup: int = 1,
                         on_round: Callable[[int, int], None] | None = None,
-                        keep: Callable[[str, Any], None] | None = None) -> dict[str, list[float]]:
+                        keep: Callable[[str, Any], None] | None = None,
+                        rotate: bool = False) -> dict[str, list[float]]:
     """Seconds per call of each entry of ``calls`` over ``rounds`` interleaved rounds after ``warmup`` untimed ones.
 
-    ``keep(label, output)`` receives each output of the first warm-up round (or the first round when
-    ``warmup == 0``), so quality can be measured on calls that were made anyway. ``on_round(done, total)`` reports
-    progress after every round."""
+    With ``rotate`` round k starts at the k-th entry (then wraps around), so no row always runs right after the
+    same one, or first after a pause. ``keep(label, output)`` receives each output of the first warm-up round (or
+    the first round when ``warmup == 0``), so quality can be measured on calls that were made anyway.
+    ``on_round(done, total)`` reports progress after every round."""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}.")
     if warmup < 0:
         raise ValueError(f"warmup must be 0 or more, got {warmup}.")
     seconds: dict[str, list[float]] = {label: [] for label in calls}
     total = warmup + rounds
+    order = list(calls.items())
     for index in range(total):
-        for label, call in calls.items():
+        shift = index % len(order) if rotate and order else 0
+        for label, call in order[shift:] + order[:shift]:
             started = time.perf_counter()
             output = call()
             elapsed = time.perf_counter() - started
