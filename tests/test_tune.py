@@ -50,6 +50,29 @@ def test_a_candidate_that_cannot_run_is_refused_before_any_trial():
         quick_tune(tiny.build("dit"), candidates=[[DELTA], ["adaspa", "vmoba"]])
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    ({"num_inference_steps": 0}, "num_inference_steps must be a positive integer"),
+    ({"budget_s": 0}, "budget_s must be positive"), ({"rounds": 0}, "rounds at least 1"),
+])
+def test_bad_search_settings_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        quick_tune(tiny.build("dit"), **options)
+
+
+def test_empty_inputs_are_refused():
+    with pytest.raises(ValueError, match="inputs must be a non-empty list"):
+        accel.tune(tiny.build("dit"), [], num_inference_steps=STEPS, target={"psnr": 1.0})
+
+
+def test_a_saved_result_naming_an_unknown_method_is_refused(tmp_path):
+    result = quick_tune(tiny.build("dit"), candidates=[[DELTA]])
+    result.save(tmp_path / "tuned.json")
+    text = (tmp_path / "tuned.json").read_text().replace('"method": "delta-dit"', '"method": "warp-drive"')
+    (tmp_path / "tuned.json").write_text(text)
+    with pytest.raises(ValueError, match="No registered accelerator is named 'warp-drive'"):
+        accel.TuneResult.load(tmp_path / "tuned.json")
+
+
 def test_a_wrapped_pipeline_is_refused():
     with pytest.raises(ValueError, match="unwrapped pipeline"):
         quick_tune(accel.wrap(tiny.build("dit"), DELTA))

@@ -567,7 +567,7 @@ def get_adapter(name: str) -> FamilyAdapter:
 
 logger = logging.getLogger(__name__)
 _FEED_FORWARD_NAMES = ("ff", "mlp", "feed_forward")
-_INFERRED: dict[str, FamilyAdapter] = {}  # by denoiser class name: every adapter inferred in this process
+_INFERRED: dict[type, FamilyAdapter] = {}  # by denoiser class: every adapter inferred in this process
 _LOCK = threading.Lock()
 
 
@@ -619,7 +619,7 @@ def infer_adapter(model: torch.nn.Module, pipeline_class: str) -> FamilyAdapter:
     """An adapter for ``model`` from its module tree, or ``ValueError`` naming what the tree lacks."""
     class_name = type(model).__name__
     with _LOCK:
-        known = _INFERRED.get(class_name)
+        known = _INFERRED.get(type(model))
     if known is not None:
         return known
     lists = block_lists(model)
@@ -643,7 +643,7 @@ def infer_adapter(model: torch.nn.Module, pipeline_class: str) -> FamilyAdapter:
         notes="inferred from the module tree (accel.pipelines.inferred); confirmed on the first call",
     )
     with _LOCK:
-        _INFERRED.setdefault(class_name, adapter)
+        _INFERRED.setdefault(type(model), adapter)
     logger.warning("accel: no adapter is declared for %s; inferred one from its module tree: blocks %s. Only the "
                    "methods that need nothing more apply (Δ-DiT, BAC, the sparse attention methods); the first call "
                    "checks the blocks' calls.", class_name, ", ".join(group.pattern for group in groups))
