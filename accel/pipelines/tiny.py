@@ -260,6 +260,9 @@ FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 
 VIDEO_FAMILIES: frozenset[str] = frozenset({"wan", "wan2.2", "cogvideox", "hunyuan-video"})
 
+# Families whose text encoder cannot be built offline: their pipelines have none and callers pass prompt_embeds.
+PROMPT_EMBEDS_FAMILIES: frozenset[str] = frozenset({"hunyuan-video"})
+
 
 def _check_family(family: str) -> None:
     if family not in _BUILDERS:
