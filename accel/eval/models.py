@@ -83,7 +83,8 @@ def load_model(name: str) -> ModelHandle:
                  if k not in ("num_inference_steps", "guidance_scale", "generator", "output_type", "prompt",
                               "class_labels", "prompt_embeds", "negative_prompt_embeds")}
         # tiny hunyuan-video has no text encoder: it takes prompt_embeds only (accel-run can, accel-eval cannot)
-        conditioning = "prompt_embeds" if family in tiny.PROMPT_EMBEDS_FAMILIES else adapter_for(tiny.build(family)).conditioning
+        conditioning = ("prompt_embeds" if family in tiny.PROMPT_EMBEDS_FAMILIES
+                        else adapter_for(tiny.build(family)).conditioning)
         return ModelHandle(name, lambda: tiny.build(family), conditioning, family in tiny.VIDEO_FAMILIES,
                            example["num_inference_steps"], example.get("guidance_scale", 4.0),
                            10 if conditioning == "class" else None, False, extra,

@@ -29,7 +29,7 @@ Departures from the paper (measurements: ``docs/methods/hierarchical_prune.md``)
 from .analysis import ContributionReport, analyze_contributions
 from .distillation import DistillationSettings
 from .pruning import prune
-from .surgery import ZeroBranch, load_pruned
+from .surgery import FAMILIES, ZeroBranch, load_pruned
 
-__all__ = ["ContributionReport", "DistillationSettings", "ZeroBranch", "analyze_contributions", "load_pruned",
-           "prune"]
+__all__ = ["FAMILIES", "ContributionReport", "DistillationSettings", "ZeroBranch", "analyze_contributions",
+           "load_pruned", "prune"]

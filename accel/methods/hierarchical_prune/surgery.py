@@ -18,7 +18,10 @@ from pathlib import Path
 
 import torch
 
-from accel.pipelines.adapters import BlockInfo, FamilyAdapter, adapter_for, adapter_for_model
+from accel.pipelines.adapters import ADAPTERS, BlockInfo, FamilyAdapter, adapter_for, adapter_for_model
+
+# The families whose denoiser is one chain of blocks; a U-Net's stages sit between its transformer blocks.
+FAMILIES = tuple(adapter.name for adapter in ADAPTERS if adapter.sequential_blocks)
 
 # The config key that counts the blocks of each block list (diffusers 0.42 transformer classes).
 LAYER_COUNT_KEYS = {"transformer_blocks": "num_layers", "blocks": "num_layers",
