@@ -94,6 +94,25 @@ def test_attention_with_lse_and_block_mass():
     torch.testing.assert_close(mass[1, 2, 1, 3], probs[1, 2, 16:32, 48:64].sum() / 16, atol=1e-5, rtol=1e-5)
 
 
+def test_sampled_block_mass_is_the_exact_mass_of_its_rows():
+    q, k, v, _, _, block = random_case(4)  # 5 query blocks of 16 (the last ragged), 6 key blocks
+    text = torch.randn(2, 3, 7, 24)
+    mass, text_mass = kernels.sampled_block_mass(q, k, block, rows_per_block=4, extra_keys=text, chunk=3)
+    assert mass.shape == (2, 3, 5, 6) and text_mass.shape == (2, 3, 5)
+    torch.testing.assert_close(mass.sum(-1) + text_mass, torch.ones(2, 3, 5), atol=1e-5, rtol=1e-5)
+    probs = torch.softmax((q @ torch.cat([k, text], 2).transpose(-1, -2)) / math.sqrt(24), -1)
+    rows = torch.tensor([18, 22, 26, 30])  # block 1: offsets 2, 6, 10, 14
+    torch.testing.assert_close(mass[1, 2, 1, 3], probs[1, 2, rows, 48:64].sum(-1).mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(text_mass[0, 1, 1], probs[0, 1, rows, k.shape[2]:].sum(-1).mean(), atol=1e-5,
+                               rtol=1e-5)
+    # Every row of every block sampled: the exact block mass (the ragged last block's rows repeat its last row).
+    _, lse = kernels.attention_with_lse(q[:, :, :64], k, v)
+    exact = kernels.block_mass(q[:, :, :64], k, lse, block_size=block)
+    full, none = kernels.sampled_block_mass(q[:, :, :64], k, block, rows_per_block=block)
+    assert none is None
+    torch.testing.assert_close(full, exact, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("change, match", [
     (lambda a: {**a, "q": a["q"].double()}, "accepted: float16"),
     (lambda a: {**a, "q": a["q"][0]}, "4-D tensor"),

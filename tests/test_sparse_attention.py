@@ -52,7 +52,7 @@ class TestAdaSpa(SparseInputs, AcceleratorTesterMixin):
     families = FAMILIES
 
     def make_config(self):
-        return AdaSpaConfig(sparsity=0.5, block_size=16)
+        return AdaSpaConfig(sparsity=0.5, block_size=16, search_rows=4)
 
 
 class TestVMoBA(SparseInputs, AcceleratorTesterMixin):
@@ -178,7 +178,7 @@ class _Recorder:
 
 
 def test_adaspa_schedule_dense_search_sparse_research():
-    config = AdaSpaConfig(sparsity=0.6, warmup=0.2, research=(0.6,), block_size=16)
+    config = AdaSpaConfig(sparsity=0.6, warmup=0.2, research=(0.6,), block_size=16, search_rows=None)  # the paper's
     state, searches = sparse.CallReport({}), BranchStates(dict)
     scope = _Recorder()
     attention = AdaSpaAttention(scope, state, searches, config, "transformer", "blocks.0.attn1")
@@ -199,6 +199,51 @@ def test_adaspa_schedule_dense_search_sparse_research():
     searched = searches.get(call.step)["blocks.0.attn1"]  # the state of the call's denoiser and CFG branch
     assert searched.step == 6
     assert not torch.allclose(output, call.dense(), atol=1e-3)
+
+
+def test_adaspa_sampled_search_runs_sparse_and_measures_against_the_oracle():
+    config = AdaSpaConfig(sparsity=0.6, warmup=0.2, research=(0.6,), block_size=16, search_rows=4, measure_recall=True)
+    state, searches = sparse.CallReport({}), BranchStates(dict)
+    scope = _Recorder()
+    attention = AdaSpaAttention(scope, state, searches, config, "transformer", "blocks.0.attn1")
+    outputs = []
+    for step in range(10):
+        call = make_call(VIDEO, "self_attn", step=step, num_steps=10, seed=step)
+        outputs.append((call, attention(call)))
+    assert scope.densities[:2] == [1.0, 1.0] and all(d < 1.0 for d in scope.densities[2:])  # the search step too
+    assert scope.densities[2] > scope.densities[3]  # it pays for the sampled rows' scores
+    entries = state.report["layers"]["blocks.0.attn1"]
+    assert [(e["step"], e["exact"]) for e in entries] == [(2, False), (6, False)]
+    assert "changed" not in entries[0] and 0.0 <= entries[1]["changed"] <= 1.0
+    searched = searches.get(outputs[2][0].step)["blocks.0.attn1"]
+    assert searched.lse is None and searched.step == 6
+    call, output = outputs[7]  # after the re-search: the block-sparse attention of the stored selection
+    split = sparse.token_split(call)
+    expected = sparse.sparse_attention(call, split, searched.index, searched.count, 16)
+    torch.testing.assert_close(output, expected, atol=1e-6, rtol=1e-6)
+    measured = state.report["recall"]["blocks.0.attn1"]
+    assert [e["step"] for e in measured] == list(range(2, 10))
+    assert [e["searched"] for e in measured] == [s in (2, 6) for s in range(2, 10)]
+    for entry in measured:
+        for kept, best in zip(entry["recall_per_head"], entry["oracle_recall_per_head"]):
+            assert 0.0 < kept <= best + 1e-4 <= 1.0 + 2e-4  # no selection of that size keeps more than the oracle
+
+
+def test_measured_recall_of_the_oracle_selection_is_the_oracle():
+    call = make_call(TokenLayout(3, 4, 6, text_tokens=5, text_position="last"), "joint_attn")
+    split = sparse.token_split(call)
+    _, lse = sparse.dense_with_lse(call)
+    q_image, k_image, _ = sparse.image_parts(call, split)
+    from accel.kernels import block_mass
+
+    mass = block_mass(q_image, k_image, lse[:, :, split.image], 16)
+    index, count = kernels.top_k_selection(mass, torch.tensor([2, 3]))
+    kept, oracle = sparse.measured_recall(call, split, index, count, 16)
+    torch.testing.assert_close(kept, oracle, atol=1e-5, rtol=0)
+    worst, _ = kernels.top_k_selection(-mass, torch.tensor([2, 3]))
+    kept_worst, oracle_again = sparse.measured_recall(call, split, worst, count, 16)
+    assert (kept_worst < oracle_again - 1e-3).all()
+    torch.testing.assert_close(oracle_again, oracle)
 
 
 def test_adaspa_at_zero_sparsity_equals_dense():

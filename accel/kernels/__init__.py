@@ -1,10 +1,10 @@
 """Shared attention kernels: block-sparse flash attention with LSE (Triton on CUDA, PyTorch elsewhere), dense
-attention with LSE, the block-mass pass that sparse-attention searches use (``accel.kernels.block_sparse``), and
-block selections with their recall (``accel.kernels.selection``). ``accel.kernels.triton_backend`` holds the Triton
-kernel itself (imports ``triton``)."""
+attention with LSE, the block-mass passes that sparse-attention searches use, exact or from sampled rows
+(``accel.kernels.block_sparse``), and block selections with their recall (``accel.kernels.selection``).
+``accel.kernels.triton_backend`` holds the Triton kernel itself (imports ``triton``)."""
 
-from .block_sparse import attention_with_lse, block_mass, block_sparse_attention
+from .block_sparse import attention_with_lse, block_mass, block_sparse_attention, sampled_block_mass
 from .selection import mask_from_selection, recall, selected_key_tokens, selection_from_mask, top_k_selection
 
 __all__ = ["attention_with_lse", "block_mass", "block_sparse_attention", "mask_from_selection", "recall",
-           "selected_key_tokens", "selection_from_mask", "top_k_selection"]
+           "sampled_block_mass", "selected_key_tokens", "selection_from_mask", "top_k_selection"]

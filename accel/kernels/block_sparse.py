@@ -197,3 +197,45 @@ def block_mass(q, k, lse, block_size: int = 64, scale: float | None = None, chun
         mass.index_add_(2, rows, per_key_block)
     rows_per_block = torch.bincount(torch.arange(q_len, device=q.device) // block_size, minlength=q_blocks)
     return mass / rows_per_block.view(1, 1, -1, 1).float()
+
+
+def sampled_rows(q_len: int, block_size: int, rows_per_block: int, device=None) -> torch.Tensor:
+    """``rows_per_block`` evenly spaced row indices in every query block of ``block_size`` rows (the ragged last
+    block's clamped into the sequence) -> [num_q_blocks * rows_per_block], block by block."""
+    q_blocks = math.ceil(q_len / block_size)
+    offsets = (torch.arange(rows_per_block, device=device) * block_size + block_size // 2) // rows_per_block
+    rows = torch.arange(q_blocks, device=device)[:, None] * block_size + offsets
+    return rows.clamp_max(q_len - 1).flatten()
+
+
+def sampled_block_mass(q, k, block_size: int, rows_per_block: int, scale: float | None = None,
+                       extra_keys: torch.Tensor | None = None, chunk: int = 1024):
+    """Block mass estimated from ``rows_per_block`` sampled rows of every query block, each with its exact LSE.
+
+    The rows' scores against every key (``k`` and, if given, ``extra_keys`` such as joint attention's text tokens)
+    give their exact LSE and attention probabilities in one pass; a (query block, key block)'s mass is the mean over
+    its sampled rows of the probabilities summed over the key block. Costs ``rows_per_block / block_size`` of the
+    score matrix and no value product. Returns (mass [B, H, num_q_blocks, num_k_blocks], extra [B, H, num_q_blocks]:
+    each query block's mean mass on ``extra_keys``, or None).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    batch, heads, q_len, _ = q.shape
+    k_len = k.shape[2]
+    q_blocks, k_blocks = math.ceil(q_len / block_size), math.ceil(k_len / block_size)
+    rows = sampled_rows(q_len, block_size, rows_per_block, q.device)
+    keys = k.float()
+    if extra_keys is not None:
+        keys = torch.cat([keys, extra_keys.float()], dim=2)
+    pad = k_blocks * block_size - k_len
+    mass = torch.empty(batch, heads, rows.numel(), k_blocks, dtype=torch.float32, device=q.device)
+    extra = torch.empty(batch, heads, rows.numel(), dtype=torch.float32, device=q.device)
+    for start in range(0, rows.numel(), chunk):
+        stop = min(rows.numel(), start + chunk)
+        queries = q[:, :, rows[start:stop]].float()
+        probs = torch.softmax(torch.matmul(queries, keys.transpose(-1, -2)) * scale, dim=-1)
+        image = torch.nn.functional.pad(probs[..., :k_len], (0, pad))
+        mass[:, :, start:stop] = image.view(batch, heads, stop - start, k_blocks, block_size).sum(-1)
+        extra[:, :, start:stop] = probs[..., k_len:].sum(-1)
+    mass = mass.view(batch, heads, q_blocks, rows_per_block, k_blocks).mean(3)
+    extra = extra.view(batch, heads, q_blocks, rows_per_block).mean(3)
+    return mass, (extra if extra_keys is not None else None)

@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from accel.attention import AttentionCall
-from accel.kernels import attention_with_lse, block_sparse_attention, selected_key_tokens
+from accel.kernels import (
+    attention_with_lse,
+    block_mass,
+    block_sparse_attention,
+    mask_from_selection,
+    recall,
+    selected_key_tokens,
+)
 
 
 @dataclass(frozen=True)
@@ -127,3 +134,24 @@ def sparse_attention(call: AttentionCall, split: TokenSplit, kv_block_index, kv_
     text_rows = F.scaled_dot_product_attention(call.query[:, :, split.text], call.key, call.value, scale=call.scale)
     pieces = [text_rows, image_out] if split.text.start == 0 else [image_out, text_rows]
     return torch.cat(pieces, dim=2)
+
+
+def measured_recall(call: AttentionCall, split: TokenSplit, kv_block_index, kv_block_count, block_size: int,
+                    order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head: the attention mass a selection keeps, and the most any selection with the same number of key blocks
+    in each query-block row keeps (the oracle's: each row's heaviest blocks), text tokens' mass included in both.
+    Costs a dense pass and a block-mass pass: for measurement only."""
+    _, lse = dense_with_lse(call)
+    q_image, k_image, _ = image_parts(call, split, order)
+    image_lse = lse[:, :, split.image]
+    if order is not None:
+        image_lse = image_lse.index_select(2, order)
+    mass = block_mass(q_image, k_image, image_lse, block_size, scale=call.scale)
+    text_mass = (1 - mass.sum(-1)).clamp_min(0) if split.text is not None else None
+    kept = recall(mass, mask_from_selection(kv_block_index, kv_block_count, mass.shape[-1]), text_mass)
+    heaviest_first = torch.cumsum(torch.sort(mass, dim=-1, descending=True).values, dim=-1)
+    count = kv_block_count.long()
+    best = heaviest_first.gather(-1, (count - 1).clamp_min(0)[..., None])[..., 0] * (count > 0)
+    if text_mass is not None:
+        best = best + text_mass
+    return kept, best.mean(dim=(0, 2))

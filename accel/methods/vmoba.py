@@ -36,7 +36,7 @@ import torch
 from accel.attention import AttentionCall
 from accel.config import AccelConfig, check_block_size, check_bool, check_float, check_int
 from accel.hooks import MethodScope
-from accel.kernels import block_mass, recall, selection_from_mask
+from accel.kernels import selection_from_mask
 from accel.pipelines.adapters import ADAPTERS
 from accel.registry import register_accelerator
 
@@ -66,7 +66,8 @@ class VMoBAConfig(AccelConfig):
         spatial_blocks: (rows, columns) of tiles in the 2D partition.
         cube_blocks: (frames, rows, columns) splits of the 3D partition.
         block_size: largest kernel block, in tokens (a power of two from 16 to 1024).
-        measure_recall: also run a dense pass per sparse call to report the attention mass kept.
+        measure_recall: also run a dense pass per sparse call to report the attention mass kept, and the most any
+            selection with the same number of key blocks per query block could keep (the oracle's).
     """
 
     method = "vmoba"
@@ -185,19 +186,12 @@ class VMoBAAttention:
             "density_per_head": [round(float(d), 4) for d in selected.float().mean(dim=(0, 2, 3))],
         }
         if self.config.measure_recall:
-            kept = self._recall(call, split, order, selected, partition.kernel_block)
+            kept, oracle = sparse.measured_recall(call, split, index, count, partition.kernel_block, order=order)
             entry["recall_per_head"] = [round(float(r), 4) for r in kept]
+            entry["oracle_recall_per_head"] = [round(float(r), 4) for r in oracle]
         self.state.report.setdefault("layers", {}).setdefault(self.name, []).append(entry)
         self.scope.record_attention_density(density)
         return sparse.sparse_attention(call, split, index, count, partition.kernel_block, order=order)
-
-    def _recall(self, call, split, order, selected, block: int) -> torch.Tensor:
-        _, lse = sparse.dense_with_lse(call)
-        q_image, k_image, _ = sparse.image_parts(call, split, order)
-        image_lse = lse[:, :, split.image].index_select(2, order)
-        mass = block_mass(q_image, k_image, image_lse, block, scale=call.scale)
-        text_mass = (1 - mass.sum(-1)).clamp_min(0) if split.text is not None else None
-        return recall(mass, selected, text_mass)
 
 
 def apply_vmoba(scope: MethodScope, config: VMoBAConfig) -> None:
