@@ -416,7 +416,7 @@ def test_torch_compile_still_runs():
 
 
 @pytest.mark.parametrize("family", ["dit", "pixart-alpha", "pixart-sigma", "wan", "wan2.2", "sd15", "sdxl",
-                                    "skyreels-v2", "ltx-video"])
+                                    "skyreels-v2", "ltx-video", "allegro"])
 @pytest.mark.parametrize("forecast", [0, 1])
 def test_blocks_whose_branches_are_all_reused_do_not_run_and_give_the_same_output(family, forecast):
     # Uncalibrated, every branch on one schedule. Without the forecast, budget 0.5 of 3 steps: steps 0 and 2 update,

@@ -86,6 +86,7 @@ def test_wan22_switches_experts_and_keeps_counting_steps():
         ("wan", (2, 1, 1, 32, None)),
         ("skyreels-v2", (2, 1, 1, 32, None)),
         ("ltx-video", (3, 2, 2, 32, None)),
+        ("allegro", (3, 4, 4, 32, None)),
         ("cogvideox", (3, 2, 2, 32, "first")),
         ("hunyuan-video", (2, 2, 2, 8, "last")),
         ("sd15", (1, 8, 8, 77, None)),

@@ -209,6 +209,15 @@ def _ltx_layout(model, args, kwargs) -> TokenLayout:
     return TokenLayout(int(grid[0]) // p_t, int(grid[1]) // p, int(grid[2]) // p, text_tokens)
 
 
+def _allegro_layout(model, args, kwargs) -> TokenLayout:
+    # AllegroPipeline passes the text as [B, 1, S, D] (the transformer flattens it to [B, S, D] for the blocks).
+    layout = _video_layout(channels_first=True)(model, args, kwargs)
+    text = _arg(args, kwargs, "encoder_hidden_states", 1)
+    if isinstance(text, torch.Tensor) and text.ndim == 4:
+        return TokenLayout(layout.frames, layout.height, layout.width, int(text.shape[-2]))
+    return layout
+
+
 def _unet_layout(model, args, kwargs) -> TokenLayout:
     sample = _arg(args, kwargs, "sample", 0)
     text = _arg(args, kwargs, "encoder_hidden_states", 2)
@@ -384,7 +393,20 @@ def _ltx_block_combine(block, args, kwargs, outputs: dict[str, torch.Tensor],
     return hidden + outputs["ff"] * gate_mlp
 
 
+def _allegro_block_combine(block, args, kwargs, outputs: dict[str, torch.Tensor],
+                           owned: frozenset[str] = frozenset()) -> torch.Tensor:
+    hidden = _arg(args, kwargs, "hidden_states", 0)
+    temb = _arg(args, kwargs, "temb", 2)
+    chunks = (block.scale_shift_table[None] + temb.reshape(hidden.shape[0], 6, -1)).chunk(6, dim=1)
+    hidden = chunks[2] * outputs["self_attn"] + hidden
+    if "cross_attn" in outputs:
+        hidden = outputs["cross_attn"] + hidden
+    return chunks[5] * outputs["ff"] + hidden
+
+
 BASIC_BLOCK_RULE = ResidualRule(_basic_block_covers, _basic_block_combine)
+ALLEGRO_BLOCK_RULE = ResidualRule(lambda block, args, kwargs: _arg(args, kwargs, "hidden_states", 0).ndim == 3,
+                                  _allegro_block_combine)
 LTX_BLOCK_RULE = ResidualRule(lambda block, args, kwargs: True, _ltx_block_combine)
 WAN_BLOCK_RULE = ResidualRule(lambda block, args, kwargs: True, _wan_block_combine)
 # SkyReels-V2's block is Wan's, but its 4-D temb (diffusion forcing) is laid out [batch, 6, tokens, dim], not Wan
@@ -504,6 +526,19 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         video=True,
         notes="AdaLN-single (one shared time_embed plus a per-block scale_shift_table); packed [B, S, C] tokens, the "
               "latent grid passed as num_frames / height / width; cross-attention to T5 text.",
+    ),
+    FamilyAdapter(
+        name="allegro",
+        denoiser_classes=("AllegroTransformer3DModel",),
+        pipeline_classes=("AllegroPipeline",),
+        block_groups=(BlockGroup("transformer_blocks.*", _DIT_BRANCHES, residual_rule=ALLEGRO_BLOCK_RULE),),
+        modulation=("adaln_single", "adaln_single.*"),
+        token_layout=_allegro_layout,
+        cfg="batched",
+        cfg_batch_order=("uncond", "cond"),
+        video=True,
+        notes="PixArt-style blocks over video tokens: AdaLN-single plus per-block scale_shift_table, cross-attention "
+              "to T5 text, 3-D RoPE on self-attention.",
     ),
     FamilyAdapter(
         name="cogvideox",
