@@ -122,7 +122,8 @@ def _record_blocks_and_branches(pipe, adapter, call):
     return seen
 
 
-RULED_FAMILIES = ("dit", "pixart-alpha", "pixart-sigma", "wan", "wan2.2", "sd15", "sdxl")
+RULED_FAMILIES = ("dit", "pixart-alpha", "pixart-sigma", "wan", "wan2.2", "sd15", "sdxl", "skyreels-v2", "ltx-video",
+                  "allegro")
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)

@@ -415,7 +415,8 @@ def test_torch_compile_still_runs():
     assert accel.summary(pipe).branches_computed_share < 1.0
 
 
-@pytest.mark.parametrize("family", ["dit", "pixart-alpha", "pixart-sigma", "wan", "wan2.2", "sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["dit", "pixart-alpha", "pixart-sigma", "wan", "wan2.2", "sd15", "sdxl",
+                                    "skyreels-v2", "ltx-video", "allegro"])
 @pytest.mark.parametrize("forecast", [0, 1])
 def test_blocks_whose_branches_are_all_reused_do_not_run_and_give_the_same_output(family, forecast):
     # Uncalibrated, every branch on one schedule. Without the forecast, budget 0.5 of 3 steps: steps 0 and 2 update,

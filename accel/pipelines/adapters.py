@@ -197,6 +197,27 @@ def _video_layout(channels_first: bool, text_position=None):
     return layout
 
 
+def _ltx_layout(model, args, kwargs) -> TokenLayout:
+    # LTX packs latents into [B, S, C] (frame-major) and passes the latent grid as num_frames / height / width.
+    hidden_states = _arg(args, kwargs, "hidden_states", 0)
+    text = _arg(args, kwargs, "encoder_hidden_states", 1)
+    text_tokens = int(text.shape[1]) if isinstance(text, torch.Tensor) and text.ndim == 3 else 0
+    grid = [kwargs.get(name) for name in ("num_frames", "height", "width")]
+    if any(value is None for value in grid):  # called with video_coords only: one row of tokens
+        return TokenLayout(1, 1, int(hidden_states.shape[1]), text_tokens)
+    p_t, p = int(model.config.patch_size_t or 1), int(model.config.patch_size or 1)
+    return TokenLayout(int(grid[0]) // p_t, int(grid[1]) // p, int(grid[2]) // p, text_tokens)
+
+
+def _allegro_layout(model, args, kwargs) -> TokenLayout:
+    # AllegroPipeline passes the text as [B, 1, S, D] (the transformer flattens it to [B, S, D] for the blocks).
+    layout = _video_layout(channels_first=True)(model, args, kwargs)
+    text = _arg(args, kwargs, "encoder_hidden_states", 1)
+    if isinstance(text, torch.Tensor) and text.ndim == 4:
+        return TokenLayout(layout.frames, layout.height, layout.width, int(text.shape[-2]))
+    return layout
+
+
 def _unet_layout(model, args, kwargs) -> TokenLayout:
     sample = _arg(args, kwargs, "sample", 0)
     text = _arg(args, kwargs, "encoder_hidden_states", 2)
@@ -358,8 +379,40 @@ def _wan_block_combine(block, args, kwargs, outputs: dict[str, torch.Tensor],
     return (hidden.float() + outputs["ff"].float() * c_gate_msa).type_as(hidden)
 
 
+def _ltx_block_combine(block, args, kwargs, outputs: dict[str, torch.Tensor],
+                       owned: frozenset[str] = frozenset()) -> torch.Tensor:
+    hidden = _arg(args, kwargs, "hidden_states", 0)
+    temb = _arg(args, kwargs, "temb", 2)
+    num_ada_params = block.scale_shift_table.shape[0]
+    ada_values = block.scale_shift_table[None, None].to(temb.device) + temb.reshape(
+        hidden.size(0), temb.size(1), num_ada_params, -1
+    )
+    gate_msa, gate_mlp = ada_values.unbind(dim=2)[2::3]
+    hidden = hidden + outputs["self_attn"] * gate_msa
+    hidden = hidden + outputs["cross_attn"]
+    return hidden + outputs["ff"] * gate_mlp
+
+
+def _allegro_block_combine(block, args, kwargs, outputs: dict[str, torch.Tensor],
+                           owned: frozenset[str] = frozenset()) -> torch.Tensor:
+    hidden = _arg(args, kwargs, "hidden_states", 0)
+    temb = _arg(args, kwargs, "temb", 2)
+    chunks = (block.scale_shift_table[None] + temb.reshape(hidden.shape[0], 6, -1)).chunk(6, dim=1)
+    hidden = chunks[2] * outputs["self_attn"] + hidden
+    if "cross_attn" in outputs:
+        hidden = outputs["cross_attn"] + hidden
+    return chunks[5] * outputs["ff"] + hidden
+
+
 BASIC_BLOCK_RULE = ResidualRule(_basic_block_covers, _basic_block_combine)
+ALLEGRO_BLOCK_RULE = ResidualRule(lambda block, args, kwargs: _arg(args, kwargs, "hidden_states", 0).ndim == 3,
+                                  _allegro_block_combine)
+LTX_BLOCK_RULE = ResidualRule(lambda block, args, kwargs: True, _ltx_block_combine)
 WAN_BLOCK_RULE = ResidualRule(lambda block, args, kwargs: True, _wan_block_combine)
+# SkyReels-V2's block is Wan's, but its 4-D temb (diffusion forcing) is laid out [batch, 6, tokens, dim], not Wan
+# 2.2's [batch, tokens, 6, dim]: the rule covers the per-sample modulation of the text-to-video pipeline only.
+SKYREELS_BLOCK_RULE = ResidualRule(lambda block, args, kwargs: _arg(args, kwargs, "temb", 2).ndim == 3,
+                                   _wan_block_combine)
 
 _DIT_BRANCHES = {"self_attn": "attn1", "cross_attn": "attn2", "ff": "ff"}
 _MMDIT_BRANCHES = {"joint_attn": "attn", "ff": "ff", "ff_context": "ff_context"}
@@ -443,6 +496,49 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         cfg="separate",
         video=True,
         notes="Wan 2.2 A14B has two experts (transformer, transformer_2); per-block scale_shift_table parameters.",
+    ),
+    FamilyAdapter(
+        name="skyreels-v2",
+        denoiser_classes=("SkyReelsV2Transformer3DModel",),
+        pipeline_classes=("SkyReelsV2Pipeline",),
+        block_groups=(
+            BlockGroup(
+                "blocks.*", {"self_attn": "attn1", "cross_attn": "attn2", "ff": "ffn"},
+                residual_rule=SKYREELS_BLOCK_RULE,
+            ),
+        ),
+        modulation=("condition_embedder.time_embedder*", "condition_embedder.time_proj", "fps_projection*"),
+        token_layout=_video_layout(channels_first=True),
+        cfg="separate",
+        video=True,
+        notes="Wan's architecture (per-block scale_shift_table, cross-attention to UMT5 text); cond and uncond run "
+              "in separate calls; the diffusion-forcing pipelines' per-frame timesteps are not declared.",
+    ),
+    FamilyAdapter(
+        name="ltx-video",
+        denoiser_classes=("LTXVideoTransformer3DModel",),
+        pipeline_classes=("LTXPipeline",),
+        block_groups=(BlockGroup("transformer_blocks.*", _DIT_BRANCHES, residual_rule=LTX_BLOCK_RULE),),
+        modulation=("time_embed", "time_embed.*"),
+        token_layout=_ltx_layout,
+        cfg="batched",
+        cfg_batch_order=("uncond", "cond"),
+        video=True,
+        notes="AdaLN-single (one shared time_embed plus a per-block scale_shift_table); packed [B, S, C] tokens, the "
+              "latent grid passed as num_frames / height / width; cross-attention to T5 text.",
+    ),
+    FamilyAdapter(
+        name="allegro",
+        denoiser_classes=("AllegroTransformer3DModel",),
+        pipeline_classes=("AllegroPipeline",),
+        block_groups=(BlockGroup("transformer_blocks.*", _DIT_BRANCHES, residual_rule=ALLEGRO_BLOCK_RULE),),
+        modulation=("adaln_single", "adaln_single.*"),
+        token_layout=_allegro_layout,
+        cfg="batched",
+        cfg_batch_order=("uncond", "cond"),
+        video=True,
+        notes="PixArt-style blocks over video tokens: AdaLN-single plus per-block scale_shift_table, cross-attention "
+              "to T5 text, 3-D RoPE on self-attention.",
     ),
     FamilyAdapter(
         name="cogvideox",

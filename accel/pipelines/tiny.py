@@ -159,6 +159,88 @@ def _build_wan(two_stage: bool = False):
     )
 
 
+def _build_skyreels_v2():
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        SkyReelsV2Pipeline,
+        SkyReelsV2Transformer3DModel,
+    )
+
+    transformer = SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=_TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    )
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    # The checkpoints ship UniPCMultistepScheduler(prediction_type="flow_prediction", flow_shift=8.0); the
+    # flow-matching Euler scheduler with that shift is one accel.train_aggregator knows the training noise of (as Wan).
+    return SkyReelsV2Pipeline(
+        tokenizer=t5_tokenizer(), text_encoder=_umt5_encoder(), vae=vae, transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=8.0),
+    )
+
+
+def _build_ltx_video():
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
+
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, num_layers=2, caption_channels=_TEXT_DIM,
+    )
+    # One block each way: patch 8 and one spatio-temporal rescaling compress 16x in space and 2x in time, and the
+    # decoder (configured apart from the encoder) undoes exactly that, so 5 frames of 32x32 are 3 x 2 x 2 latents.
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8,), decoder_block_out_channels=(8,),
+        layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True,),
+        decoder_spatio_temporal_scaling=(True,), decoder_inject_noise=(False, False), downsample_type=("conv",),
+        upsample_residual=(False,), upsample_factor=(1,), down_block_types=("LTXVideoDownBlock3D",), patch_size=8,
+        patch_size_t=1,
+    )
+    return LTXPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=_t5_encoder(), tokenizer=t5_tokenizer(),
+        transformer=transformer,
+    )
+
+
+def _build_allegro():
+    from diffusers import (
+        AllegroPipeline,
+        AllegroTransformer3DModel,
+        AutoencoderKLAllegro,
+        EulerAncestralDiscreteScheduler,
+    )
+
+    transformer = AllegroTransformer3DModel(
+        patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        num_layers=2, cross_attention_dim=24, sample_height=8, sample_width=8, sample_frames=3,
+        caption_channels=_TEXT_DIM,
+    )
+    # Two blocks: 2x in space, 2x in time (one temporal up-sampling doubles the frames), so 5 frames of 16x16 are
+    # 3 x 8 x 8 latents. The Allegro VAE decodes by tiles only, of a shape its __init__ fixes (24 frames, sample_size
+    # pixels, overlaps of 8 frames and 120 / 80 pixels) and one sample at a time (so slicing, for batches): a tile here
+    # is one latent frame of 16x16 pixels, 8 apart.
+    vae = AutoencoderKLAllegro(
+        down_block_types=("AllegroDownBlock3D",) * 2, up_block_types=("AllegroUpBlock3D",) * 2,
+        block_out_channels=(8, 8), temporal_downsample_blocks=(True, False), temporal_upsample_blocks=(True, False),
+        latent_channels=4, layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=2, sample_size=16,
+    )
+    vae.enable_tiling()
+    vae.enable_slicing()
+    vae.kernel, vae.stride = (2, 16, 16), (2, 8, 8)
+    return AllegroPipeline(
+        tokenizer=t5_tokenizer(), text_encoder=_t5_encoder(), vae=vae, transformer=transformer,
+        scheduler=EulerAncestralDiscreteScheduler(),
+    )
+
+
 def _build_cogvideox():
     from diffusers import (
         AutoencoderKLCogVideoX,
@@ -251,6 +333,9 @@ _BUILDERS: dict[str, Callable[..., Any]] = {
     "wan": _build_wan,
     "wan2.2": lambda: _build_wan(two_stage=True),
     "cogvideox": _build_cogvideox,
+    "skyreels-v2": _build_skyreels_v2,
+    "ltx-video": _build_ltx_video,
+    "allegro": _build_allegro,
     "hunyuan-video": _build_hunyuan_video,
     "sd15": _build_sd15,
     "sdxl": _build_sdxl,
@@ -258,7 +343,9 @@ _BUILDERS: dict[str, Callable[..., Any]] = {
 
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 
-VIDEO_FAMILIES: frozenset[str] = frozenset({"wan", "wan2.2", "cogvideox", "hunyuan-video"})
+VIDEO_FAMILIES: frozenset[str] = frozenset({
+    "wan", "wan2.2", "cogvideox", "hunyuan-video", "skyreels-v2", "ltx-video", "allegro",
+})
 
 # Families whose text encoder cannot be built offline: their pipelines have none and callers pass prompt_embeds.
 PROMPT_EMBEDS_FAMILIES: frozenset[str] = frozenset({"hunyuan-video"})
@@ -312,9 +399,16 @@ def example_inputs(
         return {**kwargs, "prompt": prompts[:batch_size], "height": size or 8, "width": size or 8,
                 "max_sequence_length": 32, "negative_prompt": ["blurry"] * batch_size,
                 "true_cfg_scale": 4.0 if guidance else 1.0}
-    if family in ("wan", "wan2.2"):
+    if family in ("wan", "wan2.2", "skyreels-v2"):
         return {**kwargs, "prompt": prompts[:batch_size], "height": size or 16, "width": size or 16,
                 "num_frames": num_frames or 5, "guidance_scale": 5.0 if guidance else 1.0, "max_sequence_length": 32}
+    if family == "ltx-video":  # LTXPipeline takes sizes in multiples of 32 only
+        return {**kwargs, "prompt": prompts[:batch_size], "height": size or 32, "width": size or 32,
+                "num_frames": num_frames or 5, "guidance_scale": 3.0 if guidance else 1.0, "max_sequence_length": 32}
+    if family == "allegro":
+        return {**kwargs, "prompt": prompts[:batch_size], "height": size or 16, "width": size or 16,
+                "num_frames": num_frames or 5, "guidance_scale": 7.5 if guidance else 1.0, "max_sequence_length": 32,
+                "clean_caption": False}
     if family == "cogvideox":
         return {**kwargs, "prompt": prompts[:batch_size], "height": size or 32, "width": size or 32,
                 "num_frames": num_frames or 9, "guidance_scale": 6.0 if guidance else 1.0, "max_sequence_length": 32}
