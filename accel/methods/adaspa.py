@@ -48,8 +48,10 @@ from . import sparse_tokens as sparse
 
 RECALL_BAR = 0.8  # heads whose recall at the target sparsity exceeds this count towards n
 
-# The DiT families: a U-Net attends at several resolutions, none of which the token layout describes.
-FAMILIES = tuple(adapter.name for adapter in ADAPTERS if adapter.sequential_blocks)
+# The DiT families: a U-Net attends at several resolutions, none of which the token layout describes. Sana's
+# self-attention is linear (no softmax, no SDPA call) and its only SDPA attention is cross-attention, which stays
+# dense: there is nothing to make sparse.
+FAMILIES = tuple(adapter.name for adapter in ADAPTERS if adapter.sequential_blocks and adapter.name != "sana")
 
 
 @dataclasses.dataclass

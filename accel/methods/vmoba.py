@@ -51,8 +51,10 @@ def _check_splits(name: str, value, length: int) -> None:
     for count in value:
         check_int(name, count, minimum=1)
 
-# The DiT families: a U-Net attends at several resolutions, none of which the token layout describes.
-FAMILIES = tuple(adapter.name for adapter in ADAPTERS if adapter.sequential_blocks)
+# The DiT families: a U-Net attends at several resolutions, none of which the token layout describes. Sana's
+# self-attention is linear (no softmax, no SDPA call) and its only SDPA attention is cross-attention, which stays
+# dense: there is nothing to make sparse.
+FAMILIES = tuple(adapter.name for adapter in ADAPTERS if adapter.sequential_blocks and adapter.name != "sana")
 
 
 @dataclasses.dataclass

@@ -21,10 +21,11 @@ from .lockstep import LockStep, install_lockstep
 from .unet import UNetLockStep, mixing_dims, unet_stages
 
 # Flux and HunyuanVideo call their single-stream blocks with other arguments than their dual-stream ones, which the
-# captured first-block arguments cannot serve; the U-Net runs by stages (accel.methods.afa.unet).
+# captured first-block arguments cannot serve; the U-Net runs by stages (accel.methods.afa.unet). Sana's scheduler
+# (DPM-Solver with prediction_type="flow_prediction") is a training noise train_aggregator does not know.
 FAMILIES = tuple(adapter.name for adapter in ADAPTERS
                  if (adapter.sequential_blocks or adapter.name == "unet")
-                 and adapter.name not in ("flux", "hunyuan-video"))
+                 and adapter.name not in ("flux", "hunyuan-video", "sana"))
 
 
 @dataclasses.dataclass
