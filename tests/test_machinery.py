@@ -91,6 +91,7 @@ def test_wan22_switches_experts_and_keeps_counting_steps():
         ("hunyuan-video", (2, 2, 2, 8, "last")),
         ("sd15", (1, 8, 8, 77, None)),
         ("sdxl", (1, 8, 8, 77, None)),
+        ("sana", (1, 8, 8, 8, None)),
     ],
 )
 def test_token_layout(family, expected):

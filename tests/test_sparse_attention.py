@@ -23,7 +23,8 @@ from accel.pipelines import tiny
 from accel.pipelines.adapters import TokenLayout
 from accel.steps import StepInfo
 
-FAMILIES = tuple(f for f in tiny.FAMILIES if f not in ("sd15", "sdxl"))
+# Sana's self-attention is linear attention (no SDPA call): AdaSpa and VMoBA exclude it
+FAMILIES = tuple(f for f in tiny.FAMILIES if f not in ("sd15", "sdxl", "sana"))
 # inputs with at least two 16-token key blocks per attention call, so that both methods drop some (measured: the
 # attention density of each then lies between 0.83 and 0.997); DiT's size is its transformer's (SparseInputs.build)
 SPARSE_SIZES: dict[str, dict] = {

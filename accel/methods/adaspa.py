@@ -45,8 +45,10 @@ from . import sparse_tokens as sparse
 
 RECALL_BAR = 0.8  # heads whose recall at the target sparsity exceeds this count towards n
 
-# The DiT families: a U-Net attends at several resolutions, none of which the token layout describes.
-FAMILIES = tuple(adapter.name for adapter in ADAPTERS if adapter.sequential_blocks)
+# The DiT families with softmax self- or joint attention: a U-Net attends at several resolutions, none of which the
+# token layout describes; a linear self-attention (Sana's) has no softmax to make sparse.
+FAMILIES = tuple(adapter.name for adapter in ADAPTERS if adapter.sequential_blocks
+                 and any({"self_attn", "joint_attn"} & set(group.branches) for group in adapter.block_groups))
 
 
 @dataclasses.dataclass

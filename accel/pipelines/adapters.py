@@ -22,7 +22,10 @@ from typing import Any, Literal
 
 import torch
 
-BranchKind = Literal["self_attn", "cross_attn", "joint_attn", "ff", "ff_context"]
+# "linear_attn" is attention without a softmax (Sana's ReLU linear attention): it makes no
+# F.scaled_dot_product_attention call, so it is a branch like any other (cached, counted as a branch) but not one of
+# the attention branches that accel intercepts and counts as attention.
+BranchKind = Literal["self_attn", "cross_attn", "joint_attn", "linear_attn", "ff", "ff_context"]
 ATTENTION_BRANCHES: frozenset[str] = frozenset({"self_attn", "cross_attn", "joint_attn"})
 
 
@@ -586,6 +589,21 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         denoiser_attrs=("unet",),
         sequential_blocks=False,
         notes="SD 1.5 / SDXL: the 'blocks' are the BasicTransformerBlocks inside the U-Net's attention stages.",
+    ),
+    FamilyAdapter(
+        name="sana",
+        denoiser_classes=("SanaTransformer2DModel",),
+        pipeline_classes=("SanaPipeline",),
+        block_groups=(
+            BlockGroup("transformer_blocks.*", {"linear_attn": "attn1", "cross_attn": "attn2", "ff": "ff"}),
+        ),
+        modulation=("time_embed", "time_embed.*"),
+        token_layout=_image_layout,
+        cfg="batched",
+        cfg_batch_order=("uncond", "cond"),
+        notes="Self-attention (attn1) is linear attention (SanaLinearAttnProcessor2_0, no softmax, no SDPA call); "
+              "cross-attention to the Gemma2 text is SDPA. AdaLN-single plus a per-block scale_shift_table; the "
+              "feed-forward (GLUMBConv) is convolutional and works on the [B, C, H, W] image.",
     ),
 )
 

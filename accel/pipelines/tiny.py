@@ -162,9 +162,9 @@ def _build_wan(two_stage: bool = False):
 def _build_skyreels_v2():
     from diffusers import (
         AutoencoderKLWan,
-        FlowMatchEulerDiscreteScheduler,
         SkyReelsV2Pipeline,
         SkyReelsV2Transformer3DModel,
+        UniPCMultistepScheduler,
     )
 
     transformer = SkyReelsV2Transformer3DModel(
@@ -175,11 +175,10 @@ def _build_skyreels_v2():
     vae = AutoencoderKLWan(
         base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
     )
-    # The checkpoints ship UniPCMultistepScheduler(prediction_type="flow_prediction", flow_shift=8.0); the
-    # flow-matching Euler scheduler with that shift is one accel.train_aggregator knows the training noise of (as Wan).
+    # the checkpoints' scheduler: a multistep solver sampling a flow-matching model
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
     return SkyReelsV2Pipeline(
-        tokenizer=t5_tokenizer(), text_encoder=_umt5_encoder(), vae=vae, transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=8.0),
+        tokenizer=t5_tokenizer(), text_encoder=_umt5_encoder(), vae=vae, transformer=transformer, scheduler=scheduler,
     )
 
 
@@ -324,6 +323,30 @@ def _build_sdxl():
     )
 
 
+def _build_sana():
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+
+    transformer = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=_TEXT_DIM,
+        mlp_ratio=2.0, sample_size=8, patch_size=1,
+    )
+    # Three stages: 4x down-sampling, so the pipeline's smallest image (32x32: it asks for multiples of 32) is an
+    # 8x8 latent.
+    stages = 3
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock",) * stages,
+        decoder_block_types=("ResBlock",) * stages, encoder_block_out_channels=(8,) * stages,
+        decoder_block_out_channels=(8,) * stages, encoder_layers_per_block=(1,) * stages,
+        decoder_layers_per_block=(1,) * stages, encoder_qkv_multiscales=((),) * stages,
+        decoder_qkv_multiscales=((),) * stages, downsample_block_type="conv", upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
+    )
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    # No Gemma2 tokenizer can be built offline: the text encoder is absent and callers pass prompt_embeds.
+    return SanaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
+
+
 _BUILDERS: dict[str, Callable[..., Any]] = {
     "dit": _build_dit,
     "pixart-alpha": lambda: _build_pixart("PixArtAlphaPipeline"),
@@ -339,6 +362,7 @@ _BUILDERS: dict[str, Callable[..., Any]] = {
     "hunyuan-video": _build_hunyuan_video,
     "sd15": _build_sd15,
     "sdxl": _build_sdxl,
+    "sana": _build_sana,
 }
 
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
@@ -348,7 +372,7 @@ VIDEO_FAMILIES: frozenset[str] = frozenset({
 })
 
 # Families whose text encoder cannot be built offline: their pipelines have none and callers pass prompt_embeds.
-PROMPT_EMBEDS_FAMILIES: frozenset[str] = frozenset({"hunyuan-video"})
+PROMPT_EMBEDS_FAMILIES: frozenset[str] = frozenset({"hunyuan-video", "sana"})
 
 
 def _check_family(family: str) -> None:
@@ -424,4 +448,19 @@ def example_inputs(
                      "negative_prompt_attention_mask": mask.clone()}
         return {**kwargs, "prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "prompt_attention_mask": mask,
                 "height": size or 16, "width": size or 16, "num_frames": num_frames or 5, **extra}
+    if family == "sana":
+        return {**kwargs, **_prompt_embeds(batch_size, tokens=8, dim=_TEXT_DIM, guidance=guidance),
+                "negative_prompt": None, "height": size or 32, "width": size or 32,
+                "guidance_scale": 4.5 if guidance else 1.0, "use_resolution_binning": False}
     raise AssertionError(family)
+
+
+def _prompt_embeds(batch_size: int, *, tokens: int, dim: int, guidance: bool) -> dict[str, Any]:
+    """Seeded ``prompt_embeds`` with an all-ones attention mask, and zero negative embeds when ``guidance``."""
+    generator = torch.Generator("cpu").manual_seed(1234)
+    embeds = torch.randn(batch_size, tokens, dim, generator=generator)
+    mask = torch.ones(batch_size, tokens, dtype=torch.long)
+    kwargs: dict[str, Any] = {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+    if guidance:
+        kwargs.update(negative_prompt_embeds=torch.zeros_like(embeds), negative_prompt_attention_mask=mask.clone())
+    return kwargs

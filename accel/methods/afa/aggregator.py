@@ -120,8 +120,8 @@ class Aggregator(torch.nn.Module):
         if self.condition_kind == "class":
             labels = torch.as_tensor(condition, device=timestep.device).long().reshape(-1)
             tokens = self.condition_embedding(labels.expand(batch) if labels.numel() == 1 else labels).unsqueeze(1)
-        else:
-            tokens = self.condition_embedding(condition.to(dtype))
+        else:  # text tokens [B, L, D]; Allegro passes them as [B, 1, L, D]
+            tokens = self.condition_embedding(condition.reshape(condition.shape[0], -1, condition.shape[-1]).to(dtype))
         return time, tokens
 
     def save(self, folder: str | Path) -> Path:

@@ -21,12 +21,10 @@ from .lockstep import LockStep, install_lockstep
 from .unet import UNetLockStep, mixing_dims, unet_stages
 
 # Flux and HunyuanVideo call their single-stream blocks with other arguments than their dual-stream ones, which the
-# captured first-block arguments cannot serve; the U-Net runs by stages (accel.methods.afa.unet). AllegroPipeline
-# passes encoder_hidden_states as [B, 1, L, D], which the aggregator's condition projection (made for [B, L, D])
-# cannot take.
+# captured first-block arguments cannot serve; the U-Net runs by stages (accel.methods.afa.unet).
 FAMILIES = tuple(adapter.name for adapter in ADAPTERS
                  if (adapter.sequential_blocks or adapter.name == "unet")
-                 and adapter.name not in ("flux", "hunyuan-video", "allegro"))
+                 and adapter.name not in ("flux", "hunyuan-video"))
 
 
 @dataclasses.dataclass

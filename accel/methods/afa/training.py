@@ -59,10 +59,13 @@ class AggregatorSettings:
 def noised(scheduler, clean: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor,
                                                                                   torch.Tensor]:
     """(noisy input, timesteps, target) of the denoising loss under ``scheduler``'s training noise: DDPM-style
-    schedulers (epsilon, v or sample prediction) or flow matching (velocity noise - x0)."""
+    schedulers (epsilon, v or sample prediction) or flow matching (velocity noise - x0, also for a multistep solver
+    configured with ``prediction_type="flow_prediction"``)."""
     noise = torch.randn(clean.shape, generator=generator).to(clean)
     train_steps = int(scheduler.config.num_train_timesteps)
-    if hasattr(scheduler, "alphas_cumprod"):
+    # UniPC or DPM-Solver with flow_prediction (Wan, SkyReels, Sana checkpoints) sample a flow-matching model
+    flow = "FlowMatch" in type(scheduler).__name__ or scheduler.config.get("prediction_type") == "flow_prediction"
+    if hasattr(scheduler, "alphas_cumprod") and not flow:
         timesteps = torch.randint(0, train_steps, (len(clean),), generator=generator)
         noisy = scheduler.add_noise(clean, noise, timesteps)
         prediction = scheduler.config.prediction_type
@@ -75,7 +78,7 @@ def noised(scheduler, clean: torch.Tensor, generator: torch.Generator) -> tuple[
         else:
             raise ValueError(f"Unsupported prediction_type {prediction!r}; epsilon, v_prediction or sample.")
         return noisy, timesteps.to(clean.device), target
-    if "FlowMatch" in type(scheduler).__name__:
+    if flow:
         sigmas = torch.rand(len(clean), generator=generator).to(clean)
         shaped = sigmas.reshape(-1, *([1] * (clean.ndim - 1)))
         return (1 - shaped) * clean + shaped * noise, sigmas * train_steps, noise - clean
