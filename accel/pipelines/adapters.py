@@ -605,6 +605,24 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
               "cross-attention to the Gemma2 text is SDPA. AdaLN-single plus a per-block scale_shift_table; the "
               "feed-forward (GLUMBConv) is convolutional and works on the [B, C, H, W] image.",
     ),
+    FamilyAdapter(
+        name="flux2",
+        denoiser_classes=("Flux2Transformer2DModel",),
+        pipeline_classes=("Flux2Pipeline",),
+        block_groups=(
+            BlockGroup("transformer_blocks.*", _MMDIT_BRANCHES, dual_stream=True, returns="context_hidden"),
+            # fed the concatenated [text, image] sequence as hidden_states; the MLP is fused into the attention module
+            # (one projection makes q, k, v and the MLP input): its activation is the block's "ff" branch
+            BlockGroup("single_transformer_blocks.*", {"joint_attn": "attn", "ff": "attn.mlp_act_fn"}),
+        ),
+        modulation=("time_guidance_embed", "time_guidance_embed.*", "double_stream_modulation_*",
+                    "single_stream_modulation", "single_stream_modulation.*", "norm_out.linear"),
+        token_layout=_flux_layout,
+        cfg="batched",
+        notes="Joint attention concatenates [text, image]. Guidance-distilled: guidance_scale is embedded and each "
+              "step is one denoiser call (no CFG batch). The single-stream blocks take and return the concatenated "
+              "[text, image] sequence; modulation is computed once per forward and shared by all blocks.",
+    ),
 )
 
 FAMILY_NAMES: tuple[str, ...] = tuple(adapter.name for adapter in ADAPTERS)

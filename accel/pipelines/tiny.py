@@ -347,6 +347,25 @@ def _build_sana():
     return SanaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
 
 
+def _build_flux2():
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+
+    # 4 latent channels, patchified 2x2 into the transformer's 16 input channels.
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=_TEXT_DIM, timestep_guidance_channels=32, mlp_ratio=2.0,
+        axes_dims_rope=(4, 4, 4, 4),
+    )
+    # One block: no down-sampling, so an 8x8 image is an 8x8 latent (4x4 tokens after patchifying).
+    vae = AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=8,
+    )
+    # No Mistral tokenizer can be built offline: the text encoder is absent and callers pass prompt_embeds.
+    return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                         transformer=transformer)
+
+
 _BUILDERS: dict[str, Callable[..., Any]] = {
     "dit": _build_dit,
     "pixart-alpha": lambda: _build_pixart("PixArtAlphaPipeline"),
@@ -363,6 +382,7 @@ _BUILDERS: dict[str, Callable[..., Any]] = {
     "sd15": _build_sd15,
     "sdxl": _build_sdxl,
     "sana": _build_sana,
+    "flux2": _build_flux2,
 }
 
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
@@ -372,7 +392,7 @@ VIDEO_FAMILIES: frozenset[str] = frozenset({
 })
 
 # Families whose text encoder cannot be built offline: their pipelines have none and callers pass prompt_embeds.
-PROMPT_EMBEDS_FAMILIES: frozenset[str] = frozenset({"hunyuan-video", "sana"})
+PROMPT_EMBEDS_FAMILIES: frozenset[str] = frozenset({"hunyuan-video", "sana", "flux2"})
 
 
 def _check_family(family: str) -> None:
@@ -452,6 +472,10 @@ def example_inputs(
         return {**kwargs, **_prompt_embeds(batch_size, tokens=8, dim=_TEXT_DIM, guidance=guidance),
                 "negative_prompt": None, "height": size or 32, "width": size or 32,
                 "guidance_scale": 4.5 if guidance else 1.0, "use_resolution_binning": False}
+    if family == "flux2":  # guidance-distilled: guidance_scale is embedded, one denoiser call per step
+        embeds = _prompt_embeds(batch_size, tokens=8, dim=_TEXT_DIM, guidance=False)["prompt_embeds"]
+        return {**kwargs, "prompt_embeds": embeds, "height": size or 8, "width": size or 8,
+                "guidance_scale": 4.0 if guidance else 1.0}
     raise AssertionError(family)
 
 

@@ -50,6 +50,9 @@ class Unit:
         raise ValueError(f"{name!r} is not a unit name; units read 'block 7' or 'block 7 ff'.")
 
 
+SINGLE_STREAM_ATTENTION = "single_stream_attn"  # a ZeroBranch kind: joint attention over one concatenated stream
+
+
 class ZeroBranch(torch.nn.Module):
     """A removed residual branch: returns zeros shaped like its input (a pair for a joint attention).
 
@@ -108,9 +111,12 @@ def blocks_of(model: torch.nn.Module, adapter: FamilyAdapter | None = None) -> l
 
 
 def branch_kinds(block: BlockInfo) -> list[str]:
-    """The block's branches that can be removed by zeroing them (none in a single-stream block: its attention and
-    MLP outputs are concatenated and projected, not added)."""
-    if any(name.endswith("proj_mlp") for name, _ in block.branches.values()):
+    """The block's branches that can be removed by zeroing them (none in a parallel single-stream block, Flux's or
+    Flux.2's: its attention and MLP outputs are concatenated and projected, not added; Flux.2's MLP even lives inside
+    its attention module)."""
+    names = [name for name, _ in block.branches.values()]
+    if any(name.endswith("proj_mlp") for name in names) or any(inner.startswith(outer + ".") for outer in names
+                                                                 for inner in names):
         return []
     return [kind for kind in RESIDUAL_KINDS if kind in block.branches
             and not isinstance(block.branches[kind][1], ZeroBranch)]
@@ -136,7 +142,9 @@ def zero_branch(model: torch.nn.Module, block: BlockInfo, kind: str) -> tuple[to
         raise ValueError(f"{block.name} has no removable {kind!r} branch; it has: {', '.join(branch_kinds(block))}.")
     qualified, original = block.branches[kind]
     parent, attr = _parent(model, qualified)
-    setattr(parent, attr, ZeroBranch.replacing(kind, original))
+    # a single-stream block's joint attention (Flux.2, Lumina2) returns one tensor, not an (image, text) pair
+    zero_kind = SINGLE_STREAM_ATTENTION if kind == "joint_attn" and not block.dual_stream else kind
+    setattr(parent, attr, ZeroBranch.replacing(zero_kind, original))
     return parent, attr, original
 
 
