@@ -5,8 +5,9 @@
 * Step and CFG-branch tracking. The step is the number of ``scheduler.step`` calls made so far in this pipeline
   call (the scheduler instance is patched for the duration of the call only), which works for pipelines that set
   no ``cache_context`` (DiT, PixArt, SD3, U-Net) as well as for those that do. The branch is the pipeline's
-  ``cache_context`` name ("cond", "uncond", "cond_uncond") when it sets one, else ``"call{k}"`` for the k-th
-  denoiser call of the step (``"call0"`` for batched CFG). Accelerators read ``scope.current`` and never count.
+  ``cache_context`` name ("cond", "uncond", "cond_uncond") when it sets one, else, for separate CFG, the adapter's
+  ``cfg_call_order`` name of the k-th denoiser call of the step, else ``"call{k}"`` (``"call0"`` for batched CFG).
+  Accelerators read ``scope.current`` and never count.
 * ``MethodScope`` is what an accelerator's ``apply`` receives: it registers diffusers ``ModelHook``s, states
   (``BranchStates``: one per denoiser and CFG branch, like diffusers' ``StateManager`` per cache context), step
   observers and attention replacements, and removes all of them again on ``unwrap`` or when a later method fails
@@ -483,13 +484,21 @@ class PipelineContext:
             for state in scope.states:
                 state.reset()
 
+    def _branch_name(self) -> str:
+        adapter, named = self.adapter, self._cache_context_name
+        if named is not None:
+            return dict(adapter.context_branches).get(named, named)
+        if adapter.cfg == "separate" and self._calls_in_step < len(adapter.cfg_call_order):
+            return adapter.cfg_call_order[self._calls_in_step]
+        return f"call{self._calls_in_step}"
+
     def _begin_forward(self, denoiser: str, module, args, kwargs) -> None:
         step = self._scheduler_steps
         if step != self._last_step:
             self._last_step, self._calls_in_step = step, 0
         else:
             self._calls_in_step += 1
-        branch = self._cache_context_name or f"call{self._calls_in_step}"
+        branch = self._branch_name()
         timesteps = getattr(self.pipe.scheduler, "timesteps", None)
         num_steps = len(timesteps) if timesteps is not None else None
         adapter = self.adapter

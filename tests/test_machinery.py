@@ -93,6 +93,7 @@ def test_wan22_switches_experts_and_keeps_counting_steps():
         ("sdxl", (1, 8, 8, 77, None)),
         ("sana", (1, 8, 8, 8, None)),
         ("flux2", (1, 4, 4, 8, "first")),
+        ("lumina2", (1, 4, 4, 8, "first")),
     ],
 )
 def test_token_layout(family, expected):

@@ -221,6 +221,16 @@ def _allegro_layout(model, args, kwargs) -> TokenLayout:
     return layout
 
 
+def _lumina2_layout(model, args, kwargs) -> TokenLayout:
+    # The joint blocks see [text, image] with each sample's text cut to its unpadded length (the mask's sum); where
+    # the samples' lengths differ the model pads the joint sequence and passes an attention mask.
+    layout = _image_layout(model, args, kwargs, text_position="first")
+    mask = _arg(args, kwargs, "encoder_attention_mask", 3)
+    if isinstance(mask, torch.Tensor) and layout.text_tokens:
+        layout = TokenLayout(1, layout.height, layout.width, int(mask.sum(dim=1).max()), "first")
+    return layout
+
+
 def _unet_layout(model, args, kwargs) -> TokenLayout:
     sample = _arg(args, kwargs, "sample", 0)
     text = _arg(args, kwargs, "encoder_hidden_states", 2)
@@ -239,6 +249,10 @@ class FamilyAdapter:
     token_layout: Callable[[torch.nn.Module, tuple, dict], TokenLayout]
     cfg: Literal["batched", "separate"]
     cfg_batch_order: tuple[str, str] | None = None  # batched CFG: which half of the batch is which
+    # Separate CFG in a pipeline that names no cache_context: the branch of each denoiser call of a step, in order.
+    cfg_call_order: tuple[str, ...] = ("cond", "uncond")
+    # The pipeline's cache_context names that are not accel's branch names (a diffusers guider's "pred_cond").
+    context_branches: tuple[tuple[str, str], ...] = ()
     video: bool = False
     conditioning: Literal["prompt", "class"] = "prompt"  # what the pipeline is called with
     denoiser_attrs: tuple[str, ...] = ("transformer", "transformer_2")
@@ -622,6 +636,19 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         notes="Joint attention concatenates [text, image]. Guidance-distilled: guidance_scale is embedded and each "
               "step is one denoiser call (no CFG batch). The single-stream blocks take and return the concatenated "
               "[text, image] sequence; modulation is computed once per forward and shared by all blocks.",
+    ),
+    FamilyAdapter(
+        name="lumina2",
+        denoiser_classes=("Lumina2Transformer2DModel",),
+        pipeline_classes=("Lumina2Pipeline",),
+        block_groups=(BlockGroup("layers.*", {"joint_attn": "attn", "ff": "feed_forward"}),),
+        modulation=("time_caption_embed.time_proj", "time_caption_embed.timestep_embedder",
+                    "time_caption_embed.timestep_embedder.*", "*.norm1.linear", "norm_out.linear_1"),
+        token_layout=_lumina2_layout,
+        cfg="separate",
+        notes="Joint attention over [text, image] with shared weights (single stream). Before the joint 'layers' a "
+              "context refiner (text only) and a noise refiner (image only) run: they are not declared blocks. "
+              "CFG is two calls, cond then uncond (none after cfg_trunc_ratio).",
     ),
 )
 

@@ -366,6 +366,25 @@ def _build_flux2():
                          transformer=transformer)
 
 
+def _build_lumina2():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+
+    transformer = Lumina2Transformer2DModel(
+        sample_size=4, patch_size=1, in_channels=4, hidden_size=16, num_layers=2, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=2, multiple_of=16, norm_eps=1e-5, axes_dim_rope=(4, 2, 2),
+        axes_lens=(64, 32, 32), cap_feat_dim=_TEXT_DIM,
+    )
+    # The pipeline fixes vae_scale_factor at 8: four stages, so a 32x32 image is a 4x4 latent.
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,) * 4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
+        norm_num_groups=8, sample_size=32, shift_factor=0.0,
+    )
+    # No Gemma2 tokenizer can be built offline: the text encoder is absent and callers pass prompt_embeds.
+    return Lumina2Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                           text_encoder=None, tokenizer=None)
+
+
 _BUILDERS: dict[str, Callable[..., Any]] = {
     "dit": _build_dit,
     "pixart-alpha": lambda: _build_pixart("PixArtAlphaPipeline"),
@@ -383,6 +402,7 @@ _BUILDERS: dict[str, Callable[..., Any]] = {
     "sdxl": _build_sdxl,
     "sana": _build_sana,
     "flux2": _build_flux2,
+    "lumina2": _build_lumina2,
 }
 
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
@@ -392,7 +412,7 @@ VIDEO_FAMILIES: frozenset[str] = frozenset({
 })
 
 # Families whose text encoder cannot be built offline: their pipelines have none and callers pass prompt_embeds.
-PROMPT_EMBEDS_FAMILIES: frozenset[str] = frozenset({"hunyuan-video", "sana", "flux2"})
+PROMPT_EMBEDS_FAMILIES: frozenset[str] = frozenset({"hunyuan-video", "sana", "flux2", "lumina2"})
 
 
 def _check_family(family: str) -> None:
@@ -476,6 +496,9 @@ def example_inputs(
         embeds = _prompt_embeds(batch_size, tokens=8, dim=_TEXT_DIM, guidance=False)["prompt_embeds"]
         return {**kwargs, "prompt_embeds": embeds, "height": size or 8, "width": size or 8,
                 "guidance_scale": 4.0 if guidance else 1.0}
+    if family == "lumina2":
+        return {**kwargs, **_prompt_embeds(batch_size, tokens=8, dim=_TEXT_DIM, guidance=guidance),
+                "height": size or 32, "width": size or 32, "guidance_scale": 4.0 if guidance else 1.0}
     raise AssertionError(family)
 
 

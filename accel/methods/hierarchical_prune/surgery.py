@@ -24,7 +24,7 @@ from accel.pipelines.adapters import ADAPTERS, BlockInfo, FamilyAdapter, adapter
 FAMILIES = tuple(adapter.name for adapter in ADAPTERS if adapter.sequential_blocks)
 
 # The config key that counts the blocks of each block list (diffusers 0.42 transformer classes).
-LAYER_COUNT_KEYS = {"transformer_blocks": "num_layers", "blocks": "num_layers",
+LAYER_COUNT_KEYS = {"transformer_blocks": "num_layers", "blocks": "num_layers", "layers": "num_layers",
                     "single_transformer_blocks": "num_single_layers"}
 ZEROED_KEY = "accel_zeroed_branches"
 # Branch kinds whose output a block adds to its residual stream (single-stream blocks mix theirs instead).
