@@ -11,10 +11,12 @@ Sections (``--sections``, comma-separated):
   Median of ``--repeats`` calls after a warm-up, methods interleaved; FLOPs saved = 1 - density computed.
 * ``synthetic``: a random-init ``WanTransformer3DModel`` (2 layers, 4 heads x 64) at 16,384 tokens per clip
   (4 latent frames of 64 x 64), 8 steps without guidance: wall-clock of the whole pipeline call, dense vs AdaSpa vs
-  VMoBA. Random weights: speed alone, labelled synthetic.
+  VMoBA, interleaved in rotating order, speedup with its spread. Random weights: speed alone, labelled synthetic.
 * ``moving-digits``: the trained reference video model at its default call (576 tokens per clip): end-to-end
   speedup, PSNR / SSIM against the dense output for the same seeds, per-frame class accuracy, attention density
   and recall (attention mass kept; AdaSpa at its search steps, VMoBA on every sparse step of a separate run).
+* ``selection``: on the reference video model, each method's recall over the oracle's at the same key-block budget
+  (every query-block row keeping the same number of its heaviest blocks), on every sparse step.
 * ``oracle``: the best recall any selection can reach on the reference video model: from the exact attention
   probabilities of every self-attention call of a dense run (every layer, step, CFG branch and head), the mass kept
   when each query row keeps its own heaviest keys, or each query block its heaviest key blocks (row-wise top-k, as
@@ -48,7 +50,7 @@ from accel.kernels import block_sparse_attention  # noqa: E402
 from benchmarks.caching import _fmt  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
-SECTIONS = ("op", "synthetic", "moving-digits", "oracle")
+SECTIONS = ("op", "synthetic", "moving-digits", "oracle", "selection")
 
 
 def random_blocks(heads: int, blocks: int, density: float, seed: int = 0):
@@ -144,34 +146,67 @@ def _wan_pipeline(layers: int, heads: int, head_dim: int, temporal_factor: int):
 
 
 SPARSE_METHODS = {
+    "AdaSpa (sparsity 0.9)": lambda: accel.AdaSpaConfig(sparsity=0.9),
     "AdaSpa (sparsity 0.75)": lambda: accel.AdaSpaConfig(sparsity=0.75),
-    "AdaSpa (sparsity 0.5)": lambda: accel.AdaSpaConfig(sparsity=0.5),
+    "AdaSpa (sparsity 0.75, dense search: the paper's)": lambda: accel.AdaSpaConfig(sparsity=0.75, search_rows=None),
     "VMoBA (threshold 0.25)": lambda: accel.VMoBAConfig(),
 }
 
 
 def synthetic_section(repeats: int) -> list[dict]:
+    from accel.eval.timing import Speedup, interleaved_timings
+
     embeds = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(0))
     call = dict(prompt_embeds=embeds, num_inference_steps=8, guidance_scale=1.0, height=128, width=128,
                 num_frames=13, output_type="np")
     pipes = {"dense": _wan_pipeline(2, 4, 64, 4)}
     pipes.update({name: accel.wrap(_wan_pipeline(2, 4, 64, 4), make()) for name, make in SPARSE_METHODS.items()})
-    for pipe in pipes.values():  # warm-up
+    for pipe in pipes.values():  # warm-up outside the timed rounds: one short call each
         pipe(**{**call, "num_inference_steps": 1}, generator=torch.Generator().manual_seed(0))
-    timings: dict[str, list[float]] = {name: [] for name in pipes}
-    outputs = {}
-    for _ in range(repeats):
-        for name, pipe in pipes.items():
-            started = time.perf_counter()
-            outputs[name] = pipe(**call, generator=torch.Generator().manual_seed(1)).frames
-            timings[name].append(time.perf_counter() - started)
+    calls = {name: functools.partial(lambda pipe: pipe(**call, generator=torch.Generator().manual_seed(1)), pipe)
+             for name, pipe in pipes.items()}
+    seconds = interleaved_timings(calls, repeats, warmup=0, rotate=True,
+                                  on_round=lambda done, total: print(f"round {done}/{total}", flush=True))
     rows = []
     for name, pipe in pipes.items():
-        seconds = statistics.median(timings[name])
+        speedup = Speedup.from_times(seconds["dense"], seconds[name])
         density = accel.summary(pipe).attention_density if accel.is_wrapped(pipe) else 1.0
-        rows.append({"method": name, "tokens": 16384, "seconds": seconds,
-                     "speedup": statistics.median(timings["dense"]) / seconds, "attention_density": density})
+        rows.append({"method": name, "tokens": 16384, "steps": 8, "seconds": statistics.median(seconds[name]),
+                     "seconds_all": seconds[name], "speedup": speedup.median, "speedup_spread": speedup.to_dict(),
+                     "attention_density": density})
         print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def selection_section(model: str = "moving-digits", clips: int = 2) -> list[dict]:
+    """Each method's recall over the oracle's best at the same key-block budget, on every step (AdaSpa between
+    searches included), from one call with ``measure_recall=True``."""
+    from accel.pipelines import reference
+
+    methods = {"AdaSpa (sparsity 0.7)": accel.AdaSpaConfig(sparsity=0.7, measure_recall=True),
+               "AdaSpa (sparsity 0.7, dense search: the paper's)":
+                   accel.AdaSpaConfig(sparsity=0.7, search_rows=None, measure_recall=True),
+               "VMoBA (threshold 0.25)": accel.VMoBAConfig(measure_recall=True)}
+    labels = [(3 * number) % 10 for number in range(clips)]
+    rows = []
+    for name, config in methods.items():
+        pipe = accel.wrap(reference.load(model), config)
+        with torch.no_grad():
+            pipe(**reference.call_kwargs("moving-digits", pipe, labels, seed=0))
+        extras = accel.summary(pipe).extras[config.method]
+        entries = extras.get("recall") or extras.get("layers")  # AdaSpa: every sparse call; VMoBA: its layer log
+        by_step: dict[int, list] = {}
+        for layer_entries in entries.values():
+            for entry in layer_entries:
+                if "oracle_recall_per_head" in entry:
+                    by_step.setdefault(entry["step"], []).append(entry)
+        for step in sorted(by_step):
+            kept = float(np.mean([np.mean(e["recall_per_head"]) for e in by_step[step]]))
+            oracle = float(np.mean([np.mean(e["oracle_recall_per_head"]) for e in by_step[step]]))
+            rows.append({"method": name, "model": model, "clips": clips, "step": step,
+                         "searched": any(e.get("searched", False) for e in by_step[step]),
+                         "recall": kept, "oracle_recall": oracle, "ratio": kept / oracle})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -341,11 +376,16 @@ def markdown(results: dict) -> str:
         errors = {r["flex_error"] for r in results["op"] if "flex_error" in r}
         lines += [""] + [f"FlexAttention failed: {error}" for error in errors]
     if results.get("synthetic"):
-        lines += ["", "## Synthetic: random-init Wan, 16,384 tokens per clip (speed only)", "",
+        lines += ["", "## Synthetic: random-init Wan, 16,384 tokens per clip, 8 steps (speed only)", "",
                   *_measured(results, "synthetic"),
-                  "| method | seconds per call | speedup | attention density |", "|---|---:|---:|---:|"]
+                  "Whole pipeline calls, methods interleaved in rotating order; the speedup is the median of the "
+                  "per-round ratios to dense, with their spread.", "",
+                  "| method | seconds per call | speedup | spread | attention density |", "|---|---:|---:|---|---:|"]
         for r in results["synthetic"]:
-            lines.append(f"| {r['method']} | {r['seconds']:.1f} | {r['speedup']:.2f}x | "
+            spread = r.get("speedup_spread")
+            spread_text = (f"{spread['low']:.2f}–{spread['high']:.2f}x ({spread['spread']}, {spread['n']} rounds)"
+                           if spread else "")
+            lines.append(f"| {r['method']} | {r['seconds']:.1f} | {r['speedup']:.2f}x | {spread_text} | "
                          f"{r['attention_density']:.3f} |")
     if results.get("moving-digits"):
         tokens = results["moving-digits"][0]["tokens_per_clip"]
@@ -366,6 +406,18 @@ def markdown(results: dict) -> str:
                   "| density | selection | recall |", "|---:|---|---:|"]
         for r in results["oracle"]:
             lines.append(f"| {r['density']} | {r['selection']} | {r['recall']:.3f} |")
+    if results.get("selection"):
+        first = results["selection"][0]
+        lines += ["", f"## Selection quality against the oracle on {first['model']}", "",
+                  *_measured(results, "selection"),
+                  f"One call ({first['clips']} clips, default call), `measure_recall=True`: on every sparse step, the "
+                  "attention mass each method's selection keeps (recall), the most any selection with the same "
+                  "number of key blocks in each query-block row keeps (oracle), and their ratio; means over layers, "
+                  "CFG branches and heads. `searched`: AdaSpa searched at that step.", "",
+                  "| method | step | searched | recall | oracle | recall / oracle |", "|---|---:|---|---:|---:|---:|"]
+        for r in results["selection"]:
+            lines.append(f"| {r['method']} | {r['step']} | {'yes' if r['searched'] else ''} | {r['recall']:.3f} | "
+                         f"{r['oracle_recall']:.3f} | {r['ratio']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -395,12 +447,14 @@ def main(argv=None) -> int:
         results["op"] = op_section([int(x) for x in args.lengths.split(",")],
                                    [float(x) for x in args.densities.split(",")], args.repeats)
     if "synthetic" in sections:
-        results["synthetic"] = synthetic_section(max(1, args.repeats - 1))
+        results["synthetic"] = synthetic_section(args.repeats)
     if "moving-digits" in sections:
         results["moving-digits"] = moving_digits_section(args.clips, args.batch, args.moving_digits)
         results["moving-digits-model"] = args.moving_digits
     if "oracle" in sections:
         results["oracle"] = oracle_section(args.moving_digits)
+    if "selection" in sections:
+        results["selection"] = selection_section(args.moving_digits)
     args.out.mkdir(parents=True, exist_ok=True)
     from accel.io import atomic_write
 
