@@ -21,7 +21,10 @@ from accel.methods.hierarchical_prune.surgery import ZEROED_KEY, Unit, blocks_of
 from accel.methods.quest import QuESTConfig
 from accel.pipelines import reference, tiny
 
-DIT_FAMILIES = [family for family in tiny.FAMILIES if family not in ("sd15", "sdxl")]
+# aura-flow: not prunable yet. Its single-stream attention is joint attention called without encoder_hidden_states
+# (ZeroBranch answers a pair for it), and its block lists' config keys (num_mmdit_layers, num_single_dit_layers) are
+# not surgery.LAYER_COUNT_KEYS'.
+DIT_FAMILIES = [family for family in tiny.FAMILIES if family not in ("sd15", "sdxl", "aura-flow")]
 _REPORTS: dict[str, ContributionReport] = {}
 
 

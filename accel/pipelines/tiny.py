@@ -242,6 +242,20 @@ def _build_sdxl():
     )
 
 
+def _build_aura_flow():
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    transformer = AuraFlowTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=2, num_single_dit_layers=2,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=_TEXT_DIM, caption_projection_dim=16,
+        out_channels=4, pos_embed_max_size=256,
+    )
+    return AuraFlowPipeline(
+        tokenizer=t5_tokenizer(), text_encoder=_umt5_encoder(), vae=_vae(), transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+
+
 _BUILDERS: dict[str, Callable[..., Any]] = {
     "dit": _build_dit,
     "pixart-alpha": lambda: _build_pixart("PixArtAlphaPipeline"),
@@ -254,6 +268,7 @@ _BUILDERS: dict[str, Callable[..., Any]] = {
     "hunyuan-video": _build_hunyuan_video,
     "sd15": _build_sd15,
     "sdxl": _build_sdxl,
+    "aura-flow": _build_aura_flow,
 }
 
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
@@ -302,7 +317,7 @@ def example_inputs(
         return {**kwargs, "class_labels": [(3 * i + 1) % 10 for i in range(batch_size)], "output_type": "np",
                 "guidance_scale": 4.0 if guidance else 1.0}
     kwargs["output_type"] = "np"
-    if family in ("pixart-alpha", "pixart-sigma", "sd3", "sd15", "sdxl"):
+    if family in ("pixart-alpha", "pixart-sigma", "sd3", "sd15", "sdxl", "aura-flow"):
         extra = {} if family in ("sd15", "sdxl") else {"max_sequence_length": 32}
         if family.startswith("pixart"):
             extra.update(use_resolution_binning=False, clean_caption=False)
