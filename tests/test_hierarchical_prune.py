@@ -23,8 +23,9 @@ from accel.pipelines import reference, tiny
 
 # aura-flow: not prunable yet. Its single-stream attention is joint attention called without encoder_hidden_states
 # (ZeroBranch answers a pair for it), and its block lists' config keys (num_mmdit_layers, num_single_dit_layers) are
-# not surgery.LAYER_COUNT_KEYS'.
-DIT_FAMILIES = [family for family in tiny.FAMILIES if family not in ("sd15", "sdxl", "aura-flow")]
+# not surgery.LAYER_COUNT_KEYS'. qwen-image prunes, but its last block's txt_mlp feeds a text stream the model drops
+# after the last block (it has no single-stream blocks), so removing that unit changes nothing (MSE 0).
+DIT_FAMILIES = [family for family in tiny.FAMILIES if family not in ("sd15", "sdxl", "aura-flow", "qwen-image")]
 _REPORTS: dict[str, ContributionReport] = {}
 
 

@@ -222,6 +222,13 @@ def _aura_flow_layout(model, args, kwargs) -> TokenLayout:
     return TokenLayout(1, layout.height, layout.width, layout.text_tokens + registers, "first")
 
 
+def _qwen_image_layout(model, args, kwargs) -> TokenLayout:
+    # QwenImage packs latents into [B, S, C]; img_shapes holds each sample's (frames, rows, columns) of tokens.
+    frames, height, width = kwargs["img_shapes"][0][0]
+    text = _arg(args, kwargs, "encoder_hidden_states", 1)
+    return TokenLayout(int(frames), int(height), int(width), int(text.shape[1]), "first")
+
+
 def _unet_layout(model, args, kwargs) -> TokenLayout:
     sample = _arg(args, kwargs, "sample", 0)
     text = _arg(args, kwargs, "encoder_hidden_states", 2)
@@ -515,6 +522,21 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         cfg_batch_order=("uncond", "cond"),
         notes="Joint attention concatenates [registers + text, image]; the single blocks take that concatenation "
               "as their one hidden_states stream.",
+    ),
+    FamilyAdapter(
+        name="qwen-image",
+        denoiser_classes=("QwenImageTransformer2DModel",),
+        pipeline_classes=("QwenImagePipeline",),
+        block_groups=(
+            BlockGroup("transformer_blocks.*", {"joint_attn": "attn", "ff": "img_mlp", "ff_context": "txt_mlp"},
+                       dual_stream=True, returns="context_hidden"),
+        ),
+        modulation=("time_text_embed", "time_text_embed.*", "transformer_blocks.*.img_mod*",
+                    "transformer_blocks.*.txt_mod*", "norm_out.linear"),
+        token_layout=_qwen_image_layout,
+        cfg="separate",
+        notes="MMDiT blocks only; joint attention concatenates [text, image]; true CFG runs cond and uncond in "
+              "separate calls. No Qwen2.5-VL text encoder can be built offline (tiny pipelines take prompt_embeds).",
     ),
     FamilyAdapter(
         name="unet",

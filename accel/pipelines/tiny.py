@@ -7,7 +7,8 @@ that run it in well under a second, so ``pipe(**example_inputs(family))`` works 
 These models prove plumbing only: random weights have none of the step-to-step or attention structure that
 accelerators exploit, so no quality or speed figure may come from them (see ``accel.pipelines.reference``).
 Prompt strings work for every family whose tokenizers can be built offline (see ``accel.pipelines.tokenizers``);
-HunyuanVideo's Llama tokenizer cannot, so its examples pass ``prompt_embeds``.
+HunyuanVideo's Llama and QwenImage's Qwen2.5-VL tokenizers cannot, so their examples pass ``prompt_embeds``
+(``PROMPT_EMBEDS_FAMILIES``).
 """
 
 from __future__ import annotations
@@ -256,6 +257,30 @@ def _build_aura_flow():
     )
 
 
+def _build_qwen_image():
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(4, 4, 8),
+    )
+    # One spatial down-sampling: the VAE scale factor is 2, so an 8x8 image is a 4x4 latent (2x2 tokens).
+    vae = AutoencoderKLQwenImage(
+        base_dim=4, z_dim=16, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
+        latents_mean=[0.0] * 16, latents_std=[1.0] * 16,
+    )
+    # No Qwen2.5-VL tokenizer can be built offline: the text encoder is absent and callers pass prompt_embeds.
+    return QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+        transformer=transformer,
+    )
+
+
 _BUILDERS: dict[str, Callable[..., Any]] = {
     "dit": _build_dit,
     "pixart-alpha": lambda: _build_pixart("PixArtAlphaPipeline"),
@@ -269,6 +294,7 @@ _BUILDERS: dict[str, Callable[..., Any]] = {
     "sd15": _build_sd15,
     "sdxl": _build_sdxl,
     "aura-flow": _build_aura_flow,
+    "qwen-image": _build_qwen_image,
 }
 
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
@@ -276,7 +302,7 @@ FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 VIDEO_FAMILIES: frozenset[str] = frozenset({"wan", "wan2.2", "cogvideox", "hunyuan-video"})
 
 # Families whose text encoder cannot be built offline: their pipelines have none and callers pass prompt_embeds.
-PROMPT_EMBEDS_FAMILIES: frozenset[str] = frozenset({"hunyuan-video"})
+PROMPT_EMBEDS_FAMILIES: frozenset[str] = frozenset({"hunyuan-video", "qwen-image"})
 
 
 def _check_family(family: str) -> None:
@@ -345,4 +371,12 @@ def example_inputs(
                      "negative_prompt_attention_mask": mask.clone()}
         return {**kwargs, "prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "prompt_attention_mask": mask,
                 "height": size or 16, "width": size or 16, "num_frames": num_frames or 5, **extra}
+    if family == "qwen-image":
+        embeds = torch.randn(batch_size, 8, 16, generator=torch.Generator("cpu").manual_seed(1234))
+        mask = torch.ones(batch_size, 8, dtype=torch.long)
+        extra = {}
+        if guidance:
+            extra = {"negative_prompt_embeds": torch.zeros_like(embeds), "negative_prompt_embeds_mask": mask.clone()}
+        return {**kwargs, "prompt_embeds": embeds, "prompt_embeds_mask": mask, "height": size or 8,
+                "width": size or 8, "true_cfg_scale": 4.0 if guidance else 1.0, **extra}
     raise AssertionError(family)
