@@ -539,6 +539,22 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
               "separate calls. No Qwen2.5-VL text encoder can be built offline (tiny pipelines take prompt_embeds).",
     ),
     FamilyAdapter(
+        name="bria",
+        denoiser_classes=("BriaTransformer2DModel",),
+        pipeline_classes=("BriaPipeline",),
+        block_groups=(
+            BlockGroup("transformer_blocks.*", _MMDIT_BRANCHES, dual_stream=True, returns="context_hidden"),
+            BlockGroup("single_transformer_blocks.*", _SINGLE_STREAM_BRANCHES, returns="context_hidden"),
+        ),
+        modulation=("time_embed", "time_embed.*", "*.norm1.linear", "*.norm1_context.linear",
+                    "single_transformer_blocks.*.norm.linear", "norm_out.linear"),
+        token_layout=_flux_layout,
+        cfg="batched",
+        cfg_batch_order=("uncond", "cond"),
+        notes="Flux's block layout (single blocks take and return the two streams apart); joint attention "
+              "concatenates [text, image]; batched CFG.",
+    ),
+    FamilyAdapter(
         name="unet",
         denoiser_classes=("UNet2DConditionModel",),
         pipeline_classes=("StableDiffusionPipeline", "StableDiffusionXLPipeline"),

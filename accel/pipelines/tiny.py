@@ -281,6 +281,19 @@ def _build_qwen_image():
     )
 
 
+def _build_bria():
+    from diffusers import BriaPipeline, BriaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    transformer = BriaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=_TEXT_DIM, axes_dims_rope=[4, 4, 8],
+    )
+    return BriaPipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(shift_factor=0.0),
+        text_encoder=_t5_encoder(), tokenizer=t5_tokenizer(),
+    )
+
+
 _BUILDERS: dict[str, Callable[..., Any]] = {
     "dit": _build_dit,
     "pixart-alpha": lambda: _build_pixart("PixArtAlphaPipeline"),
@@ -295,6 +308,7 @@ _BUILDERS: dict[str, Callable[..., Any]] = {
     "sdxl": _build_sdxl,
     "aura-flow": _build_aura_flow,
     "qwen-image": _build_qwen_image,
+    "bria": _build_bria,
 }
 
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
@@ -349,6 +363,9 @@ def example_inputs(
             extra.update(use_resolution_binning=False, clean_caption=False)
         return {**kwargs, "prompt": prompts[:batch_size], "height": size or 8, "width": size or 8,
                 "guidance_scale": 4.5 if guidance else 1.0, **extra}
+    if family == "bria":
+        return {**kwargs, "prompt": prompts[:batch_size], "height": size or 8, "width": size or 8,
+                "max_sequence_length": 32, "guidance_scale": 5.0 if guidance else 1.0}
     if family == "flux":
         return {**kwargs, "prompt": prompts[:batch_size], "height": size or 8, "width": size or 8,
                 "max_sequence_length": 32, "negative_prompt": ["blurry"] * batch_size,
