@@ -30,7 +30,7 @@ SPARSE_SIZES: dict[str, dict] = {
     "pixart-alpha": {"size": 16}, "pixart-sigma": {"size": 16}, "sd3": {"size": 16}, "flux": {"size": 32},
     "wan": {"size": 64, "num_frames": 9}, "wan2.2": {"size": 64, "num_inference_steps": 6},
     "cogvideox": {"size": 64}, "hunyuan-video": {"size": 32}, "aura-flow": {"size": 16},
-    "qwen-image": {"size": 48}, "bria": {"size": 32},
+    "qwen-image": {"size": 48}, "bria": {"size": 32}, "ovis-image": {"size": 32},
 }
 
 

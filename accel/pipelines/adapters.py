@@ -555,6 +555,22 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
               "concatenates [text, image]; batched CFG.",
     ),
     FamilyAdapter(
+        name="ovis-image",
+        denoiser_classes=("OvisImageTransformer2DModel",),
+        pipeline_classes=("OvisImagePipeline",),
+        block_groups=(
+            BlockGroup("transformer_blocks.*", _MMDIT_BRANCHES, dual_stream=True, returns="context_hidden"),
+            BlockGroup("single_transformer_blocks.*", _SINGLE_STREAM_BRANCHES, returns="context_hidden"),
+        ),
+        modulation=("time_proj", "timestep_embedder", "timestep_embedder.*", "*.norm1.linear",
+                    "*.norm1_context.linear", "single_transformer_blocks.*.norm.linear", "norm_out.linear"),
+        token_layout=_flux_layout,
+        cfg="separate",
+        notes="Flux's block layout with SwiGLU feed-forwards (single blocks take and return text and image apart); "
+              "joint attention concatenates [text, image]; true CFG runs cond and uncond in separate calls. No "
+              "Qwen3 text encoder can be built offline (tiny pipelines take prompt_embeds).",
+    ),
+    FamilyAdapter(
         name="unet",
         denoiser_classes=("UNet2DConditionModel",),
         pipeline_classes=("StableDiffusionPipeline", "StableDiffusionXLPipeline"),

@@ -7,8 +7,8 @@ that run it in well under a second, so ``pipe(**example_inputs(family))`` works 
 These models prove plumbing only: random weights have none of the step-to-step or attention structure that
 accelerators exploit, so no quality or speed figure may come from them (see ``accel.pipelines.reference``).
 Prompt strings work for every family whose tokenizers can be built offline (see ``accel.pipelines.tokenizers``);
-HunyuanVideo's Llama and QwenImage's Qwen2.5-VL tokenizers cannot, so their examples pass ``prompt_embeds``
-(``PROMPT_EMBEDS_FAMILIES``).
+HunyuanVideo's Llama, QwenImage's Qwen2.5-VL and Ovis-Image's Qwen3 tokenizers cannot, so their examples pass
+``prompt_embeds`` (``PROMPT_EMBEDS_FAMILIES``).
 """
 
 from __future__ import annotations
@@ -294,6 +294,20 @@ def _build_bria():
     )
 
 
+def _build_ovis_image():
+    from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
+
+    transformer = OvisImageTransformer2DModel(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 4, 8),
+    )
+    # No Qwen3 tokenizer can be built offline: the text encoder is absent and callers pass prompt_embeds.
+    return OvisImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(shift_factor=0.0), text_encoder=None, tokenizer=None,
+        transformer=transformer,
+    )
+
+
 _BUILDERS: dict[str, Callable[..., Any]] = {
     "dit": _build_dit,
     "pixart-alpha": lambda: _build_pixart("PixArtAlphaPipeline"),
@@ -309,6 +323,7 @@ _BUILDERS: dict[str, Callable[..., Any]] = {
     "aura-flow": _build_aura_flow,
     "qwen-image": _build_qwen_image,
     "bria": _build_bria,
+    "ovis-image": _build_ovis_image,
 }
 
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
@@ -316,7 +331,7 @@ FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 VIDEO_FAMILIES: frozenset[str] = frozenset({"wan", "wan2.2", "cogvideox", "hunyuan-video"})
 
 # Families whose text encoder cannot be built offline: their pipelines have none and callers pass prompt_embeds.
-PROMPT_EMBEDS_FAMILIES: frozenset[str] = frozenset({"hunyuan-video", "qwen-image"})
+PROMPT_EMBEDS_FAMILIES: frozenset[str] = frozenset({"hunyuan-video", "qwen-image", "ovis-image"})
 
 
 def _check_family(family: str) -> None:
@@ -396,4 +411,10 @@ def example_inputs(
             extra = {"negative_prompt_embeds": torch.zeros_like(embeds), "negative_prompt_embeds_mask": mask.clone()}
         return {**kwargs, "prompt_embeds": embeds, "prompt_embeds_mask": mask, "height": size or 8,
                 "width": size or 8, "true_cfg_scale": 4.0 if guidance else 1.0, **extra}
+    if family == "ovis-image":
+        embeds = torch.randn(batch_size, 8, 16, generator=torch.Generator("cpu").manual_seed(1234))
+        # negative_prompt=None: the pipeline's default "" would be a second, conflicting negative input
+        extra = {"negative_prompt_embeds": torch.zeros_like(embeds)} if guidance else {}
+        return {**kwargs, "prompt_embeds": embeds, "negative_prompt": None, "height": size or 8, "width": size or 8,
+                "guidance_scale": 5.0 if guidance else 1.0, **extra}
     raise AssertionError(family)
