@@ -96,6 +96,39 @@ def test_declared_block_streams_match_what_blocks_take_and_return(family):
             assert type(rebuilt) is type(output) and all(a is b for a, b in zip(rebuilt, output)), block.name
 
 
+CONCATENATED_FAMILIES = tuple(family for family in tiny.FAMILIES if family in FAMILY_NAMES
+                              and any(group.concatenated for group in get_adapter(family).block_groups))
+
+
+@pytest.mark.parametrize("family", CONCATENATED_FAMILIES)
+def test_concatenated_blocks_split_into_the_previous_blocks_streams(family):
+    # The first block of a `concatenated` group takes cat(text, image) of the last dual-stream block's output.
+    pipe = tiny.build(family)
+    adapter = adapter_for(pipe)
+    model = pipe.transformer
+    blocks = adapter.blocks(model)
+    first = next(block for block in blocks if block.concatenated)
+    before = blocks[first.index - 1]
+    seen = {}
+    handles = [
+        model.register_forward_pre_hook(lambda m, args, kwargs: seen.setdefault("call", (args, kwargs)),
+                                        with_kwargs=True),
+        before.module.register_forward_hook(lambda m, args, kwargs, out: seen.setdefault("before", out),
+                                            with_kwargs=True),
+        first.module.register_forward_pre_hook(lambda m, args, kwargs: seen.setdefault("first", (args, kwargs)),
+                                               with_kwargs=True),
+    ]
+    pipe(**tiny.example_inputs(family, num_inference_steps=1))
+    for handle in handles:
+        handle.remove()
+    layout = adapter.token_layout(model, *seen["call"])
+    image, text = first.split_concatenated(first.streams_in(*seen["first"])[0], layout)
+    image_before, text_before = before.streams_out(seen["before"])
+    assert torch.equal(image, image_before) and torch.equal(text, text_before)
+    with pytest.raises(ValueError, match="concatenated"):
+        before.split_concatenated(image_before, layout)
+
+
 def _record_blocks_and_branches(pipe, adapter, call):
     """Run ``call()``; return (block, args, kwargs, output, {branch kind: output}) for every block forward."""
     seen, handles = [], []

@@ -94,6 +94,10 @@ def test_wan22_switches_experts_and_keeps_counting_steps():
         ("sana", (1, 8, 8, 8, None)),
         ("flux2", (1, 4, 4, 8, "first")),
         ("lumina2", (1, 4, 4, 8, "first")),
+        ("aura-flow", (1, 4, 4, 8 + 32, "first")),  # 8 register tokens before the text
+        ("qwen-image", (1, 2, 2, 8, "first")),
+        ("bria", (1, 4, 4, 32, "first")),
+        ("ovis-image", (1, 4, 4, 8, "first")),
     ],
 )
 def test_token_layout(family, expected):

@@ -44,7 +44,11 @@ from accel.registry import register_accelerator
 
 _DELTA_DIT_HOOK = "block"
 
-FAMILIES = tuple(adapter.name for adapter in ADAPTERS if adapter.sequential_blocks)
+# Families with `concatenated` block groups (AuraFlow) are left out: a range that runs from a dual-stream block into
+# a concatenated one would subtract the (image, text) input from the cat(text, image) output; the split needs the
+# forward's token layout (BlockInfo.split_concatenated), which this method does not pass to the blocks' streams.
+FAMILIES = tuple(adapter.name for adapter in ADAPTERS
+                 if adapter.sequential_blocks and not any(group.concatenated for group in adapter.block_groups))
 
 
 @dataclasses.dataclass

@@ -88,6 +88,12 @@ class BlockGroup:
     ``branches`` maps a branch kind to the attribute that holds it inside one block. ``returns`` says what a block
     returns: the image stream alone, or a (text/context stream, image stream) pair in either order. Blocks that
     return a pair take ``hidden_states`` and ``encoder_hidden_states`` as their first two arguments.
+
+    ``concatenated`` marks blocks whose one ``hidden_states`` is the text and image streams concatenated (text on
+    that side, as the token layout's ``text_position``), as the single-stream blocks of AuraFlow and Chroma take and
+    return it after dual-stream blocks that keep the two apart. Such a block's streams are not the previous group's:
+    its input is ``cat(text, image)`` of their output, and only the forward's token layout (``split_concatenated``)
+    tells the two apart; a method that carries streams across the group boundary must split there.
     """
 
     pattern: str
@@ -95,6 +101,7 @@ class BlockGroup:
     dual_stream: bool = False  # the block updates image and text streams with separate weights (MMDiT double)
     returns: BlockReturns = "hidden"
     residual_rule: ResidualRule | None = None  # None: every forward of the block runs the block
+    concatenated: Literal["first", "last"] | None = None  # hidden_states is cat(text, image) (see above)
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,16 @@ class BlockInfo:
     dual_stream: bool
     returns: BlockReturns = "hidden"
     residual_rule: ResidualRule | None = None
+    concatenated: Literal["first", "last"] | None = None  # see BlockGroup
+
+    def split_concatenated(self, stream: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image tokens, text tokens) of a ``concatenated`` block's ``hidden_states`` or output, by the forward's
+        token layout."""
+        if self.concatenated is None or stream.shape[1] != layout.joint_tokens:
+            raise ValueError(f"{self.name} does not take the concatenated text + image stream of this layout.")
+        image = layout.image_slice()
+        text = slice(0, image.start) if self.concatenated == "first" else slice(image.stop, stream.shape[1])
+        return stream[:, image], stream[:, text]
 
     def streams_in(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(image stream, context stream or None) of this block's call arguments."""
@@ -231,6 +248,21 @@ def _lumina2_layout(model, args, kwargs) -> TokenLayout:
     return layout
 
 
+def _aura_flow_layout(model, args, kwargs) -> TokenLayout:
+    # AuraFlow prepends its learned register tokens to the projected text: joint attention sees [registers, text,
+    # image], so the registers count as text tokens.
+    layout = _image_layout(model, args, kwargs, text_position="first")
+    registers = int(model.register_tokens.shape[1])
+    return TokenLayout(1, layout.height, layout.width, layout.text_tokens + registers, "first")
+
+
+def _qwen_image_layout(model, args, kwargs) -> TokenLayout:
+    # QwenImage packs latents into [B, S, C]; img_shapes holds each sample's (frames, rows, columns) of tokens.
+    frames, height, width = kwargs["img_shapes"][0][0]
+    text = _arg(args, kwargs, "encoder_hidden_states", 1)
+    return TokenLayout(int(frames), int(height), int(width), int(text.shape[1]), "first")
+
+
 def _unet_layout(model, args, kwargs) -> TokenLayout:
     sample = _arg(args, kwargs, "sample", 0)
     text = _arg(args, kwargs, "encoder_hidden_states", 2)
@@ -275,7 +307,7 @@ class FamilyAdapter:
                         branches[kind] = (f"{name}.{attr}", branch)
                 info = BlockInfo(
                     name, modules[name], group.pattern, len(blocks), branches, group.dual_stream, group.returns,
-                    group.residual_rule,
+                    group.residual_rule, group.concatenated,
                 )
                 blocks.append(info)
         return blocks
@@ -587,6 +619,69 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         cfg="separate",
         video=True,
         notes="Joint attention concatenates [video, text]; true CFG runs cond and uncond in separate calls.",
+    ),
+    FamilyAdapter(
+        name="aura-flow",
+        denoiser_classes=("AuraFlowTransformer2DModel",),
+        pipeline_classes=("AuraFlowPipeline",),
+        block_groups=(
+            BlockGroup("joint_transformer_blocks.*", _MMDIT_BRANCHES, dual_stream=True, returns="context_hidden"),
+            BlockGroup("single_transformer_blocks.*", {"joint_attn": "attn", "ff": "ff"}, concatenated="first"),
+        ),
+        modulation=("time_step_embed", "time_step_proj", "time_step_proj.*", "*.norm1.linear",
+                    "*.norm1_context.linear", "norm_out.linear"),
+        token_layout=_aura_flow_layout,
+        cfg="batched",
+        cfg_batch_order=("uncond", "cond"),
+        notes="Joint attention concatenates [registers + text, image]; the single blocks take that concatenation "
+              "as their one hidden_states stream.",
+    ),
+    FamilyAdapter(
+        name="qwen-image",
+        denoiser_classes=("QwenImageTransformer2DModel",),
+        pipeline_classes=("QwenImagePipeline",),
+        block_groups=(
+            BlockGroup("transformer_blocks.*", {"joint_attn": "attn", "ff": "img_mlp", "ff_context": "txt_mlp"},
+                       dual_stream=True, returns="context_hidden"),
+        ),
+        modulation=("time_text_embed", "time_text_embed.*", "transformer_blocks.*.img_mod*",
+                    "transformer_blocks.*.txt_mod*", "norm_out.linear"),
+        token_layout=_qwen_image_layout,
+        cfg="separate",
+        notes="MMDiT blocks only; joint attention concatenates [text, image]; true CFG runs cond and uncond in "
+              "separate calls. No Qwen2.5-VL text encoder can be built offline (tiny pipelines take prompt_embeds).",
+    ),
+    FamilyAdapter(
+        name="bria",
+        denoiser_classes=("BriaTransformer2DModel",),
+        pipeline_classes=("BriaPipeline",),
+        block_groups=(
+            BlockGroup("transformer_blocks.*", _MMDIT_BRANCHES, dual_stream=True, returns="context_hidden"),
+            BlockGroup("single_transformer_blocks.*", _SINGLE_STREAM_BRANCHES, returns="context_hidden"),
+        ),
+        modulation=("time_embed", "time_embed.*", "*.norm1.linear", "*.norm1_context.linear",
+                    "single_transformer_blocks.*.norm.linear", "norm_out.linear"),
+        token_layout=_flux_layout,
+        cfg="batched",
+        cfg_batch_order=("uncond", "cond"),
+        notes="Flux's block layout (single blocks take and return the two streams apart); joint attention "
+              "concatenates [text, image]; batched CFG.",
+    ),
+    FamilyAdapter(
+        name="ovis-image",
+        denoiser_classes=("OvisImageTransformer2DModel",),
+        pipeline_classes=("OvisImagePipeline",),
+        block_groups=(
+            BlockGroup("transformer_blocks.*", _MMDIT_BRANCHES, dual_stream=True, returns="context_hidden"),
+            BlockGroup("single_transformer_blocks.*", _SINGLE_STREAM_BRANCHES, returns="context_hidden"),
+        ),
+        modulation=("time_proj", "timestep_embedder", "timestep_embedder.*", "*.norm1.linear",
+                    "*.norm1_context.linear", "single_transformer_blocks.*.norm.linear", "norm_out.linear"),
+        token_layout=_flux_layout,
+        cfg="separate",
+        notes="Flux's block layout with SwiGLU feed-forwards (single blocks take and return text and image apart); "
+              "joint attention concatenates [text, image]; true CFG runs cond and uncond in separate calls. No "
+              "Qwen3 text encoder can be built offline (tiny pipelines take prompt_embeds).",
     ),
     FamilyAdapter(
         name="unet",

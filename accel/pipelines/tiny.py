@@ -7,7 +7,8 @@ that run it in well under a second, so ``pipe(**example_inputs(family))`` works 
 These models prove plumbing only: random weights have none of the step-to-step or attention structure that
 accelerators exploit, so no quality or speed figure may come from them (see ``accel.pipelines.reference``).
 Prompt strings work for every family whose tokenizers can be built offline (see ``accel.pipelines.tokenizers``);
-HunyuanVideo's Llama tokenizer cannot, so its examples pass ``prompt_embeds``.
+HunyuanVideo's Llama, QwenImage's Qwen2.5-VL and Ovis-Image's Qwen3 tokenizers cannot, so their examples pass
+``prompt_embeds`` (``PROMPT_EMBEDS_FAMILIES``).
 """
 
 from __future__ import annotations
@@ -385,6 +386,71 @@ def _build_lumina2():
                            text_encoder=None, tokenizer=None)
 
 
+def _build_aura_flow():
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    transformer = AuraFlowTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=2, num_single_dit_layers=2,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=_TEXT_DIM, caption_projection_dim=16,
+        out_channels=4, pos_embed_max_size=256,
+    )
+    return AuraFlowPipeline(
+        tokenizer=t5_tokenizer(), text_encoder=_umt5_encoder(), vae=_vae(), transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+
+
+def _build_qwen_image():
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(4, 4, 8),
+    )
+    # One spatial down-sampling: the VAE scale factor is 2, so an 8x8 image is a 4x4 latent (2x2 tokens).
+    vae = AutoencoderKLQwenImage(
+        base_dim=4, z_dim=16, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
+        latents_mean=[0.0] * 16, latents_std=[1.0] * 16,
+    )
+    # No Qwen2.5-VL tokenizer can be built offline: the text encoder is absent and callers pass prompt_embeds.
+    return QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+        transformer=transformer,
+    )
+
+
+def _build_bria():
+    from diffusers import BriaPipeline, BriaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    transformer = BriaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=_TEXT_DIM, axes_dims_rope=[4, 4, 8],
+    )
+    return BriaPipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(shift_factor=0.0),
+        text_encoder=_t5_encoder(), tokenizer=t5_tokenizer(),
+    )
+
+
+def _build_ovis_image():
+    from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
+
+    transformer = OvisImageTransformer2DModel(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 4, 8),
+    )
+    # No Qwen3 tokenizer can be built offline: the text encoder is absent and callers pass prompt_embeds.
+    return OvisImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(shift_factor=0.0), text_encoder=None, tokenizer=None,
+        transformer=transformer,
+    )
+
+
 _BUILDERS: dict[str, Callable[..., Any]] = {
     "dit": _build_dit,
     "pixart-alpha": lambda: _build_pixart("PixArtAlphaPipeline"),
@@ -403,6 +469,10 @@ _BUILDERS: dict[str, Callable[..., Any]] = {
     "sana": _build_sana,
     "flux2": _build_flux2,
     "lumina2": _build_lumina2,
+    "aura-flow": _build_aura_flow,
+    "qwen-image": _build_qwen_image,
+    "bria": _build_bria,
+    "ovis-image": _build_ovis_image,
 }
 
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
@@ -412,7 +482,9 @@ VIDEO_FAMILIES: frozenset[str] = frozenset({
 })
 
 # Families whose text encoder cannot be built offline: their pipelines have none and callers pass prompt_embeds.
-PROMPT_EMBEDS_FAMILIES: frozenset[str] = frozenset({"hunyuan-video", "sana", "flux2", "lumina2"})
+PROMPT_EMBEDS_FAMILIES: frozenset[str] = frozenset({
+    "hunyuan-video", "sana", "flux2", "lumina2", "qwen-image", "ovis-image",
+})
 
 
 def _check_family(family: str) -> None:
@@ -453,12 +525,15 @@ def example_inputs(
         return {**kwargs, "class_labels": [(3 * i + 1) % 10 for i in range(batch_size)], "output_type": "np",
                 "guidance_scale": 4.0 if guidance else 1.0}
     kwargs["output_type"] = "np"
-    if family in ("pixart-alpha", "pixart-sigma", "sd3", "sd15", "sdxl"):
+    if family in ("pixart-alpha", "pixart-sigma", "sd3", "sd15", "sdxl", "aura-flow"):
         extra = {} if family in ("sd15", "sdxl") else {"max_sequence_length": 32}
         if family.startswith("pixart"):
             extra.update(use_resolution_binning=False, clean_caption=False)
         return {**kwargs, "prompt": prompts[:batch_size], "height": size or 8, "width": size or 8,
                 "guidance_scale": 4.5 if guidance else 1.0, **extra}
+    if family == "bria":
+        return {**kwargs, "prompt": prompts[:batch_size], "height": size or 8, "width": size or 8,
+                "max_sequence_length": 32, "guidance_scale": 5.0 if guidance else 1.0}
     if family == "flux":
         return {**kwargs, "prompt": prompts[:batch_size], "height": size or 8, "width": size or 8,
                 "max_sequence_length": 32, "negative_prompt": ["blurry"] * batch_size,
@@ -499,6 +574,20 @@ def example_inputs(
     if family == "lumina2":
         return {**kwargs, **_prompt_embeds(batch_size, tokens=8, dim=_TEXT_DIM, guidance=guidance),
                 "height": size or 32, "width": size or 32, "guidance_scale": 4.0 if guidance else 1.0}
+    if family == "qwen-image":
+        embeds = torch.randn(batch_size, 8, 16, generator=torch.Generator("cpu").manual_seed(1234))
+        mask = torch.ones(batch_size, 8, dtype=torch.long)
+        extra = {}
+        if guidance:
+            extra = {"negative_prompt_embeds": torch.zeros_like(embeds), "negative_prompt_embeds_mask": mask.clone()}
+        return {**kwargs, "prompt_embeds": embeds, "prompt_embeds_mask": mask, "height": size or 8,
+                "width": size or 8, "true_cfg_scale": 4.0 if guidance else 1.0, **extra}
+    if family == "ovis-image":
+        embeds = torch.randn(batch_size, 8, 16, generator=torch.Generator("cpu").manual_seed(1234))
+        # negative_prompt=None: the pipeline's default "" would be a second, conflicting negative input
+        extra = {"negative_prompt_embeds": torch.zeros_like(embeds)} if guidance else {}
+        return {**kwargs, "prompt_embeds": embeds, "negative_prompt": None, "height": size or 8, "width": size or 8,
+                "guidance_scale": 5.0 if guidance else 1.0, **extra}
     raise AssertionError(family)
 
 

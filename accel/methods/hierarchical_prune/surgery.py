@@ -24,8 +24,10 @@ from accel.pipelines.adapters import ADAPTERS, BlockInfo, FamilyAdapter, adapter
 FAMILIES = tuple(adapter.name for adapter in ADAPTERS if adapter.sequential_blocks)
 
 # The config key that counts the blocks of each block list (diffusers 0.42 transformer classes).
-LAYER_COUNT_KEYS = {"transformer_blocks": "num_layers", "blocks": "num_layers", "layers": "num_layers",
-                    "single_transformer_blocks": "num_single_layers"}
+# The config keys that may count each block list, in the order tried (AuraFlow names its own).
+LAYER_COUNT_KEYS = {"transformer_blocks": ("num_layers",), "blocks": ("num_layers",), "layers": ("num_layers",),
+                    "single_transformer_blocks": ("num_single_layers", "num_single_dit_layers"),
+                    "joint_transformer_blocks": ("num_mmdit_layers",)}
 ZEROED_KEY = "accel_zeroed_branches"
 # Branch kinds whose output a block adds to its residual stream (single-stream blocks mix theirs instead).
 RESIDUAL_KINDS = ("self_attn", "cross_attn", "joint_attn", "ff", "ff_context")
@@ -172,11 +174,12 @@ def remove_units(model: torch.nn.Module, adapter: FamilyAdapter, units: list[Uni
         kept = [module_list[position] for position, index in enumerate(indices) if index not in removed_blocks]
         if len(kept) == len(module_list):
             continue
-        if list_name not in LAYER_COUNT_KEYS:
+        keys = [key for key in LAYER_COUNT_KEYS.get(list_name, ()) if key in model.config]
+        if not keys:
             raise ValueError(f"accel does not know which config key counts {type(model).__name__}.{list_name}.")
         parent, attr = _parent(model, list_name)
         setattr(parent, attr, torch.nn.ModuleList(kept))
-        counts[LAYER_COUNT_KEYS[list_name]] = len(kept)
+        counts[keys[0]] = len(kept)
     zeroed = {name: module.kind for name, module in model.named_modules() if isinstance(module, ZeroBranch)}
     model.register_to_config(**counts, **{ZEROED_KEY: zeroed or None})
     return zeroed
