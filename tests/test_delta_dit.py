@@ -11,8 +11,8 @@ import accel
 from accel.methods.delta_dit import FAMILIES, DeltaDiTConfig, delta_dit_plan
 from accel.pipelines import tiny
 
-# aura-flow: its concatenated single-stream blocks are outside Δ-DiT's families (delta_dit.FAMILIES)
-TINY_FAMILIES = tuple(f for f in tiny.FAMILIES if f not in ("sd15", "sdxl", "aura-flow"))
+# aura-flow, chroma: their concatenated single-stream blocks are outside Δ-DiT's families (delta_dit.FAMILIES)
+TINY_FAMILIES = tuple(f for f in tiny.FAMILIES if f not in ("sd15", "sdxl", "aura-flow", "chroma"))
 
 
 class TestDeltaDiT(AcceleratorTesterMixin):

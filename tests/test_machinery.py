@@ -95,6 +95,7 @@ def test_wan22_switches_experts_and_keeps_counting_steps():
         ("flux2", (1, 4, 4, 8, "first")),
         ("lumina2", (1, 4, 4, 8, "first")),
         ("aura-flow", (1, 4, 4, 8 + 32, "first")),  # 8 register tokens before the text
+        ("chroma", (1, 4, 4, 32, "first")),
         ("qwen-image", (1, 2, 2, 8, "first")),
         ("bria", (1, 4, 4, 32, "first")),
         ("ovis-image", (1, 4, 4, 8, "first")),

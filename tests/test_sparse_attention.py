@@ -23,8 +23,9 @@ from accel.pipelines import tiny
 from accel.pipelines.adapters import TokenLayout
 from accel.steps import StepInfo
 
-# Sana's self-attention is linear attention (no SDPA call): AdaSpa and VMoBA exclude it
-FAMILIES = tuple(f for f in tiny.FAMILIES if f not in ("sd15", "sdxl", "sana"))
+# Sana's self-attention is linear attention (no SDPA call); every attention call of chroma's pipeline carries a float
+# text mask, which keeps it dense: AdaSpa and VMoBA exclude both (accel.methods.adaspa)
+FAMILIES = tuple(f for f in tiny.FAMILIES if f not in ("sd15", "sdxl", "sana", "chroma"))
 # inputs with at least two 16-token key blocks per attention call, so that both methods drop some (measured: the
 # attention density of each then lies between 0.83 and 0.997); DiT's size is its transformer's (SparseInputs.build)
 SPARSE_SIZES: dict[str, dict] = {

@@ -52,8 +52,10 @@ def _check_splits(name: str, value, length: int) -> None:
         check_int(name, count, minimum=1)
 
 # The DiT families with softmax self- or joint attention: a U-Net attends at several resolutions, none of which the
-# token layout describes; a linear self-attention (Sana's) has no softmax to make sparse.
-FAMILIES = tuple(adapter.name for adapter in ADAPTERS if adapter.sequential_blocks
+# token layout describes; a linear self-attention (Sana's) has no softmax to make sparse. Chroma's pipeline always
+# passes its text mask to attention as a float 0/1 tensor (which SDPA adds to the scores), so every call is masked
+# and stays dense (sparse_tokens.token_split): the method would save nothing there.
+FAMILIES = tuple(adapter.name for adapter in ADAPTERS if adapter.sequential_blocks and adapter.name != "chroma"
                  and any({"self_attn", "joint_attn"} & set(group.branches) for group in adapter.block_groups))
 
 

@@ -637,6 +637,22 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
               "as their one hidden_states stream.",
     ),
     FamilyAdapter(
+        name="chroma",
+        denoiser_classes=("ChromaTransformer2DModel",),
+        pipeline_classes=("ChromaPipeline",),
+        block_groups=(
+            BlockGroup("transformer_blocks.*", _MMDIT_BRANCHES, dual_stream=True, returns="context_hidden"),
+            BlockGroup("single_transformer_blocks.*", _SINGLE_STREAM_BRANCHES, concatenated="first"),
+        ),
+        modulation=("time_text_embed", "time_text_embed.*", "distilled_guidance_layer",
+                    "distilled_guidance_layer.*"),
+        token_layout=_flux_layout,
+        cfg="separate",
+        notes="Flux with pruned modulation: one approximator MLP (distilled_guidance_layer) makes every block's "
+              "modulation, the blocks' norms hold no weights. Joint attention concatenates [text, image]; the single "
+              "blocks take that concatenation as their one hidden_states stream. CFG runs two calls.",
+    ),
+    FamilyAdapter(
         name="qwen-image",
         denoiser_classes=("QwenImageTransformer2DModel",),
         pipeline_classes=("QwenImagePipeline",),

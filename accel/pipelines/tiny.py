@@ -400,6 +400,20 @@ def _build_aura_flow():
     )
 
 
+def _build_chroma():
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=_TEXT_DIM, axes_dims_rope=(4, 4, 8),
+        approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=1,
+    )
+    return ChromaPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(shift_factor=0.0), text_encoder=_t5_encoder(),
+        tokenizer=t5_tokenizer(), transformer=transformer,
+    )
+
+
 def _build_qwen_image():
     from diffusers import (
         AutoencoderKLQwenImage,
@@ -470,6 +484,7 @@ _BUILDERS: dict[str, Callable[..., Any]] = {
     "flux2": _build_flux2,
     "lumina2": _build_lumina2,
     "aura-flow": _build_aura_flow,
+    "chroma": _build_chroma,
     "qwen-image": _build_qwen_image,
     "bria": _build_bria,
     "ovis-image": _build_ovis_image,
@@ -534,6 +549,10 @@ def example_inputs(
     if family == "bria":
         return {**kwargs, "prompt": prompts[:batch_size], "height": size or 8, "width": size or 8,
                 "max_sequence_length": 32, "guidance_scale": 5.0 if guidance else 1.0}
+    if family == "chroma":
+        return {**kwargs, "prompt": prompts[:batch_size], "height": size or 8, "width": size or 8,
+                "max_sequence_length": 32, "negative_prompt": ["blurry"] * batch_size,
+                "guidance_scale": 4.0 if guidance else 1.0}
     if family == "flux":
         return {**kwargs, "prompt": prompts[:batch_size], "height": size or 8, "width": size or 8,
                 "max_sequence_length": 32, "negative_prompt": ["blurry"] * batch_size,

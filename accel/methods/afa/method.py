@@ -20,12 +20,14 @@ from .aggregator import Aggregator
 from .lockstep import LockStep, install_lockstep
 from .unet import UNetLockStep, mixing_dims, unet_stages
 
-# Flux, Flux.2, Bria, Ovis-Image, HunyuanVideo and AuraFlow call their single-stream blocks with other arguments than
-# their dual-stream ones (AuraFlow's take the concatenated text + image stream, no encoder_hidden_states), which the
-# captured first-block arguments cannot serve; the U-Net runs by stages (accel.methods.afa.unet).
+# Flux, Flux.2, Bria, Ovis-Image, HunyuanVideo, AuraFlow and Chroma call their single-stream blocks with other
+# arguments than their dual-stream ones (AuraFlow's and Chroma's take the concatenated text + image stream, no
+# encoder_hidden_states), which the captured first-block arguments cannot serve; the U-Net runs by stages
+# (accel.methods.afa.unet).
 FAMILIES = tuple(adapter.name for adapter in ADAPTERS
                  if (adapter.sequential_blocks or adapter.name == "unet")
-                 and adapter.name not in ("flux", "flux2", "hunyuan-video", "aura-flow", "bria", "ovis-image"))
+                 and adapter.name not in ("flux", "flux2", "hunyuan-video", "aura-flow", "bria", "ovis-image",
+                                          "chroma"))
 
 
 @dataclasses.dataclass
