@@ -88,6 +88,7 @@ def test_wan22_switches_experts_and_keeps_counting_steps():
         ("hunyuan-video", (2, 2, 2, 8, "last")),
         ("sd15", (1, 8, 8, 77, None)),
         ("sdxl", (1, 8, 8, 77, None)),
+        ("cogview3plus", (1, 4, 4, 32, "first")),
     ],
 )
 def test_token_layout(family, expected):

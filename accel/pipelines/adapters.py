@@ -476,6 +476,23 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         notes="Joint attention concatenates [video, text]; true CFG runs cond and uncond in separate calls.",
     ),
     FamilyAdapter(
+        name="cogview3plus",
+        denoiser_classes=("CogView3PlusTransformer2DModel",),
+        pipeline_classes=("CogView3PlusPipeline",),
+        block_groups=(
+            BlockGroup(
+                "transformer_blocks.*", {"joint_attn": "attn1", "ff": "ff"}, dual_stream=True, returns="hidden_context"
+            ),
+        ),
+        modulation=("time_condition_embed", "time_condition_embed.*", "transformer_blocks.*.norm1.linear",
+                    "norm_out.linear"),
+        token_layout=lambda model, args, kwargs: _image_layout(model, args, kwargs, text_position="first"),
+        cfg="batched",
+        cfg_batch_order=("uncond", "cond"),
+        notes="CogVideoX-style blocks: joint attention concatenates [text, image]; one feed-forward runs on the "
+              "concatenated streams, each stream with its own AdaLN-zero modulation.",
+    ),
+    FamilyAdapter(
         name="unet",
         denoiser_classes=("UNet2DConditionModel",),
         pipeline_classes=("StableDiffusionPipeline", "StableDiffusionXLPipeline"),

@@ -211,6 +211,19 @@ def _build_hunyuan_video():
     )
 
 
+def _build_cogview3plus():
+    from diffusers import CogVideoXDDIMScheduler, CogView3PlusPipeline, CogView3PlusTransformer2DModel
+
+    transformer = CogView3PlusTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2, out_channels=4,
+        text_embed_dim=_TEXT_DIM, time_embed_dim=16, condition_dim=8, pos_embed_max_size=32, sample_size=8,
+    )
+    return CogView3PlusPipeline(
+        tokenizer=t5_tokenizer(), text_encoder=_t5_encoder(), vae=_vae(), transformer=transformer,
+        scheduler=CogVideoXDDIMScheduler(),
+    )
+
+
 def _build_sd15():
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -254,6 +267,7 @@ _BUILDERS: dict[str, Callable[..., Any]] = {
     "hunyuan-video": _build_hunyuan_video,
     "sd15": _build_sd15,
     "sdxl": _build_sdxl,
+    "cogview3plus": _build_cogview3plus,
 }
 
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
@@ -302,7 +316,7 @@ def example_inputs(
         return {**kwargs, "class_labels": [(3 * i + 1) % 10 for i in range(batch_size)], "output_type": "np",
                 "guidance_scale": 4.0 if guidance else 1.0}
     kwargs["output_type"] = "np"
-    if family in ("pixart-alpha", "pixart-sigma", "sd3", "sd15", "sdxl"):
+    if family in ("pixart-alpha", "pixart-sigma", "sd3", "sd15", "sdxl", "cogview3plus"):
         extra = {} if family in ("sd15", "sdxl") else {"max_sequence_length": 32}
         if family.startswith("pixart"):
             extra.update(use_resolution_binning=False, clean_caption=False)
