@@ -36,8 +36,8 @@ from accel.hooks import context_of
 from accel.pipelines import tiny
 from accel.registry import resolve
 
-_LARGER_SIZE = {"wan": 32, "wan2.2": 32, "cogvideox": 48, "hunyuan-video": 32}
-_MORE_FRAMES = {"wan": 9, "wan2.2": 9, "cogvideox": 13, "hunyuan-video": 9}
+_LARGER_SIZE = {"wan": 32, "wan2.2": 32, "cogvideox": 48, "hunyuan-video": 32, "easyanimate": 32}
+_MORE_FRAMES = {"wan": 9, "wan2.2": 9, "cogvideox": 13, "hunyuan-video": 9, "easyanimate": 9}
 
 
 def run(pipe, family: str, **kwargs) -> np.ndarray:

@@ -89,6 +89,7 @@ def test_wan22_switches_experts_and_keeps_counting_steps():
         ("sd15", (1, 8, 8, 77, None)),
         ("sdxl", (1, 8, 8, 77, None)),
         ("cogview3plus", (1, 4, 4, 32, "first")),
+        ("easyanimate", (3, 2, 2, 8, "first")),
     ],
 )
 def test_token_layout(family, expected):

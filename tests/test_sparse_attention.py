@@ -30,6 +30,7 @@ SPARSE_SIZES: dict[str, dict] = {
     "pixart-alpha": {"size": 16}, "pixart-sigma": {"size": 16}, "sd3": {"size": 16}, "flux": {"size": 32},
     "wan": {"size": 64, "num_frames": 9}, "wan2.2": {"size": 64, "num_inference_steps": 6},
     "cogvideox": {"size": 64}, "hunyuan-video": {"size": 32}, "cogview3plus": {"size": 32},
+    "easyanimate": {"size": 32, "num_frames": 9},
 }
 
 

@@ -7,7 +7,7 @@ that run it in well under a second, so ``pipe(**example_inputs(family))`` works 
 These models prove plumbing only: random weights have none of the step-to-step or attention structure that
 accelerators exploit, so no quality or speed figure may come from them (see ``accel.pipelines.reference``).
 Prompt strings work for every family whose tokenizers can be built offline (see ``accel.pipelines.tokenizers``);
-HunyuanVideo's Llama tokenizer cannot, so its examples pass ``prompt_embeds``.
+HunyuanVideo's Llama and EasyAnimate's Qwen2-VL tokenizers cannot, so their examples pass ``prompt_embeds``.
 """
 
 from __future__ import annotations
@@ -224,6 +224,35 @@ def _build_cogview3plus():
     )
 
 
+def _build_easyanimate():
+    from diffusers import (
+        AutoencoderKLMagvit,
+        EasyAnimatePipeline,
+        EasyAnimateTransformer3DModel,
+        FlowMatchEulerDiscreteScheduler,
+    )
+
+    # Head dim 16: its 3D RoPE splits a head into 1/4 time, 3/8 height, 3/8 width, each even.
+    # mmdit_layers = num_layers (as EasyAnimate V5.1): every block has its own text feed-forward (txt_ff); a block
+    # past mmdit_layers would run its one ff twice, on the video and on the text stream.
+    transformer = EasyAnimateTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, patch_size=2, sample_width=4,
+        sample_height=4, num_layers=2, mmdit_layers=2, time_embed_dim=16, text_embed_dim=16,
+    )
+    # Three blocks: 4x spatial, 2x temporal compression, so 16x16, 5 frames is 3 latent frames of 2x2 tokens.
+    vae = AutoencoderKLMagvit(
+        in_channels=3, latent_channels=4, out_channels=3, block_out_channels=(8, 8, 8),
+        down_block_types=("SpatialDownBlock3D", "SpatialTemporalDownBlock3D", "SpatialTemporalDownBlock3D"),
+        up_block_types=("SpatialUpBlock3D", "SpatialTemporalUpBlock3D", "SpatialTemporalUpBlock3D"),
+        layers_per_block=1, norm_num_groups=4,
+    )
+    # No Qwen2-VL tokenizer can be built offline: the text encoder is absent and callers pass prompt_embeds.
+    return EasyAnimatePipeline(
+        vae=vae, text_encoder=None, tokenizer=None, transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+
+
 def _build_sd15():
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -268,14 +297,15 @@ _BUILDERS: dict[str, Callable[..., Any]] = {
     "sd15": _build_sd15,
     "sdxl": _build_sdxl,
     "cogview3plus": _build_cogview3plus,
+    "easyanimate": _build_easyanimate,
 }
 
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 
-VIDEO_FAMILIES: frozenset[str] = frozenset({"wan", "wan2.2", "cogvideox", "hunyuan-video"})
+VIDEO_FAMILIES: frozenset[str] = frozenset({"wan", "wan2.2", "cogvideox", "hunyuan-video", "easyanimate"})
 
 # Families whose text encoder cannot be built offline: their pipelines have none and callers pass prompt_embeds.
-PROMPT_EMBEDS_FAMILIES: frozenset[str] = frozenset({"hunyuan-video"})
+PROMPT_EMBEDS_FAMILIES: frozenset[str] = frozenset({"hunyuan-video", "easyanimate"})
 
 
 def _check_family(family: str) -> None:
@@ -344,4 +374,15 @@ def example_inputs(
                      "negative_prompt_attention_mask": mask.clone()}
         return {**kwargs, "prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "prompt_attention_mask": mask,
                 "height": size or 16, "width": size or 16, "num_frames": num_frames or 5, **extra}
+    if family == "easyanimate":
+        embed_generator = torch.Generator("cpu").manual_seed(1234)
+        embeds = torch.randn(batch_size, 8, 16, generator=embed_generator)
+        mask = torch.ones(batch_size, 8, dtype=torch.long)
+        extra = {}
+        if guidance:
+            extra = {"negative_prompt_embeds": torch.zeros_like(embeds),
+                     "negative_prompt_attention_mask": mask.clone()}
+        return {**kwargs, "prompt_embeds": embeds, "prompt_attention_mask": mask, "height": size or 16,
+                "width": size or 16, "num_frames": num_frames or 5, "guidance_scale": 5.0 if guidance else 1.0,
+                **extra}
     raise AssertionError(family)
