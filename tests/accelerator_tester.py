@@ -37,9 +37,9 @@ from accel.pipelines import tiny
 from accel.registry import resolve
 
 _LARGER_SIZE = {"wan": 32, "wan2.2": 32, "cogvideox": 48, "hunyuan-video": 32, "skyreels-v2": 32, "ltx-video": 64,
-                "allegro": 32, "sana": 64, "lumina2": 64}
+                "allegro": 32, "sana": 64, "lumina2": 64, "easyanimate": 32}
 _MORE_FRAMES = {"wan": 9, "wan2.2": 9, "cogvideox": 13, "hunyuan-video": 9, "skyreels-v2": 9, "ltx-video": 9,
-                "allegro": 9}
+                "allegro": 9, "easyanimate": 9}
 
 
 def run(pipe, family: str, **kwargs) -> np.ndarray:

@@ -48,9 +48,8 @@ def test_analysis_scores_every_block_and_branch(family, tmp_path):
     names = [unit["name"] for unit in report.units]
     assert [n for n in names if n.count(" ") == 1] == [f"block {b.index}" for b in blocks]
     assert len(names) > len(blocks) or family in ()  # every family has removable branches in its first block
-    dead = f"block {blocks[-1].index} ff_context"  # the last block's text stream, where the model drops it (Qwen)
     for unit in report.units:
-        assert np.isfinite(unit["mse"]) and (unit["mse"] > 0 or unit["name"] == dead), unit  # all count (random init)
+        assert np.isfinite(unit["mse"]) and unit["mse"] > 0, unit  # removing anything changes random-weight output
     again = ContributionReport.load(report.save(tmp_path / "report.json"))
     assert again.to_dict() == json.loads(json.dumps(report.to_dict()))
     assert report.plot(tmp_path / "plot.png").stat().st_size > 1000

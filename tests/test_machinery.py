@@ -99,6 +99,8 @@ def test_wan22_switches_experts_and_keeps_counting_steps():
         ("qwen-image", (1, 2, 2, 8, "first")),
         ("bria", (1, 4, 4, 32, "first")),
         ("ovis-image", (1, 4, 4, 8, "first")),
+        ("cogview3plus", (1, 4, 4, 32, "first")),
+        ("easyanimate", (3, 2, 2, 8, "first")),
     ],
 )
 def test_token_layout(family, expected):

@@ -34,7 +34,7 @@ SPARSE_SIZES: dict[str, dict] = {
     "cogvideox": {"size": 64}, "hunyuan-video": {"size": 32}, "skyreels-v2": {"size": 64, "num_frames": 9},
     "ltx-video": {"size": 64, "num_frames": 9}, "allegro": {"size": 16}, "flux2": {"size": 32},
     "lumina2": {"size": 128}, "aura-flow": {"size": 16}, "qwen-image": {"size": 48}, "bria": {"size": 32},
-    "ovis-image": {"size": 32},
+    "ovis-image": {"size": 32}, "cogview3plus": {"size": 32}, "easyanimate": {"size": 32, "num_frames": 9},
 }
 
 

@@ -102,6 +102,9 @@ class BlockGroup:
     returns: BlockReturns = "hidden"
     residual_rule: ResidualRule | None = None  # None: every forward of the block runs the block
     concatenated: Literal["first", "last"] | None = None  # hidden_states is cat(text, image) (see above)
+    # Branch kinds that are no branch of the group's last block: the model discards what they feed there (the
+    # context stream after the last block), so removing or caching them changes nothing.
+    discarded_in_last: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -299,9 +302,12 @@ class FamilyAdapter:
         modules = dict(model.named_modules())
         blocks: list[BlockInfo] = []
         for group in self.block_groups:
-            for name in _match(group.pattern, modules):
+            names = _match(group.pattern, modules)
+            for position, name in enumerate(names):
                 branches = {}
                 for kind, attr in group.branches.items():
+                    if position == len(names) - 1 and kind in group.discarded_in_last:
+                        continue
                     branch = modules.get(f"{name}.{attr}")
                     if branch is not None:
                         branches[kind] = (f"{name}.{attr}", branch)
@@ -658,7 +664,7 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         pipeline_classes=("QwenImagePipeline",),
         block_groups=(
             BlockGroup("transformer_blocks.*", {"joint_attn": "attn", "ff": "img_mlp", "ff_context": "txt_mlp"},
-                       dual_stream=True, returns="context_hidden"),
+                       dual_stream=True, returns="context_hidden", discarded_in_last=("ff_context",)),
         ),
         modulation=("time_text_embed", "time_text_embed.*", "transformer_blocks.*.img_mod*",
                     "transformer_blocks.*.txt_mod*", "norm_out.linear"),
@@ -698,6 +704,44 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         notes="Flux's block layout with SwiGLU feed-forwards (single blocks take and return text and image apart); "
               "joint attention concatenates [text, image]; true CFG runs cond and uncond in separate calls. No "
               "Qwen3 text encoder can be built offline (tiny pipelines take prompt_embeds).",
+    ),
+    FamilyAdapter(
+        name="cogview3plus",
+        denoiser_classes=("CogView3PlusTransformer2DModel",),
+        pipeline_classes=("CogView3PlusPipeline",),
+        block_groups=(
+            BlockGroup(
+                "transformer_blocks.*", {"joint_attn": "attn1", "ff": "ff"}, dual_stream=True, returns="hidden_context"
+            ),
+        ),
+        modulation=("time_condition_embed", "time_condition_embed.*", "transformer_blocks.*.norm1.linear",
+                    "norm_out.linear"),
+        token_layout=lambda model, args, kwargs: _image_layout(model, args, kwargs, text_position="first"),
+        cfg="batched",
+        cfg_batch_order=("uncond", "cond"),
+        notes="CogVideoX-style blocks: joint attention concatenates [text, image]; one feed-forward runs on the "
+              "concatenated streams, each stream with its own AdaLN-zero modulation.",
+    ),
+    FamilyAdapter(
+        name="easyanimate",
+        denoiser_classes=("EasyAnimateTransformer3DModel",),
+        pipeline_classes=("EasyAnimatePipeline",),
+        block_groups=(
+            # MMDiT blocks (the first mmdit_layers; every block in EasyAnimate V5.1): txt_ff is the text stream's own
+            # feed-forward. A block past mmdit_layers has no txt_ff and runs ff on both streams. The forward reads
+            # only the video stream after the last block, so that block's txt_ff feeds nothing.
+            BlockGroup(
+                "transformer_blocks.*", {"joint_attn": "attn1", "ff": "ff", "ff_context": "txt_ff"},
+                dual_stream=True, returns="hidden_context", discarded_in_last=("ff_context",),
+            ),
+        ),
+        modulation=("time_proj", "time_embedding", "time_embedding.*", "transformer_blocks.*.norm1.linear",
+                    "transformer_blocks.*.norm2.linear", "norm_out.linear"),
+        token_layout=_video_layout(channels_first=True, text_position="first"),
+        cfg="batched",
+        cfg_batch_order=("uncond", "cond"),
+        video=True,
+        notes="Joint attention concatenates [text, video]; the text attention mask never reaches the transformer.",
     ),
     FamilyAdapter(
         name="unet",

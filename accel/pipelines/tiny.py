@@ -7,8 +7,8 @@ that run it in well under a second, so ``pipe(**example_inputs(family))`` works 
 These models prove plumbing only: random weights have none of the step-to-step or attention structure that
 accelerators exploit, so no quality or speed figure may come from them (see ``accel.pipelines.reference``).
 Prompt strings work for every family whose tokenizers can be built offline (see ``accel.pipelines.tokenizers``);
-HunyuanVideo's Llama, QwenImage's Qwen2.5-VL and Ovis-Image's Qwen3 tokenizers cannot, so their examples pass
-``prompt_embeds`` (``PROMPT_EMBEDS_FAMILIES``).
+the Llama, Gemma, Mistral, Qwen and Qwen2-VL tokenizers (HunyuanVideo, Sana, Lumina2, Flux.2, Qwen-Image, Ovis-Image,
+EasyAnimate) cannot, so those examples pass ``prompt_embeds`` (``PROMPT_EMBEDS_FAMILIES``).
 """
 
 from __future__ import annotations
@@ -293,6 +293,48 @@ def _build_hunyuan_video():
     )
 
 
+def _build_cogview3plus():
+    from diffusers import CogVideoXDDIMScheduler, CogView3PlusPipeline, CogView3PlusTransformer2DModel
+
+    transformer = CogView3PlusTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2, out_channels=4,
+        text_embed_dim=_TEXT_DIM, time_embed_dim=16, condition_dim=8, pos_embed_max_size=32, sample_size=8,
+    )
+    return CogView3PlusPipeline(
+        tokenizer=t5_tokenizer(), text_encoder=_t5_encoder(), vae=_vae(), transformer=transformer,
+        scheduler=CogVideoXDDIMScheduler(),
+    )
+
+
+def _build_easyanimate():
+    from diffusers import (
+        AutoencoderKLMagvit,
+        EasyAnimatePipeline,
+        EasyAnimateTransformer3DModel,
+        FlowMatchEulerDiscreteScheduler,
+    )
+
+    # Head dim 16: its 3D RoPE splits a head into 1/4 time, 3/8 height, 3/8 width, each even.
+    # mmdit_layers = num_layers (as EasyAnimate V5.1): every block has its own text feed-forward (txt_ff); a block
+    # past mmdit_layers would run its one ff twice, on the video and on the text stream.
+    transformer = EasyAnimateTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, patch_size=2, sample_width=4,
+        sample_height=4, num_layers=2, mmdit_layers=2, time_embed_dim=16, text_embed_dim=16,
+    )
+    # Three blocks: 4x spatial, 2x temporal compression, so 16x16, 5 frames is 3 latent frames of 2x2 tokens.
+    vae = AutoencoderKLMagvit(
+        in_channels=3, latent_channels=4, out_channels=3, block_out_channels=(8, 8, 8),
+        down_block_types=("SpatialDownBlock3D", "SpatialTemporalDownBlock3D", "SpatialTemporalDownBlock3D"),
+        up_block_types=("SpatialUpBlock3D", "SpatialTemporalUpBlock3D", "SpatialTemporalUpBlock3D"),
+        layers_per_block=1, norm_num_groups=4,
+    )
+    # No Qwen2-VL tokenizer can be built offline: the text encoder is absent and callers pass prompt_embeds.
+    return EasyAnimatePipeline(
+        vae=vae, text_encoder=None, tokenizer=None, transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+
+
 def _build_sd15():
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -488,17 +530,19 @@ _BUILDERS: dict[str, Callable[..., Any]] = {
     "qwen-image": _build_qwen_image,
     "bria": _build_bria,
     "ovis-image": _build_ovis_image,
+    "cogview3plus": _build_cogview3plus,
+    "easyanimate": _build_easyanimate,
 }
 
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 
 VIDEO_FAMILIES: frozenset[str] = frozenset({
-    "wan", "wan2.2", "cogvideox", "hunyuan-video", "skyreels-v2", "ltx-video", "allegro",
+    "wan", "wan2.2", "cogvideox", "hunyuan-video", "skyreels-v2", "ltx-video", "allegro", "easyanimate",
 })
 
 # Families whose text encoder cannot be built offline: their pipelines have none and callers pass prompt_embeds.
 PROMPT_EMBEDS_FAMILIES: frozenset[str] = frozenset({
-    "hunyuan-video", "sana", "flux2", "lumina2", "qwen-image", "ovis-image",
+    "hunyuan-video", "sana", "flux2", "lumina2", "qwen-image", "ovis-image", "easyanimate",
 })
 
 
@@ -540,7 +584,7 @@ def example_inputs(
         return {**kwargs, "class_labels": [(3 * i + 1) % 10 for i in range(batch_size)], "output_type": "np",
                 "guidance_scale": 4.0 if guidance else 1.0}
     kwargs["output_type"] = "np"
-    if family in ("pixart-alpha", "pixart-sigma", "sd3", "sd15", "sdxl", "aura-flow"):
+    if family in ("pixart-alpha", "pixart-sigma", "sd3", "sd15", "sdxl", "aura-flow", "cogview3plus"):
         extra = {} if family in ("sd15", "sdxl") else {"max_sequence_length": 32}
         if family.startswith("pixart"):
             extra.update(use_resolution_binning=False, clean_caption=False)
@@ -607,6 +651,17 @@ def example_inputs(
         extra = {"negative_prompt_embeds": torch.zeros_like(embeds)} if guidance else {}
         return {**kwargs, "prompt_embeds": embeds, "negative_prompt": None, "height": size or 8, "width": size or 8,
                 "guidance_scale": 5.0 if guidance else 1.0, **extra}
+    if family == "easyanimate":
+        embed_generator = torch.Generator("cpu").manual_seed(1234)
+        embeds = torch.randn(batch_size, 8, 16, generator=embed_generator)
+        mask = torch.ones(batch_size, 8, dtype=torch.long)
+        extra = {}
+        if guidance:
+            extra = {"negative_prompt_embeds": torch.zeros_like(embeds),
+                     "negative_prompt_attention_mask": mask.clone()}
+        return {**kwargs, "prompt_embeds": embeds, "prompt_attention_mask": mask, "height": size or 16,
+                "width": size or 16, "num_frames": num_frames or 5, "guidance_scale": 5.0 if guidance else 1.0,
+                **extra}
     raise AssertionError(family)
 
 
