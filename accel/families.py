@@ -39,6 +39,13 @@ def attention_design(adapter: FamilyAdapter) -> str:
     return "self-attention"
 
 
+def guidance(adapter: FamilyAdapter) -> str:
+    """How classifier-free guidance reaches the denoiser."""
+    if adapter.cfg == "separate":
+        return "two calls"
+    return "one batched call" if adapter.cfg_batch_order else "none (guidance distilled into the model)"
+
+
 # Column order: what a method does to the model, reuse first; HierarchicalPrune goes after quantization.
 _COLUMN_ROLES = ("caching", "sparse attention", "quantization", "feedback", "ensembling")
 
@@ -66,7 +73,7 @@ def family_rows() -> list[dict]:
             "pipelines": list(adapter.pipeline_classes),
             "output": "video" if adapter.video else "image",
             "attention": attention_design(adapter),
-            "guidance": "one batched call" if adapter.cfg == "batched" else "two calls",
+            "guidance": guidance(adapter),
             "methods": methods,
         })
     return rows

@@ -84,3 +84,6 @@ def test_attention_design_names_each_kind():
     assert designs["sd3"] == "joint (dual-stream)"
     assert designs["flux"] == "joint (dual-stream + single-stream)"
     assert designs["unet"] == "cross-attention (U-Net)"
+    guidance = {row["family"]: row["guidance"] for row in families.family_rows()}
+    assert (guidance["dit"], guidance["wan"]) == ("one batched call", "two calls")
+    assert guidance["flux2"] == "none (guidance distilled into the model)"
