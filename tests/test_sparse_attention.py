@@ -318,6 +318,34 @@ def test_vmoba_selection_matches_a_token_by_token_reference():
         assert torch.equal(selected[0, h], expected)
 
 
+def test_vmoba_block_gate_scores_each_query_block_by_its_mean_query():
+    partition = make_partition("temporal", 4, 4, 4, (2, 1, 1), 16)  # 2 partition blocks of 32 = 4 kernel blocks
+    generator = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 2, 64, 8, generator=generator), torch.randn(1, 2, 64, 8, generator=generator)
+    threshold = 0.3
+    selected = vmoba_selection(q, k, partition, threshold, gate="block")
+    for h in range(2):
+        means = torch.stack([k[0, h, j * 32 : (j + 1) * 32].mean(0) for j in range(2)])
+        pooled = q[0, h].view(4, 16, 8).mean(1)
+        normalised = pooled @ means.T
+        normalised = (normalised - normalised.min()) / (normalised.max() - normalised.min())
+        values = sorted(((float(normalised[b, j]), b, j) for b in range(4) for j in range(2)), reverse=True)
+        total, running, chosen = float(normalised.sum()), 0.0, set()
+        for value, b, j in values:
+            if running >= threshold * total:
+                break
+            chosen.add((b, j))
+            running += value
+        chosen |= {(b, b // 2) for b in range(4)}  # own partition block
+        expected = torch.zeros(4, 4, dtype=torch.bool)
+        for b, j in chosen:
+            expected[b, 2 * j : 2 * j + 2] = True  # a partition block of 32 is two kernel key blocks
+        assert torch.equal(selected[0, h], expected)
+    assert VMoBAConfig().gate == "block"
+    with pytest.raises(ValueError, match="gate must be 'block' or 'token'"):
+        VMoBAConfig(gate="tokens")
+
+
 def test_vmoba_at_full_threshold_equals_dense_and_layers_cycle_partitions():
     from diffusers import WanPipeline, WanTransformer3DModel
 

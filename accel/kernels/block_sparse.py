@@ -12,9 +12,10 @@ attention forward), fp32 accumulation, int64 pointer offsets, plain pointer arit
 gone in Triton 3.9). Tested under ``TRITON_INTERPRET=1`` on tiny shapes (fp32 and fp16; bf16 ``tl.dot`` is wrong
 in the interpreter) against a dense masked reference; measured on an H200 by ``benchmarks/sparse_attention_gpu.py``.
 
-PyTorch path: exact; the selected key/value blocks of a chunk of query blocks are gathered into one padded batch
-and attended by torch's fused CPU flash kernel (which also gives the LSE), padding masked through an extra head
-column rather than an attention mask, so the cost follows the density, not the sequence length squared.
+PyTorch path: exact; the selected key/value blocks of a chunk of query blocks (taken in order of their block
+counts) are gathered into one padded batch and attended by torch's fused CPU flash kernel (which also gives the
+LSE), padding masked through an extra head column rather than an attention mask, so the cost follows the density,
+not the sequence length squared.
 """
 
 from __future__ import annotations
@@ -133,23 +134,33 @@ def block_sparse_attention_torch(q, k, v, kv_block_index, kv_block_count, block_
     out = torch.empty(rows, block_size, width, dtype=compute, device=q.device)
     lse = torch.empty(rows, block_size, dtype=torch.float32, device=q.device)
     fused = _fused_cpu_attention() if q.device.type == "cpu" else None
-    step = max(1, chunk_elements // (2 * max_blocks * block_size * width))
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        blocks = flat_index[start:stop]
-        heads_here = head_of_row[start:stop, None].expand_as(blocks)
-        keys = ka[heads_here, blocks].reshape(stop - start, 1, max_blocks * block_size, width)
-        values = va[heads_here, blocks].reshape(stop - start, 1, max_blocks * block_size, width)
-        queries = flat_q[start:stop, None]
+    # Rows in order of their block count, chunked, each chunk padded to its own largest count: rows that keep few
+    # blocks (VMoBA's vary per query block) cost their own count, not the busiest row's.
+    row_counts = count.reshape(rows)
+    by_count = torch.argsort(row_counts, stable=True)
+    sorted_counts = row_counts[by_count].clamp_min(1).tolist()
+    budget = max(1, chunk_elements // (2 * block_size * width))  # gathered key blocks per chunk
+    start = 0
+    while start < rows:
+        widest = sorted_counts[min(rows, start + max(1, budget // sorted_counts[start])) - 1]
+        stop = min(rows, start + max(1, budget // widest))
+        slots = sorted_counts[stop - 1]
+        chunk_rows = by_count[start:stop]
+        blocks = flat_index[chunk_rows, :slots]
+        heads_here = head_of_row[chunk_rows, None].expand_as(blocks)
+        keys = ka[heads_here, blocks].reshape(stop - start, 1, slots * block_size, width)
+        values = va[heads_here, blocks].reshape(stop - start, 1, slots * block_size, width)
+        queries = flat_q[chunk_rows, None]
         if fused is not None:
             chunk_out, chunk_lse = fused(queries, keys, values, 0.0, False, scale=scale)
-            lse[start:stop] = chunk_lse[:, 0]
+            lse[chunk_rows] = chunk_lse[:, 0]
         else:
             chunk_out = torch.nn.functional.scaled_dot_product_attention(queries, keys, values, scale=scale)
             if with_lse:
                 scores = torch.matmul(queries, keys.transpose(-1, -2)) * scale
-                lse[start:stop] = torch.logsumexp(scores, dim=-1)[:, 0]
-        out[start:stop] = chunk_out[:, 0]
+                lse[chunk_rows] = torch.logsumexp(scores, dim=-1)[:, 0]
+        out[chunk_rows] = chunk_out[:, 0]
+        start = stop
     empty = (count == 0).reshape(rows, 1)
     out = out[..., :v_dim].masked_fill(empty[..., None], 0)
     out = out.reshape(batch, heads, q_blocks * block_size, v_dim)[:, :, :q_len].to(q.dtype)

@@ -11,8 +11,9 @@ the highest down until they add up to ``threshold`` of their total (global selec
 its own block. The first ``dense_steps`` share of the steps runs dense.
 
 Where this implementation departs from the paper, and why:
-* The shared kernel works on query blocks of ``kernel block`` tokens, not single tokens: a query block attends the
-  union of its tokens' selections (exact for that union), and the density reported is the one computed. The
+* The shared kernel works on query blocks of ``kernel block`` tokens, so by default (``gate="block"``) each kernel
+  query block is gated as one query, by its mean query; the paper's per-token gate (``gate="token"``) makes a
+  query block attend the union of its tokens' picks, which on 16K tokens covered every block (density 1.0). The
   kernel block is the largest power of two <= ``block_size`` dividing every partition block's size; when none
   >= 16 does, it is 16 and a selected partition block brings in the kernel blocks it overlaps (a superset).
 * The 2D tiles span every frame, the 1D runs every row and column; on images (one frame) the 1D partition runs
@@ -21,8 +22,8 @@ Where this implementation departs from the paper, and why:
   whose mask masks something run dense.
 * Recall (attention mass kept) costs a dense pass, so it is measured only with ``measure_recall=True``.
 
-Measured on ``moving-digits`` (``python benchmarks/sparse_attention.py --sections moving-digits``): threshold 0.25
-keeps 85% of the attention mass at density 0.87, 18.6 dB PSNR against dense, 0.44x of dense's speed on 2 CPU cores.
+Measured: ``docs/benchmarks/sparse_attention.md`` (``python benchmarks/sparse_attention.py``): end-to-end speed
+against dense, and recall against the oracle's best at the same block budget, on every step.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ class VMoBAConfig(AccelConfig):
         spatial_blocks: (rows, columns) of tiles in the 2D partition.
         cube_blocks: (frames, rows, columns) splits of the 3D partition.
         block_size: largest kernel block, in tokens (a power of two from 16 to 1024).
+        gate: "block" scores each kernel query block (its mean query) against the key blocks, "token" each query
+            token (the paper's), a kernel query block then attending the union of its tokens' picks.
         measure_recall: also run a dense pass per sparse call to report the attention mass kept, and the most any
             selection with the same number of key blocks per query block could keep (the oracle's).
     """
@@ -81,6 +84,7 @@ class VMoBAConfig(AccelConfig):
     spatial_blocks: tuple[int, int] = (4, 4)
     cube_blocks: tuple[int, int, int] = (4, 4, 4)
     block_size: int = 64
+    gate: str = "block"
     measure_recall: bool = False
 
     def validate(self) -> None:
@@ -91,6 +95,8 @@ class VMoBAConfig(AccelConfig):
         _check_splits("cube_blocks", self.cube_blocks, 3)
         self.spatial_blocks, self.cube_blocks = tuple(self.spatial_blocks), tuple(self.cube_blocks)  # JSON: lists
         check_block_size("block_size", self.block_size)
+        if self.gate not in ("block", "token"):
+            raise ValueError(f"gate must be 'block' or 'token', got {self.gate!r}.")
         check_bool("measure_recall", self.measure_recall)
 
     def splits(self, partition: str, frames: int, height: int, width: int) -> tuple[int, int, int]:
@@ -137,28 +143,45 @@ def make_partition(kind: str, frames: int, height: int, width: int, splits: tupl
     return Partition(kind, order, block[order], sizes, kernel_block)
 
 
-def vmoba_selection(q: torch.Tensor, k: torch.Tensor, partition: Partition, threshold: float) -> torch.Tensor:
-    """Kernel-block mask [B, H, Qb, Kb] from VMoBA's token-level gating (q, k permuted into block order)."""
+def vmoba_selection(q: torch.Tensor, k: torch.Tensor, partition: Partition, threshold: float,
+                    gate: str = "token") -> torch.Tensor:
+    """Kernel-block mask [B, H, Qb, Kb] from VMoBA's gating (q, k permuted into block order), per query token
+    (``gate="token"``) or per kernel query block, from its mean query (``gate="block"``)."""
     batch, heads, n, dim = q.shape
     block_of, blocks, size = partition.block_of.to(q.device), partition.blocks, partition.kernel_block
     means = torch.zeros(batch, heads, blocks, dim, dtype=torch.float32, device=q.device)
     means.index_add_(2, block_of, k.float())
     means /= partition.sizes.to(q.device).view(1, 1, -1, 1)
-    scores = torch.matmul(q.float(), means.transpose(-1, -2))  # [B, H, n, J]
+    query_blocks = math.ceil(n / size)
+    if gate == "block":
+        pooled = torch.nn.functional.pad(q.float(), (0, 0, 0, query_blocks * size - n))
+        rows = torch.bincount(torch.arange(n, device=q.device) // size, minlength=query_blocks)
+        pooled = pooled.view(batch, heads, query_blocks, size, dim).sum(3) / rows.view(1, 1, -1, 1)
+        gated_block_of = block_of[torch.clamp(torch.arange(query_blocks, device=q.device) * size, max=n - 1)]
+        chosen = _threshold_pairs(torch.matmul(pooled, means.transpose(-1, -2)), threshold, gated_block_of)
+        per_query_block = chosen  # [B, H, Qb, J]
+    else:
+        chosen = _threshold_pairs(torch.matmul(q.float(), means.transpose(-1, -2)), threshold, block_of)
+        padded = torch.nn.functional.pad(chosen, (0, 0, 0, query_blocks * size - n))
+        per_query_block = padded.view(batch, heads, query_blocks, size, blocks).any(dim=3)  # union of its tokens
+    overlap = torch.zeros(blocks, query_blocks, dtype=torch.float32, device=q.device)
+    overlap[block_of, torch.arange(n, device=q.device) // size] = 1.0  # partition block -> kernel key blocks
+    return torch.matmul(per_query_block.float(), overlap) > 0
+
+
+def _threshold_pairs(scores: torch.Tensor, threshold: float, own_block: torch.Tensor) -> torch.Tensor:
+    """VMoBA's global selection over (query, key block) ``scores`` [B, H, Q, J]: per head, min-max-normalised scores
+    kept from the highest down until they reach ``threshold`` of their total; each query keeps ``own_block``."""
+    batch, heads, queries, blocks = scores.shape
     low = scores.amin(dim=(-1, -2), keepdim=True)
     high = scores.amax(dim=(-1, -2), keepdim=True)
     normalised = ((scores - low) / (high - low).clamp_min(1e-12)).flatten(2)
     ranked, position = torch.sort(normalised, dim=-1, descending=True)
     before = torch.cumsum(ranked, dim=-1) - ranked
     keep = before < threshold * ranked.sum(-1, keepdim=True)  # until the running sum reaches the threshold
-    chosen = torch.zeros_like(keep).scatter_(-1, position, keep).view(batch, heads, n, blocks)
-    chosen[:, :, torch.arange(n, device=q.device), block_of] = True  # a token always keeps its own block
-    query_blocks = math.ceil(n / size)
-    padded = torch.nn.functional.pad(chosen, (0, 0, 0, query_blocks * size - n))
-    per_query_block = padded.view(batch, heads, query_blocks, size, blocks).any(dim=3)  # union of its tokens
-    overlap = torch.zeros(blocks, query_blocks, dtype=torch.float32, device=q.device)
-    overlap[block_of, torch.arange(n, device=q.device) // size] = 1.0  # partition block -> kernel key blocks
-    return torch.matmul(per_query_block.float(), overlap) > 0
+    chosen = torch.zeros_like(keep).scatter_(-1, position, keep).view(batch, heads, queries, blocks)
+    chosen[:, :, torch.arange(queries, device=scores.device), own_block] = True  # a query keeps its own block
+    return chosen
 
 
 class VMoBAAttention:
@@ -181,7 +204,7 @@ class VMoBAAttention:
                                    self.config.block_size)
         order = partition.order.to(call.query.device)
         q_image, k_image, _ = sparse.image_parts(call, split, order)
-        selected = vmoba_selection(q_image, k_image, partition, self.config.threshold)
+        selected = vmoba_selection(q_image, k_image, partition, self.config.threshold, self.config.gate)
         index, count = selection_from_mask(selected)
         density = sparse.selection_density(split, index, count, partition.kernel_block, call.query.shape[2])
         entry = {
