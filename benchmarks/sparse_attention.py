@@ -150,6 +150,7 @@ SPARSE_METHODS = {
     "AdaSpa (sparsity 0.75)": lambda: accel.AdaSpaConfig(sparsity=0.75),
     "AdaSpa (sparsity 0.75, dense search: the paper's)": lambda: accel.AdaSpaConfig(sparsity=0.75, search_rows=None),
     "VMoBA (threshold 0.25)": lambda: accel.VMoBAConfig(),
+    "VMoBA (threshold 0.25, block gate: vmoba-fast)": lambda: accel.VMoBAConfig(gate="block"),
 }
 
 
@@ -186,7 +187,8 @@ def selection_section(model: str = "moving-digits", clips: int = 2) -> list[dict
     methods = {"AdaSpa (sparsity 0.7)": accel.AdaSpaConfig(sparsity=0.7, measure_recall=True),
                "AdaSpa (sparsity 0.7, dense search: the paper's)":
                    accel.AdaSpaConfig(sparsity=0.7, search_rows=None, measure_recall=True),
-               "VMoBA (threshold 0.25)": accel.VMoBAConfig(measure_recall=True)}
+               "VMoBA (threshold 0.25)": accel.VMoBAConfig(measure_recall=True),
+               "VMoBA (threshold 0.25, block gate: vmoba-fast)": accel.VMoBAConfig(gate="block", measure_recall=True)}
     labels = [(3 * number) % 10 for number in range(clips)]
     rows = []
     for name, config in methods.items():
@@ -235,7 +237,8 @@ def moving_digits_section(clips: int, batch: int, model: str = "moving-digits") 
                "AdaSpa (sparsity 0.7)": lambda: accel.AdaSpaConfig(sparsity=0.7),
                "AdaSpa (sparsity 0.5)": lambda: accel.AdaSpaConfig(sparsity=0.5),
                "VMoBA (threshold 0.25)": lambda: accel.VMoBAConfig(),
-               "VMoBA (threshold 0.25, kernel block 16)": lambda: accel.VMoBAConfig(block_size=16)}
+               "VMoBA (threshold 0.25, block gate: vmoba-fast)": lambda: accel.VMoBAConfig(gate="block"),
+               "VMoBA (threshold 0.5, block gate)": lambda: accel.VMoBAConfig(threshold=0.5, gate="block")}
     pipes = {name: reference.load(model) for name in methods}
     for name, make in methods.items():
         if make is not None:

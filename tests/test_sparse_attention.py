@@ -341,7 +341,7 @@ def test_vmoba_block_gate_scores_each_query_block_by_its_mean_query():
         for b, j in chosen:
             expected[b, 2 * j : 2 * j + 2] = True  # a partition block of 32 is two kernel key blocks
         assert torch.equal(selected[0, h], expected)
-    assert VMoBAConfig().gate == "block"
+    assert VMoBAConfig().gate == "token"
     with pytest.raises(ValueError, match="gate must be 'block' or 'token'"):
         VMoBAConfig(gate="tokens")
 

@@ -11,11 +11,12 @@ the highest down until they add up to ``threshold`` of their total (global selec
 its own block. The first ``dense_steps`` share of the steps runs dense.
 
 Where this implementation departs from the paper, and why:
-* The shared kernel works on query blocks of ``kernel block`` tokens, so by default (``gate="block"``) each kernel
-  query block is gated as one query, by its mean query; the paper's per-token gate (``gate="token"``) makes a
-  query block attend the union of its tokens' picks, which on 16K tokens covered every block (density 1.0). The
-  kernel block is the largest power of two <= ``block_size`` dividing every partition block's size; when none
-  >= 16 does, it is 16 and a selected partition block brings in the kernel blocks it overlaps (a superset).
+* The shared kernel works on query blocks of ``kernel block`` tokens: with the paper's per-token gate (default) a
+  query block attends the union of its tokens' picks (on random weights at 16K tokens: every block, and a call
+  whose selection is full runs dense); ``gate="block"`` (``"vmoba-fast"``) gates each query block by its mean
+  query, at the threshold's density but coarser (docs/methods/vmoba.md). The kernel block is the largest power
+  of two <= ``block_size`` dividing every partition block's size; when none >= 16 does, it is 16 and a selected
+  partition block brings in the kernel blocks it overlaps (a superset).
 * The 2D tiles span every frame, the 1D runs every row and column; on images (one frame) the 1D partition runs
   over rows. Split counts are capped by the token grid.
 * Text tokens of joint attention are always kept in both directions; cross-attention is never touched; calls
@@ -71,8 +72,8 @@ class VMoBAConfig(AccelConfig):
         spatial_blocks: (rows, columns) of tiles in the 2D partition.
         cube_blocks: (frames, rows, columns) splits of the 3D partition.
         block_size: largest kernel block, in tokens (a power of two from 16 to 1024).
-        gate: "block" scores each kernel query block (its mean query) against the key blocks, "token" each query
-            token (the paper's), a kernel query block then attending the union of its tokens' picks.
+        gate: "token" scores each query token (the paper's), a kernel query block then attending the union of its
+            tokens' picks; "block" scores each kernel query block by its mean query (sparser, faster, coarser).
         measure_recall: also run a dense pass per sparse call to report the attention mass kept, and the most any
             selection with the same number of key blocks per query block could keep (the oracle's).
     """
@@ -84,7 +85,7 @@ class VMoBAConfig(AccelConfig):
     spatial_blocks: tuple[int, int] = (4, 4)
     cube_blocks: tuple[int, int, int] = (4, 4, 4)
     block_size: int = 64
-    gate: str = "block"
+    gate: str = "token"
     measure_recall: bool = False
 
     def validate(self) -> None:
@@ -205,19 +206,26 @@ class VMoBAAttention:
         order = partition.order.to(call.query.device)
         q_image, k_image, _ = sparse.image_parts(call, split, order)
         selected = vmoba_selection(q_image, k_image, partition, self.config.threshold, self.config.gate)
+        full = bool(selected.all())  # every block kept: dense attention gives the same result, faster
         index, count = selection_from_mask(selected)
-        density = sparse.selection_density(split, index, count, partition.kernel_block, call.query.shape[2])
+        density = 1.0 if full else sparse.selection_density(split, index, count, partition.kernel_block,
+                                                             call.query.shape[2])
         entry = {
             "step": info.step, "branch": info.branch, "partition": partition.kind, "blocks": partition.blocks,
             "kernel_block": partition.kernel_block, "attention_density": round(density, 4),
             "density_per_head": [round(float(d), 4) for d in selected.float().mean(dim=(0, 2, 3))],
         }
         if self.config.measure_recall:
-            kept, oracle = sparse.measured_recall(call, split, index, count, partition.kernel_block, order=order)
+            if full:
+                kept = oracle = torch.ones(call.query.shape[1])
+            else:
+                kept, oracle = sparse.measured_recall(call, split, index, count, partition.kernel_block, order=order)
             entry["recall_per_head"] = [round(float(r), 4) for r in kept]
             entry["oracle_recall_per_head"] = [round(float(r), 4) for r in oracle]
         self.state.report.setdefault("layers", {}).setdefault(self.name, []).append(entry)
         self.scope.record_attention_density(density)
+        if full:
+            return call.dense()
         return sparse.sparse_attention(call, split, index, count, partition.kernel_block, order=order)
 
 
@@ -239,7 +247,7 @@ register_accelerator(
     apply_vmoba,
     description="VMoBA: per-token top-threshold key-block selection over cycling 1D/2D/3D partitions",
     families=FAMILIES,
-    presets={"vmoba-quality": lambda: VMoBAConfig(threshold=0.5)},
+    presets={"vmoba-quality": lambda: VMoBAConfig(threshold=0.5), "vmoba-fast": lambda: VMoBAConfig(gate="block")},
     role="sparse attention",
     structural=True,
 )
