@@ -221,6 +221,21 @@ def test_the_validation_loss_of_identical_members_is_the_members():
     assert validation_loss([tiny.build("dit"), member("dit")], batches, count=2, batch_size=2) != alone
 
 
+def test_a_solver_sampling_a_flow_model_trains_with_flow_matching_noise():
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    from accel.methods.afa.training import noised
+
+    clean = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    solver = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
+    for scheduler in (solver, FlowMatchEulerDiscreteScheduler()):
+        noisy, timesteps, target = noised(scheduler, clean, torch.Generator().manual_seed(1))
+        sigmas = timesteps / 1000
+        noise = target + clean  # flow matching: the target is the velocity noise - x0
+        torch.testing.assert_close(noisy, (1 - sigmas.view(-1, 1, 1, 1)) * clean + sigmas.view(-1, 1, 1, 1) * noise)
+        assert timesteps.dtype.is_floating_point and ((0 <= sigmas) & (sigmas <= 1)).all()
+
+
 def test_bad_training_input_is_refused(tmp_path):
     pipes = [tiny.build("dit"), member("dit")]
     with pytest.raises(ValueError, match="'latents' tensor"):

@@ -64,7 +64,8 @@ def noised(scheduler, clean: torch.Tensor, generator: torch.Generator) -> tuple[
     noise = torch.randn(clean.shape, generator=generator).to(clean)
     train_steps = int(scheduler.config.num_train_timesteps)
     # UniPC or DPM-Solver with flow_prediction (Wan, SkyReels, Sana checkpoints) sample a flow-matching model
-    flow = "FlowMatch" in type(scheduler).__name__ or scheduler.config.get("prediction_type") == "flow_prediction"
+    prediction = getattr(scheduler.config, "prediction_type", None)
+    flow = "FlowMatch" in type(scheduler).__name__ or prediction == "flow_prediction"
     if hasattr(scheduler, "alphas_cumprod") and not flow:
         timesteps = torch.randint(0, train_steps, (len(clean),), generator=generator)
         noisy = scheduler.add_noise(clean, noise, timesteps)
