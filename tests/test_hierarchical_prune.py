@@ -4,6 +4,7 @@ stacking with QuEST, and the refusals. Random tiny weights: plumbing, not qualit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from accel.eval.metrics import output_array
 from accel.methods.hierarchical_prune import ContributionReport, DistillationSettings, ZeroBranch
 from accel.methods.hierarchical_prune.analysis import removed
 from accel.methods.hierarchical_prune.pruning import lr_scales
-from accel.methods.hierarchical_prune.surgery import ZEROED_KEY, Unit, blocks_of, denoiser_of
+from accel.methods.hierarchical_prune.surgery import ZEROED_KEY, Unit, blocks_of, denoiser_of, remove_units
 from accel.methods.quest import QuESTConfig
 from accel.pipelines import reference, tiny
 
@@ -284,3 +285,10 @@ def test_refusals(tmp_path):
         accel.analyze_contributions(wrapped, [inputs_for("dit")], progress=False)
     with pytest.raises(ValueError, match="unwrap"):
         accel.prune(wrapped, report, 1, distill_steps=0)
+
+
+def test_a_block_list_whose_count_key_the_config_lacks_is_refused():
+    model, adapter = denoiser_of(tiny.build("flux"))
+    groups = tuple(dataclasses.replace(group, count_key="num_mystery_layers") for group in adapter.block_groups)
+    with pytest.raises(ValueError, match="count key 'num_mystery_layers' is not in the model's config"):
+        remove_units(model, dataclasses.replace(adapter, block_groups=groups), [Unit(0)])

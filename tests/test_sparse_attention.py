@@ -251,6 +251,12 @@ def test_measured_recall_of_the_oracle_selection_is_the_oracle():
     torch.testing.assert_close(oracle_again, oracle)
 
 
+@pytest.mark.parametrize("rows", [0, 65, 2.5])
+def test_adaspa_refuses_search_rows_outside_one_block(rows):
+    with pytest.raises(ValueError, match="search_rows"):
+        AdaSpaConfig(search_rows=rows)
+
+
 def test_adaspa_at_zero_sparsity_equals_dense():
     config = AdaSpaConfig(sparsity=0.0, block_size=16)
     state = sparse.CallReport({})
@@ -294,6 +300,20 @@ def test_partitions_cover_every_token_once_and_pick_the_kernel_block():
     assert VMoBAConfig(cube_blocks=(4, 16, 16)).splits("spatiotemporal", 2, 4, 4) == (2, 4, 4)  # capped
 
 
+def threshold_reference(normalised: torch.Tensor, threshold: float) -> set[tuple[int, int]]:
+    """VMoBA's global selection by hand: (query, key block) pairs from the highest score down until they reach
+    ``threshold`` of the total."""
+    values = sorted(((float(normalised[q, j]), q, j) for q in range(normalised.shape[0])
+                     for j in range(normalised.shape[1])), reverse=True)
+    total, running, chosen = float(normalised.sum()), 0.0, set()
+    for value, q, j in values:
+        if running >= threshold * total:
+            break
+        chosen.add((q, j))
+        running += value
+    return chosen
+
+
 def test_vmoba_selection_matches_a_token_by_token_reference():
     partition = make_partition("temporal", 4, 4, 4, (4, 1, 1), 16)  # 4 blocks of 16 = 4 kernel blocks
     generator = torch.Generator().manual_seed(0)
@@ -304,14 +324,7 @@ def test_vmoba_selection_matches_a_token_by_token_reference():
         means = torch.stack([k[0, h, j * 16 : (j + 1) * 16].mean(0) for j in range(4)])
         scores = q[0, h] @ means.T
         normalised = (scores - scores.min()) / (scores.max() - scores.min())
-        values = sorted(((float(normalised[t, j]), t, j) for t in range(64) for j in range(4)), reverse=True)
-        total, running, chosen = float(normalised.sum()), 0.0, set()
-        for value, t, j in values:
-            if running >= threshold * total:
-                break
-            chosen.add((t, j))
-            running += value
-        chosen |= {(t, t // 16) for t in range(64)}  # own block
+        chosen = threshold_reference(normalised, threshold) | {(t, t // 16) for t in range(64)}  # own block
         expected = torch.zeros(4, 4, dtype=torch.bool)
         for t, j in chosen:
             expected[t // 16, j] = True
@@ -329,14 +342,7 @@ def test_vmoba_block_gate_scores_each_query_block_by_its_mean_query():
         pooled = q[0, h].view(4, 16, 8).mean(1)
         normalised = pooled @ means.T
         normalised = (normalised - normalised.min()) / (normalised.max() - normalised.min())
-        values = sorted(((float(normalised[b, j]), b, j) for b in range(4) for j in range(2)), reverse=True)
-        total, running, chosen = float(normalised.sum()), 0.0, set()
-        for value, b, j in values:
-            if running >= threshold * total:
-                break
-            chosen.add((b, j))
-            running += value
-        chosen |= {(b, b // 2) for b in range(4)}  # own partition block
+        chosen = threshold_reference(normalised, threshold) | {(b, b // 2) for b in range(4)}  # own partition block
         expected = torch.zeros(4, 4, dtype=torch.bool)
         for b, j in chosen:
             expected[b, 2 * j : 2 * j + 2] = True  # a partition block of 32 is two kernel key blocks

@@ -38,19 +38,13 @@ from accel.attention import AttentionCall
 from accel.config import AccelConfig, check_block_size, check_bool, check_float, check_int
 from accel.hooks import BranchStates, MethodScope
 from accel.kernels import block_mass, mask_from_selection, recall, sampled_block_mass, top_k_selection
-from accel.pipelines.adapters import ADAPTERS
 from accel.registry import register_accelerator
 
 from . import sparse_tokens as sparse
 
 RECALL_BAR = 0.8  # heads whose recall at the target sparsity exceeds this count towards n
 
-# The DiT families with softmax self- or joint attention: a U-Net attends at several resolutions, none of which the
-# token layout describes; a linear self-attention (Sana's) has no softmax to make sparse. Chroma's pipeline always
-# passes its text mask to attention as a float 0/1 tensor (which SDPA adds to the scores), so every call is masked
-# and stays dense (sparse_tokens.token_split): the method would save nothing there.
-FAMILIES = tuple(adapter.name for adapter in ADAPTERS if adapter.sequential_blocks and adapter.name != "chroma"
-                 and any({"self_attn", "joint_attn"} & set(group.branches) for group in adapter.block_groups))
+FAMILIES = sparse.FAMILIES  # the families with softmax self-attention to make sparse
 
 
 @dataclasses.dataclass

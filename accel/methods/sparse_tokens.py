@@ -27,6 +27,14 @@ from accel.kernels import (
     recall,
     selected_key_tokens,
 )
+from accel.pipelines.adapters import ADAPTERS
+
+# The families both methods declare: the DiT families with softmax self- or joint attention. A U-Net attends at
+# several resolutions, none of which the token layout describes; a linear self-attention (Sana's) has no softmax to
+# make sparse; where the pipeline masks every call, every call stays dense (token_split): nothing to save.
+FAMILIES = tuple(adapter.name for adapter in ADAPTERS
+                 if adapter.sequential_blocks and not adapter.attention_always_masked and any(
+                     {"self_attn", "joint_attn"} & set(group.branches) for group in adapter.block_groups))
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,6 @@ from accel.attention import AttentionCall
 from accel.config import AccelConfig, check_block_size, check_bool, check_float, check_int
 from accel.hooks import MethodScope
 from accel.kernels import selection_from_mask
-from accel.pipelines.adapters import ADAPTERS
 from accel.registry import register_accelerator
 
 from . import sparse_tokens as sparse
@@ -53,12 +52,7 @@ def _check_splits(name: str, value, length: int) -> None:
     for count in value:
         check_int(name, count, minimum=1)
 
-# The DiT families with softmax self- or joint attention: a U-Net attends at several resolutions, none of which the
-# token layout describes; a linear self-attention (Sana's) has no softmax to make sparse. Chroma's pipeline always
-# passes its text mask to attention as a float 0/1 tensor (which SDPA adds to the scores), so every call is masked
-# and stays dense (sparse_tokens.token_split): the method would save nothing there.
-FAMILIES = tuple(adapter.name for adapter in ADAPTERS if adapter.sequential_blocks and adapter.name != "chroma"
-                 and any({"self_attn", "joint_attn"} & set(group.branches) for group in adapter.block_groups))
+FAMILIES = sparse.FAMILIES  # the families with softmax self-attention to make sparse
 
 
 @dataclasses.dataclass

@@ -105,6 +105,7 @@ class BlockGroup:
     # Branch kinds that are no branch of the group's last block: the model discards what they feed there (the
     # context stream after the last block), so removing or caching them changes nothing.
     discarded_in_last: tuple[str, ...] = ()
+    count_key: str = "num_layers"  # the config key that counts this group's blocks (pruning rewrites it)
 
 
 @dataclass(frozen=True)
@@ -295,6 +296,9 @@ class FamilyAdapter:
     # transformer blocks do not: resnets and resampling sit between them.
     sequential_blocks: bool = True
     notes: str = ""
+    # The pipeline masks every attention call (Chroma: its text mask, as a float tensor SDPA adds to the scores), so
+    # calls that must stay exact where masked stay dense.
+    attention_always_masked: bool = False
     inferred: bool = False  # made by infer_adapter from the module tree, not declared (see the structural fallback)
 
     def blocks(self, model: torch.nn.Module) -> list[BlockInfo]:
@@ -529,7 +533,8 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         pipeline_classes=("FluxPipeline",),
         block_groups=(
             BlockGroup("transformer_blocks.*", _MMDIT_BRANCHES, dual_stream=True, returns="context_hidden"),
-            BlockGroup("single_transformer_blocks.*", _SINGLE_STREAM_BRANCHES, returns="context_hidden"),
+            BlockGroup("single_transformer_blocks.*", _SINGLE_STREAM_BRANCHES, returns="context_hidden",
+                       count_key="num_single_layers"),
         ),
         modulation=("time_text_embed", "time_text_embed.*", "*.norm1.linear", "*.norm1_context.linear",
                     "single_transformer_blocks.*.norm.linear", "norm_out.linear"),
@@ -617,7 +622,8 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         pipeline_classes=("HunyuanVideoPipeline",),
         block_groups=(
             BlockGroup("transformer_blocks.*", _MMDIT_BRANCHES, dual_stream=True, returns="hidden_context"),
-            BlockGroup("single_transformer_blocks.*", _SINGLE_STREAM_BRANCHES, returns="hidden_context"),
+            BlockGroup("single_transformer_blocks.*", _SINGLE_STREAM_BRANCHES, returns="hidden_context",
+                       count_key="num_single_layers"),
         ),
         modulation=("time_text_embed", "time_text_embed.*", "*.norm1.linear", "*.norm1_context.linear",
                     "single_transformer_blocks.*.norm.linear", "norm_out.linear"),
@@ -631,8 +637,10 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         denoiser_classes=("AuraFlowTransformer2DModel",),
         pipeline_classes=("AuraFlowPipeline",),
         block_groups=(
-            BlockGroup("joint_transformer_blocks.*", _MMDIT_BRANCHES, dual_stream=True, returns="context_hidden"),
-            BlockGroup("single_transformer_blocks.*", {"joint_attn": "attn", "ff": "ff"}, concatenated="first"),
+            BlockGroup("joint_transformer_blocks.*", _MMDIT_BRANCHES, dual_stream=True, returns="context_hidden",
+                       count_key="num_mmdit_layers"),
+            BlockGroup("single_transformer_blocks.*", {"joint_attn": "attn", "ff": "ff"}, concatenated="first",
+                       count_key="num_single_dit_layers"),
         ),
         modulation=("time_step_embed", "time_step_proj", "time_step_proj.*", "*.norm1.linear",
                     "*.norm1_context.linear", "norm_out.linear"),
@@ -648,12 +656,14 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         pipeline_classes=("ChromaPipeline",),
         block_groups=(
             BlockGroup("transformer_blocks.*", _MMDIT_BRANCHES, dual_stream=True, returns="context_hidden"),
-            BlockGroup("single_transformer_blocks.*", _SINGLE_STREAM_BRANCHES, concatenated="first"),
+            BlockGroup("single_transformer_blocks.*", _SINGLE_STREAM_BRANCHES, concatenated="first",
+                       count_key="num_single_layers"),
         ),
         modulation=("time_text_embed", "time_text_embed.*", "distilled_guidance_layer",
                     "distilled_guidance_layer.*"),
         token_layout=_flux_layout,
         cfg="separate",
+        attention_always_masked=True,
         notes="Flux with pruned modulation: one approximator MLP (distilled_guidance_layer) makes every block's "
               "modulation, the blocks' norms hold no weights. Joint attention concatenates [text, image]; the single "
               "blocks take that concatenation as their one hidden_states stream. CFG runs two calls.",
@@ -679,7 +689,8 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         pipeline_classes=("BriaPipeline",),
         block_groups=(
             BlockGroup("transformer_blocks.*", _MMDIT_BRANCHES, dual_stream=True, returns="context_hidden"),
-            BlockGroup("single_transformer_blocks.*", _SINGLE_STREAM_BRANCHES, returns="context_hidden"),
+            BlockGroup("single_transformer_blocks.*", _SINGLE_STREAM_BRANCHES, returns="context_hidden",
+                       count_key="num_single_layers"),
         ),
         modulation=("time_embed", "time_embed.*", "*.norm1.linear", "*.norm1_context.linear",
                     "single_transformer_blocks.*.norm.linear", "norm_out.linear"),
@@ -695,7 +706,8 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         pipeline_classes=("OvisImagePipeline",),
         block_groups=(
             BlockGroup("transformer_blocks.*", _MMDIT_BRANCHES, dual_stream=True, returns="context_hidden"),
-            BlockGroup("single_transformer_blocks.*", _SINGLE_STREAM_BRANCHES, returns="context_hidden"),
+            BlockGroup("single_transformer_blocks.*", _SINGLE_STREAM_BRANCHES, returns="context_hidden",
+                       count_key="num_single_layers"),
         ),
         modulation=("time_proj", "timestep_embedder", "timestep_embedder.*", "*.norm1.linear",
                     "*.norm1_context.linear", "single_transformer_blocks.*.norm.linear", "norm_out.linear"),
@@ -782,7 +794,8 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
             BlockGroup("transformer_blocks.*", _MMDIT_BRANCHES, dual_stream=True, returns="context_hidden"),
             # fed the concatenated [text, image] sequence as hidden_states; the MLP is fused into the attention module
             # (one projection makes q, k, v and the MLP input): its activation is the block's "ff" branch
-            BlockGroup("single_transformer_blocks.*", {"joint_attn": "attn", "ff": "attn.mlp_act_fn"}),
+            BlockGroup("single_transformer_blocks.*", {"joint_attn": "attn", "ff": "attn.mlp_act_fn"},
+                       count_key="num_single_layers"),
         ),
         modulation=("time_guidance_embed", "time_guidance_embed.*", "double_stream_modulation_*",
                     "single_stream_modulation", "single_stream_modulation.*", "norm_out.linear"),

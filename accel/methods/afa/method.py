@@ -20,14 +20,10 @@ from .aggregator import Aggregator
 from .lockstep import LockStep, install_lockstep
 from .unet import UNetLockStep, mixing_dims, unet_stages
 
-# Flux, Flux.2, Bria, Ovis-Image, HunyuanVideo, AuraFlow and Chroma call their single-stream blocks with other
-# arguments than their dual-stream ones (AuraFlow's and Chroma's take the concatenated text + image stream, no
-# encoder_hidden_states), which the captured first-block arguments cannot serve; the U-Net runs by stages
-# (accel.methods.afa.unet).
+# Families with more than one kind of block (Flux's dual- and single-stream) call them with other arguments, which
+# the captured first-block arguments cannot serve; the U-Net runs by stages (accel.methods.afa.unet).
 FAMILIES = tuple(adapter.name for adapter in ADAPTERS
-                 if (adapter.sequential_blocks or adapter.name == "unet")
-                 and adapter.name not in ("flux", "flux2", "hunyuan-video", "aura-flow", "bria", "ovis-image",
-                                          "chroma"))
+                 if adapter.name == "unet" or (adapter.sequential_blocks and len(adapter.block_groups) == 1))
 
 
 @dataclasses.dataclass

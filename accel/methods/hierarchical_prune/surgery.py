@@ -24,10 +24,6 @@ from accel.pipelines.adapters import ADAPTERS, BlockInfo, FamilyAdapter, adapter
 FAMILIES = tuple(adapter.name for adapter in ADAPTERS if adapter.sequential_blocks)
 
 # The config key that counts the blocks of each block list (diffusers 0.42 transformer classes).
-# The config keys that may count each block list, in the order tried (AuraFlow names its own).
-LAYER_COUNT_KEYS = {"transformer_blocks": ("num_layers",), "blocks": ("num_layers",), "layers": ("num_layers",),
-                    "single_transformer_blocks": ("num_single_layers", "num_single_dit_layers"),
-                    "joint_transformer_blocks": ("num_mmdit_layers",)}
 ZEROED_KEY = "accel_zeroed_branches"
 # Branch kinds whose output a block adds to its residual stream (single-stream blocks mix theirs instead).
 RESIDUAL_KINDS = ("self_attn", "cross_attn", "joint_attn", "ff", "ff_context")
@@ -168,18 +164,20 @@ def remove_units(model: torch.nn.Module, adapter: FamilyAdapter, units: list[Uni
     for block in blocks:
         list_name = block.name.rpartition(".")[0]
         lists.setdefault(list_name, []).append(block.index)
+    count_keys = {group.pattern.rpartition(".")[0]: group.count_key for group in adapter.block_groups}
     counts = {}
     for list_name, indices in lists.items():
         module_list = model.get_submodule(list_name)
         kept = [module_list[position] for position, index in enumerate(indices) if index not in removed_blocks]
         if len(kept) == len(module_list):
             continue
-        keys = [key for key in LAYER_COUNT_KEYS.get(list_name, ()) if key in model.config]
-        if not keys:
-            raise ValueError(f"accel does not know which config key counts {type(model).__name__}.{list_name}.")
+        key = count_keys.get(list_name)
+        if key not in model.config:
+            raise ValueError(f"{type(model).__name__}.{list_name}: its adapter's count key {key!r} is not in the "
+                             "model's config, so a pruned model would not reload.")
         parent, attr = _parent(model, list_name)
         setattr(parent, attr, torch.nn.ModuleList(kept))
-        counts[keys[0]] = len(kept)
+        counts[key] = len(kept)
     zeroed = {name: module.kind for name, module in model.named_modules() if isinstance(module, ZeroBranch)}
     model.register_to_config(**counts, **{ZEROED_KEY: zeroed or None})
     return zeroed
