@@ -3,7 +3,7 @@
     python benchmarks/pruning.py                                        # digits-dit (500 samples) and moving-digits
     python benchmarks/pruning.py --model digits-dit --samples 100 --distill-steps 100 --out /tmp/quick
 
-Every pruned row removes the same number of blocks (``--blocks``; 5 of digits-dit's 12, 3 of moving-digits' 8) and
+Every pruned row removes the same number of blocks (``--blocks``; 5 of digits-dit's 12, 2 of moving-digits' 8) and
 distils, where it distils, with the same settings, steps and data (the full model's trajectories on calibration
 labels and seeds no measured call uses):
 
@@ -60,8 +60,10 @@ SETUP = {  # blocks removed, distillation steps, analysis calls x per call, dist
     # 3000 steps on 32 recorded calls: 1500 on 16 read FID +10.9%, 3000 on 32 +9.7% (docs/methods/)
     "digits-dit": {"blocks": 5, "steps": 3000, "analysis": (2, 10), "distill": (32, 32), "batch": 50,
                    "distilled_baselines": True},
-    # moving-digits reports the same figures with no bar: the distilled baselines are left out to keep the run short
-    "moving-digits": {"blocks": 3, "steps": 1500, "analysis": (2, 2), "distill": (16, 4), "batch": 10,
+    # moving-digits reports the same figures with no bar: the distilled baselines are left out to keep the run short.
+    # 2 blocks on 4000 steps over 32 calls: 3 blocks on 1500 / 16 read 79.1% per-frame accuracy (full 94.1%), 2 blocks
+    # on 1500 / 16 86.8%, both outside the issue's 5 points (docs/methods/hierarchical_prune.md)
+    "moving-digits": {"blocks": 2, "steps": 4000, "analysis": (2, 2), "distill": (32, 4), "batch": 10,
                       "distilled_baselines": False},
 }
 
