@@ -150,6 +150,8 @@ SPARSE_METHODS = {
     "AdaSpa (sparsity 0.75)": lambda: accel.AdaSpaConfig(sparsity=0.75),
     "AdaSpa (sparsity 0.75, dense search: the paper's)": lambda: accel.AdaSpaConfig(sparsity=0.75, search_rows=None),
     "VMoBA (threshold 0.25)": lambda: accel.VMoBAConfig(),
+    "VMoBA (threshold 0.25, never dense: dense_above=1.0)": lambda: accel.VMoBAConfig(dense_above=1.0),
+    "VMoBA (threshold 0.25, exact per-token gate)": lambda: accel.VMoBAConfig(gate="token-exact"),
     "VMoBA (threshold 0.25, block gate: vmoba-fast)": lambda: accel.VMoBAConfig(gate="block"),
 }
 
@@ -174,7 +176,7 @@ def synthetic_section(repeats: int) -> list[dict]:
         density = accel.summary(pipe).attention_density if accel.is_wrapped(pipe) else 1.0
         rows.append({"method": name, "tokens": 16384, "steps": 8, "seconds": statistics.median(seconds[name]),
                      "seconds_all": seconds[name], "speedup": speedup.median, "speedup_spread": speedup.to_dict(),
-                     "attention_density": density})
+                     "attention_density": density, "selected_density": _selected_density(pipe)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -187,8 +189,12 @@ def selection_section(model: str = "moving-digits", clips: int = 2) -> list[dict
     methods = {"AdaSpa (sparsity 0.7)": accel.AdaSpaConfig(sparsity=0.7, measure_recall=True),
                "AdaSpa (sparsity 0.7, dense search: the paper's)":
                    accel.AdaSpaConfig(sparsity=0.7, search_rows=None, measure_recall=True),
-               "VMoBA (threshold 0.25)": accel.VMoBAConfig(measure_recall=True),
-               "VMoBA (threshold 0.25, block gate: vmoba-fast)": accel.VMoBAConfig(gate="block", measure_recall=True)}
+               # dense_above=1.0: the recall of the selection itself, also where the default would run it dense
+               "VMoBA (threshold 0.25)": accel.VMoBAConfig(measure_recall=True, dense_above=1.0),
+               "VMoBA (threshold 0.25, exact per-token gate)":
+                   accel.VMoBAConfig(gate="token-exact", measure_recall=True, dense_above=1.0),
+               "VMoBA (threshold 0.25, block gate: vmoba-fast)":
+                   accel.VMoBAConfig(gate="block", measure_recall=True, dense_above=1.0)}
     labels = [(3 * number) % 10 for number in range(clips)]
     rows = []
     for name, config in methods.items():
@@ -219,6 +225,16 @@ def _mean_recall(summary_extras: dict, method: str, exact_only: bool) -> float |
     return float(np.mean(values)) if values else None
 
 
+def _selected_density(pipe) -> float | None:
+    """VMoBA's mean density as selected over its sparse calls, before a call at or above ``dense_above`` runs
+    dense (None for the other methods, whose selection is what they compute)."""
+    if not accel.is_wrapped(pipe):
+        return None
+    layers = accel.summary(pipe).extras.get("vmoba", {}).get("layers", {}).values()
+    values = [entry["selected_density"] for entries in layers for entry in entries]
+    return float(np.mean(values)) if values else None
+
+
 def _tokens_per_clip(pipe) -> int:
     from accel.pipelines import reference
 
@@ -237,6 +253,7 @@ def moving_digits_section(clips: int, batch: int, model: str = "moving-digits") 
                "AdaSpa (sparsity 0.7)": lambda: accel.AdaSpaConfig(sparsity=0.7),
                "AdaSpa (sparsity 0.5)": lambda: accel.AdaSpaConfig(sparsity=0.5),
                "VMoBA (threshold 0.25)": lambda: accel.VMoBAConfig(),
+               "VMoBA (threshold 0.25, exact per-token gate)": lambda: accel.VMoBAConfig(gate="token-exact"),
                "VMoBA (threshold 0.25, block gate: vmoba-fast)": lambda: accel.VMoBAConfig(gate="block"),
                "VMoBA (threshold 0.5, block gate)": lambda: accel.VMoBAConfig(threshold=0.5, gate="block")}
     pipes = {name: reference.load(model) for name in methods}
@@ -248,6 +265,7 @@ def moving_digits_section(clips: int, batch: int, model: str = "moving-digits") 
     seconds: dict[str, list] = {name: [] for name in methods}
     densities: dict[str, list] = {name: [] for name in methods}
     recalls: dict[str, list] = {name: [] for name in methods}
+    selected: dict[str, list] = {name: [] for name in methods}
     for number, start in enumerate(range(0, len(labels), batch)):
         names = list(methods)
         names = names[number % len(names):] + names[: number % len(names)]  # rotate the order: drift hits all alike
@@ -259,12 +277,14 @@ def moving_digits_section(clips: int, batch: int, model: str = "moving-digits") 
             if methods[name] is not None:
                 summary = accel.summary(pipes[name])
                 densities[name].append(summary.attention_density)
+                if _selected_density(pipes[name]) is not None:
+                    selected[name].append(_selected_density(pipes[name]))
                 recall = _mean_recall(summary.extras, "adaspa", exact_only=True)
                 if recall is not None:
                     recalls[name].append(recall)
     for name, make in methods.items():  # VMoBA's recall needs a dense pass per call: a separate run on one batch
         if make is not None and make().method == "vmoba":
-            probe = accel.wrap(reference.load(model), make().replace(measure_recall=True))
+            probe = accel.wrap(reference.load(model), make().replace(measure_recall=True, dense_above=1.0))
             probe(**reference.call_kwargs("moving-digits", probe, labels[:batch], seed=0))
             recalls[name].append(_mean_recall(accel.summary(probe).extras, "vmoba", exact_only=False))
     dense = np.concatenate(outputs["dense"])
@@ -279,6 +299,7 @@ def moving_digits_section(clips: int, batch: int, model: str = "moving-digits") 
             "ssim_vs_dense": ssim(dense, frames) if name != "dense" else None,
             "per_frame_class_accuracy": classifier.accuracy(frames, labels),
             "attention_density": float(np.mean(densities[name])) if densities[name] else 1.0,
+            "selected_density": float(np.mean(selected[name])) if selected[name] else None,
             "recall": float(np.mean(recalls[name])) if recalls[name] else None,
         })
         print(json.dumps(rows[-1]), flush=True)
@@ -383,23 +404,28 @@ def markdown(results: dict) -> str:
                   *_measured(results, "synthetic"),
                   "Whole pipeline calls, methods interleaved in rotating order; the speedup is the median of the "
                   "per-round ratios to dense, with their spread.", "",
-                  "| method | seconds per call | speedup | spread | attention density |", "|---|---:|---:|---|---:|"]
+                  "Attention density: the share of the attention matrix computed, dense steps and calls included; "
+                  "selected: VMoBA's selections on its sparse steps, before a selection at or above `dense_above` "
+                  "(default: the kernel's break-even on the device) runs dense.", "",
+                  "| method | seconds per call | speedup | spread | attention density | selected |",
+                  "|---|---:|---:|---|---:|---:|"]
         for r in results["synthetic"]:
             spread = r.get("speedup_spread")
             spread_text = (f"{spread['low']:.2f}–{spread['high']:.2f}x ({spread['spread']}, {spread['n']} rounds)"
                            if spread else "")
             lines.append(f"| {r['method']} | {r['seconds']:.1f} | {r['speedup']:.2f}x | {spread_text} | "
-                         f"{r['attention_density']:.3f} |")
+                         f"{r['attention_density']:.3f} | {_fmt(r.get('selected_density'), '.3f')} |")
     if results.get("moving-digits"):
         tokens = results["moving-digits"][0]["tokens_per_clip"]
         lines += ["", f"## moving-digits ({results.get('moving-digits-model')}, {tokens} tokens per clip)", "",
                   *_measured(results, "moving-digits"),
                   "| method | speedup | PSNR vs dense | SSIM vs dense | per-frame class accuracy | attention density "
-                  "| recall |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| selected | recall |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in results["moving-digits"]:
             lines.append(f"| {r['method']} | {r['speedup']:.2f}x | {_fmt(r['psnr_vs_dense'], '.1f')} | "
                          f"{_fmt(r['ssim_vs_dense'], '.3f')} | {r['per_frame_class_accuracy']:.1%} | "
-                         f"{r['attention_density']:.3f} | {_fmt(r['recall'], '.3f')} |")
+                         f"{r['attention_density']:.3f} | {_fmt(r.get('selected_density'), '.3f')} | "
+                         f"{_fmt(r['recall'], '.3f')} |")
     if results.get("oracle"):
         first = results["oracle"][0]
         lines += ["", f"## Best possible recall on {first['model']} (oracle)", "", *_measured(results, "oracle"),
@@ -416,7 +442,9 @@ def markdown(results: dict) -> str:
                   f"One call ({first['clips']} clips, default call), `measure_recall=True`: on every sparse step, the "
                   "attention mass each method's selection keeps (recall), the most any selection with the same "
                   "number of key blocks in each query-block row keeps (oracle), and their ratio; means over layers, "
-                  "CFG branches and heads. `searched`: AdaSpa searched at that step.", "",
+                  "CFG branches and heads. VMoBA's exact per-token gate: each query token's row over its partition "
+                  "blocks. VMoBA with `dense_above=1.0`: the selection's own recall. `searched`: AdaSpa searched at "
+                  "that step.", "",
                   "| method | step | searched | recall | oracle | recall / oracle |", "|---|---:|---|---:|---:|---:|"]
         for r in results["selection"]:
             lines.append(f"| {r['method']} | {r['step']} | {'yes' if r['searched'] else ''} | {r['recall']:.3f} | "

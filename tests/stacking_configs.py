@@ -33,5 +33,5 @@ def config(name: str):
     if name == "quest":
         return QuESTConfig(artifact=calibrated(FAMILY)[1])
     if name == "vmoba":
-        return VMoBAConfig(block_size=16)
+        return VMoBAConfig(block_size=16, dense_above=1.0)  # tiny selections would run dense
     raise KeyError(name)

@@ -23,7 +23,7 @@ from accel.pipelines import tiny
 
 DELTA = DeltaDiTConfig(interval=2, boundary=0.5, cached_fraction=0.5)
 BAC = BACConfig(budget=0.5, calibrate=False)
-SPARSE = VMoBAConfig(block_size=16)
+SPARSE = VMoBAConfig(block_size=16, dense_above=1.0)  # tiny selections would run dense by default
 
 
 def run(pipe, **kwargs) -> np.ndarray:

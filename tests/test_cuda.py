@@ -84,7 +84,8 @@ def test_block_skip_is_bit_identical_on_cuda(family):
     np.testing.assert_array_equal(outputs[True], outputs[False])
 
 
-@pytest.mark.parametrize("config", [AdaSpaConfig(sparsity=0.5, block_size=16), VMoBAConfig(block_size=16)],
+@pytest.mark.parametrize("config", [AdaSpaConfig(sparsity=0.5, block_size=16),
+                                    VMoBAConfig(block_size=16, dense_above=1.0)],  # tiny: default would run dense
                          ids=["adaspa", "vmoba"])
 @pytest.mark.parametrize("family", SPARSE_FAMILIES)
 def test_sparse_attention_triton_kernel_matches_the_pytorch_path_on_cuda(family, config, monkeypatch):

@@ -115,7 +115,7 @@ def test_the_blocks_and_branches_are_found_and_the_inference_is_logged(caplog):
     (DeltaDiTConfig(interval=2, boundary=0.5, cached_fraction=0.67), "blocks_computed_share"),
     (BACConfig(budget=0.5, calibrate=False), "branches_computed_share"),
     (AdaSpaConfig(sparsity=0.5, block_size=16), "attention_density"),
-    (VMoBAConfig(block_size=16), None),
+    (VMoBAConfig(block_size=16, dense_above=1.0), None),
 ])
 def test_the_structural_methods_work_and_unwrap_restores(config, figure):
     pipe = build()

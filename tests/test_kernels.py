@@ -1,5 +1,6 @@
 """kernels: the block-sparse attention API against a dense masked reference, on both paths (the Triton kernel
-under TRITON_INTERPRET=1, in a subprocess because the variable must be set before Triton is imported)."""
+under TRITON_INTERPRET=1, in a subprocess because the variable must be set before Triton is imported), and the
+per-token block-choice attention against the same kind of reference."""
 
 from __future__ import annotations
 
@@ -129,6 +130,52 @@ def test_bad_input_raises_before_any_kernel(change, match):
     arguments = change({"q": q, "k": k, "v": v, "kv_block_index": index, "kv_block_count": count, "block_size": block})
     with pytest.raises(ValueError, match=match):
         kernels.block_sparse_attention(**arguments)
+
+
+def token_reference(q, k, v, chosen, sizes, scale):
+    """Dense attention with each row allowed exactly the keys of the blocks it chose; empty rows give zeros."""
+    block_of_key = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    allowed = chosen[..., block_of_key]
+    scores = ((q.double() @ k.double().transpose(-1, -2)) * scale).masked_fill(~allowed, -math.inf)
+    lse = torch.logsumexp(scores, -1)
+    weights = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0)[..., None]).masked_fill(~allowed, 0)
+    return weights @ v.double(), lse
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("sizes", [[10, 7, 23, 30], [70]])
+def test_token_sparse_attention_matches_the_dense_reference(sizes, dtype):
+    q, k, v, *_ = random_case(3, q_len=50, k_len=70, dtype=dtype)
+    chosen = torch.rand(*q.shape[:3], len(sizes), generator=torch.Generator().manual_seed(4)) < 0.4
+    chosen[0, 0, 3] = False  # a row that chose nothing
+    chosen[1, 2, :, 0] = True  # one (batch, head) where every row chose block 0: the widest gather
+    out, lse = kernels.token_sparse_attention(q, k, v, chosen, sizes, return_lse=True)
+    reference, reference_lse = token_reference(q, k, v, chosen, sizes, 1 / math.sqrt(q.shape[-1]))
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    torch.testing.assert_close(out.double(), reference, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(lse.double(), reference_lse, atol=1e-4, rtol=1e-4)
+    assert (out[0, 0, 3] == 0).all() and torch.isinf(lse[0, 0, 3])
+    every = torch.ones_like(chosen)
+    torch.testing.assert_close(kernels.token_sparse_attention(q, k, v, every, sizes).float(),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v).float(),
+                               atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda a: {**a, "block_sizes": [30, 30]}, "add up to the key length 70"),
+    (lambda a: {**a, "block_sizes": [0, 70]}, "positive"),
+    (lambda a: {**a, "chosen": a["chosen"].float()}, "bool tensor"),
+    (lambda a: {**a, "chosen": a["chosen"][..., :2]}, r"\[B, H, S_q, num_blocks\]"),
+    (lambda a: {**a, "k": a["k"][..., :8]}, "must agree"),
+    (lambda a: {**a, "q": a["q"][0]}, "4-D tensor"),
+])
+def test_token_sparse_attention_refuses_bad_input(change, match):
+    q, k, v, *_ = random_case(5, q_len=50, k_len=70)
+    arguments = change({"q": q, "k": k, "v": v, "chosen": torch.ones(*q.shape[:3], 3, dtype=torch.bool),
+                        "block_sizes": [10, 30, 30]})
+    with pytest.raises(ValueError, match=match):
+        kernels.token_sparse_attention(**arguments)
 
 
 TRITON_SCRIPT = """

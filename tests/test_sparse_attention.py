@@ -18,7 +18,14 @@ from accel.attention import AttentionCall
 from accel.hooks import BranchStates
 from accel.methods import sparse_tokens as sparse
 from accel.methods.adaspa import AdaSpaAttention, AdaSpaConfig, blocks_kept, head_sparsities
-from accel.methods.vmoba import VMoBAConfig, make_partition, vmoba_selection
+from accel.methods.vmoba import (
+    VMoBAAttention,
+    VMoBAConfig,
+    block_selection,
+    make_partition,
+    partition_means,
+    token_choice,
+)
 from accel.pipelines import tiny
 from accel.pipelines.adapters import TokenLayout
 from accel.steps import StepInfo
@@ -63,8 +70,15 @@ class TestAdaSpa(SparseInputs, AcceleratorTesterMixin):
 class TestVMoBA(SparseInputs, AcceleratorTesterMixin):
     families = FAMILIES
 
+    def make_config(self):  # dense_above=1.0: tiny selections are dense enough that the default would run dense
+        return VMoBAConfig(block_size=16, measure_recall=True, dense_above=1.0)
+
+
+class TestVMoBATokenExact(SparseInputs, AcceleratorTesterMixin):
+    families = ("wan", "sd3", "flux")  # self-attention, joint attention with text first / last
+
     def make_config(self):
-        return VMoBAConfig(block_size=16, measure_recall=True)
+        return VMoBAConfig(gate="token-exact", measure_recall=True, dense_above=1.0)
 
 
 # ------------------------------------------------------------------------------------------- synthetic calls
@@ -314,21 +328,108 @@ def threshold_reference(normalised: torch.Tensor, threshold: float) -> set[tuple
     return chosen
 
 
-def test_vmoba_selection_matches_a_token_by_token_reference():
-    partition = make_partition("temporal", 4, 4, 4, (4, 1, 1), 16)  # 4 blocks of 16 = 4 kernel blocks
+def test_vmoba_token_gate_matches_a_token_by_token_reference():
+    partition = make_partition("temporal", 4, 4, 4, (4, 1, 1), 16)  # 4 blocks of 16 tokens
     generator = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 2, 64, 8, generator=generator), torch.randn(1, 2, 64, 8, generator=generator)
     threshold = 0.3
-    selected = vmoba_selection(q, k, partition, threshold)
+    chosen = token_choice(q, k, partition, threshold)
     for h in range(2):
         means = torch.stack([k[0, h, j * 16 : (j + 1) * 16].mean(0) for j in range(4)])
         scores = q[0, h] @ means.T
         normalised = (scores - scores.min()) / (scores.max() - scores.min())
-        chosen = threshold_reference(normalised, threshold) | {(t, t // 16) for t in range(64)}  # own block
-        expected = torch.zeros(4, 4, dtype=torch.bool)
-        for t, j in chosen:
-            expected[t // 16, j] = True
-        assert torch.equal(selected[0, h], expected)
+        pairs = threshold_reference(normalised, threshold) | {(t, t // 16) for t in range(64)}  # own block
+        expected = torch.zeros(64, 4, dtype=torch.bool)
+        for t, j in pairs:
+            expected[t, j] = True
+        assert torch.equal(chosen[0, h], expected)
+    assert not chosen.all() and chosen.any(-1).all()
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.25, 0.6, 0.95])
+def test_vmoba_gate_without_a_full_sort_keeps_what_the_sorted_rule_keeps(threshold):
+    """The histogram search for the crossing value against the rule as written: every (token, block) pair sorted,
+    kept while the running sum (float64 here) is below the threshold's share of the total."""
+    partition = make_partition("spatial", 4, 16, 16, (1, 4, 4), 64)  # 1024 tokens x 16 blocks per head
+    generator = torch.Generator().manual_seed(2)
+    q, k = torch.randn(2, 3, 1024, 8, generator=generator), torch.randn(2, 3, 1024, 8, generator=generator)
+    scores = (q @ partition_means(k, partition).transpose(-1, -2)).double()
+    low, high = scores.amin(dim=(-1, -2), keepdim=True), scores.amax(dim=(-1, -2), keepdim=True)
+    normalised = ((scores - low) / (high - low)).flatten(2)
+    ranked, position = torch.sort(normalised, dim=-1, descending=True)
+    keep = torch.cumsum(ranked, -1) - ranked < threshold * ranked.sum(-1, keepdim=True)
+    expected = torch.zeros_like(keep).scatter_(-1, position, keep).view(2, 3, 1024, 16)
+    expected[:, :, torch.arange(1024), partition.block_of] = True
+    assert torch.equal(token_choice(q, k, partition, threshold), expected)
+
+
+@pytest.mark.parametrize("layer, kind", [(0, "temporal"), (1, "spatial"), (2, "spatiotemporal")])
+def test_vmoba_token_gate_attends_exactly_each_tokens_choice(layer, kind):
+    """The default gate's output is dense attention masked token by token to the chosen partition blocks (not the
+    union of a query block's picks), text kept both ways, image tokens in the partition's order."""
+    config = VMoBAConfig(threshold=0.3, dense_steps=0.0, spatial_blocks=(2, 3), cube_blocks=(3, 2, 2),
+                         gate="token-exact", dense_above=1.0)
+    layout = TokenLayout(3, 4, 6, text_tokens=5, text_position="first")
+    call = make_call(layout, "joint_attn", batch=2, heads=2)
+    scope, state = _Recorder(), sparse.CallReport({})
+    output = VMoBAAttention(scope, state, config, "transformer", "blocks.0.attn1", layer=layer)(call)
+    split = sparse.token_split(call)
+    partition = make_partition(kind, 3, 4, 6, config.splits(kind, 3, 4, 6), config.block_size)
+    assert kind == "temporal" or not torch.equal(partition.order, torch.arange(72))
+    q_image, k_image, _ = sparse.image_parts(call, split, partition.order)
+    chosen = token_choice(q_image, k_image, partition, config.threshold)
+    assert not chosen.all()
+    image = torch.arange(call.query.shape[2])[split.image][partition.order]  # token at each permuted position
+    key_block = torch.repeat_interleave(torch.arange(partition.blocks), partition.sizes)
+    allowed = torch.ones(2, 2, call.query.shape[2], call.key.shape[2], dtype=torch.bool)
+    allowed[:, :, image[:, None], image[None, :]] = chosen[..., key_block]
+    expected = F.scaled_dot_product_attention(call.query, call.key, call.value, attn_mask=allowed)
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+    (entry,) = state.report["layers"]["blocks.0.attn1"]
+    pairs = (chosen.double() @ partition.sizes.double()).sum(-1).mean() + 72 * 5 + 5 * 77
+    assert entry["attention_density"] == pytest.approx(float(pairs) / 77**2, abs=1e-4)
+    assert scope.densities == [pytest.approx(entry["attention_density"], abs=1e-4)]
+
+
+def test_vmoba_runs_dense_from_the_break_even_density_and_says_so():
+    layout = TokenLayout(3, 4, 6)
+    outputs, entries = {}, {}
+    for dense_above in (1.0, 0.05):
+        config = VMoBAConfig(threshold=0.2, dense_steps=0.0, block_size=16, gate="block", dense_above=dense_above)
+        scope, state = _Recorder(), sparse.CallReport({})
+        call = make_call(layout, "self_attn", batch=2, heads=2)
+        outputs[dense_above] = VMoBAAttention(scope, state, config, "transformer", "blocks.0.attn1", layer=1)(call)
+        (entries[dense_above],) = state.report["layers"]["blocks.0.attn1"]
+        assert scope.densities == [pytest.approx(entries[dense_above]["attention_density"], abs=1e-4)]
+    assert entries[1.0]["selected_density"] == entries[0.05]["selected_density"] < 1.0
+    assert entries[1.0]["attention_density"] < 1.0 and entries[0.05]["attention_density"] == 1.0
+    assert not torch.allclose(outputs[1.0], call.dense(), atol=1e-4)
+    torch.testing.assert_close(outputs[0.05], call.dense())
+    assert VMoBAConfig().dense_from(torch.device("cpu")) == kernels.dense_break_even("cpu") < 1.0
+    assert kernels.dense_break_even("meta") == 1.0  # unmeasured devices: only a full selection runs dense
+    with pytest.raises(ValueError, match="dense_above"):
+        VMoBAConfig(dense_above=0.0)
+
+
+def test_token_recall_of_the_heaviest_blocks_is_the_oracle():
+    call = make_call(TokenLayout(3, 4, 6, text_tokens=5, text_position="last"), "joint_attn")
+    split = sparse.token_split(call)
+    sizes = torch.tensor([24, 24, 24])
+    _, lse = sparse.dense_with_lse(call)
+    q_image, k_image, _ = sparse.image_parts(call, split)
+    probs = torch.exp(q_image @ k_image.transpose(-1, -2) / math.sqrt(16) - lse[:, :, split.image, None])
+    mass = probs.view(*probs.shape[:3], 3, 24).sum(-1)
+    heaviest = mass.argsort(-1, descending=True)[..., :2]
+    best = torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, heaviest, True)
+    kept, oracle = sparse.measured_token_recall(call, split, best, sizes)
+    torch.testing.assert_close(kept, oracle, atol=1e-5, rtol=0)
+    text_mass = 1 - mass.sum(-1)
+    expected = (mass * best).sum(-1) + text_mass
+    torch.testing.assert_close(kept, expected.mean(dim=(0, 2)), atol=1e-5, rtol=0)
+    worst = torch.zeros_like(best).scatter_(-1, mass.argsort(-1)[..., :2], True)
+    kept_worst, oracle_again = sparse.measured_token_recall(call, split, worst, sizes)
+    assert (kept_worst < oracle_again - 1e-3).all()
+    torch.testing.assert_close(oracle_again, oracle)
 
 
 def test_vmoba_block_gate_scores_each_query_block_by_its_mean_query():
@@ -336,7 +437,7 @@ def test_vmoba_block_gate_scores_each_query_block_by_its_mean_query():
     generator = torch.Generator().manual_seed(1)
     q, k = torch.randn(1, 2, 64, 8, generator=generator), torch.randn(1, 2, 64, 8, generator=generator)
     threshold = 0.3
-    selected = vmoba_selection(q, k, partition, threshold, gate="block")
+    selected = block_selection(q, k, partition, threshold)
     for h in range(2):
         means = torch.stack([k[0, h, j * 32 : (j + 1) * 32].mean(0) for j in range(2)])
         pooled = q[0, h].view(4, 16, 8).mean(1)
@@ -348,7 +449,7 @@ def test_vmoba_block_gate_scores_each_query_block_by_its_mean_query():
             expected[b, 2 * j : 2 * j + 2] = True  # a partition block of 32 is two kernel key blocks
         assert torch.equal(selected[0, h], expected)
     assert VMoBAConfig().gate == "token"
-    with pytest.raises(ValueError, match="gate must be 'block' or 'token'"):
+    with pytest.raises(ValueError, match="gate must be one of 'token', 'token-exact', 'block'"):
         VMoBAConfig(gate="tokens")
 
 
@@ -376,7 +477,7 @@ def test_vmoba_at_full_threshold_equals_dense_and_layers_cycle_partitions():
     assert [entries[0]["partition"] for entries in layers.values()] == ["temporal", "spatial", "spatiotemporal"]
     assert all(e["recall_per_head"] == pytest.approx([1.0] * 4, abs=1e-4) for e in layers["blocks.0.attn1"])
     assert [r.attention_density for r in summary.steps if r.step == 0] == [1.0, 1.0]  # dense first steps
-    sparse_pipe = accel.wrap(build(), VMoBAConfig(threshold=0.1, measure_recall=True))
+    sparse_pipe = accel.wrap(build(), VMoBAConfig(threshold=0.1, measure_recall=True, dense_above=1.0))
     sparse_pipe(**kwargs, generator=torch.Generator().manual_seed(0))
     sparse_summary = accel.summary(sparse_pipe)
     assert sparse_summary.attention_density < 1.0

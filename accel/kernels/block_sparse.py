@@ -84,6 +84,17 @@ def block_sparse_attention(q, k, v, kv_block_index, kv_block_count, block_size: 
     return (out, lse) if return_lse else out
 
 
+# Selection density above which block_sparse_attention is slower than dense SDPA, per device type, from the op
+# benchmark at 16K tokens (docs/benchmarks/sparse_attention_cpu.md: 1.43x at 0.25, 0.62x at 0.5 on 2 CPU threads;
+# sparse_attention_gpu.md: 1.9x at 0.5 on an H200, time about proportional to density).
+DENSE_BREAK_EVEN = {"cpu": 0.33, "cuda": 0.9}
+
+
+def dense_break_even(device: torch.device | str) -> float:
+    """The density at or above which a selection is better run dense on ``device`` (1.0 where unmeasured)."""
+    return DENSE_BREAK_EVEN.get(torch.device(device).type, 1.0)
+
+
 _MASKED_KEY_BIAS = -1e9  # scale * this underflows exp() to exactly 0 in fp32
 
 

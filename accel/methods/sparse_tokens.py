@@ -5,7 +5,8 @@ The selection ops themselves (top-k, masks, recall) are kernels' (``accel.kernel
 
 Conventions: a *selection* is ``(kv_block_index [B, H, Qb, N] int32, kv_block_count [B, H, Qb] int32)`` over the
 image tokens only, in the kernel's blocks of ``block_size`` tokens, optionally after a permutation ``order`` of
-the image tokens (VMoBA gathers its partition blocks into contiguous runs). Text tokens of joint attention are
+the image tokens (VMoBA gathers its partition blocks into contiguous runs); a *per-token choice* is a bool
+``chosen [B, H, image tokens, blocks]`` over contiguous key blocks of given sizes. Text tokens of joint attention are
 always kept, in both directions: text queries attend every token, image queries attend every text token besides
 their selected image blocks; the two parts of an image row are merged exactly through their log-sum-exps.
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from accel import kernels
 from accel.attention import AttentionCall
 from accel.kernels import (
     attention_with_lse,
@@ -122,14 +124,27 @@ def dense_with_lse(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
 def sparse_attention(call: AttentionCall, split: TokenSplit, kv_block_index, kv_block_count, block_size: int,
                      order: torch.Tensor | None = None) -> torch.Tensor:
     """The call's attention with image queries restricted to their selected image key blocks (text kept)."""
+    return _image_restricted(call, split, order, lambda q, k, v, scale, lse: block_sparse_attention(
+        q, k, v, kv_block_index, kv_block_count, block_size=block_size, scale=scale, return_lse=lse))
+
+
+def token_sparse_attention(call: AttentionCall, split: TokenSplit, chosen: torch.Tensor, block_sizes,
+                           order: torch.Tensor | None = None) -> torch.Tensor:
+    """The call's attention with each image query restricted to the contiguous image key blocks (of
+    ``block_sizes`` tokens, after ``order``) it chose in ``chosen`` [B, H, image tokens, blocks] (text kept)."""
+    return _image_restricted(call, split, order, lambda q, k, v, scale, lse: kernels.token_sparse_attention(
+        q, k, v, chosen, block_sizes, scale=scale, return_lse=lse))
+
+
+def _image_restricted(call: AttentionCall, split: TokenSplit, order, image_attention) -> torch.Tensor:
+    """The call's attention, image rows over the image keys through ``image_attention(q, k, v, scale, lse)``
+    merged with their attention over the text keys through the two LSEs; text rows dense."""
     q_image, k_image, v_image = image_parts(call, split, order)
     scale = call.scale if call.scale is not None else 1.0 / math.sqrt(call.query.shape[-1])
     if split.text is None:
-        image_out = block_sparse_attention(q_image, k_image, v_image, kv_block_index, kv_block_count,
-                                           block_size=block_size, scale=scale)
+        image_out = image_attention(q_image, k_image, v_image, scale, False)
     else:
-        sparse_out, sparse_lse = block_sparse_attention(q_image, k_image, v_image, kv_block_index, kv_block_count,
-                                                        block_size=block_size, scale=scale, return_lse=True)
+        sparse_out, sparse_lse = image_attention(q_image, k_image, v_image, scale, True)
         k_text, v_text = call.key[:, :, split.text], call.value[:, :, split.text]
         text_out, text_lse = attention_with_lse(q_image, k_text, v_text, scale=scale)
         total = torch.logaddexp(sparse_lse, text_lse)
@@ -142,6 +157,15 @@ def sparse_attention(call: AttentionCall, split: TokenSplit, kv_block_index, kv_
     text_rows = F.scaled_dot_product_attention(call.query[:, :, split.text], call.key, call.value, scale=call.scale)
     pieces = [text_rows, image_out] if split.text.start == 0 else [image_out, text_rows]
     return torch.cat(pieces, dim=2)
+
+
+def token_selection_density(split: TokenSplit, chosen: torch.Tensor, block_sizes: torch.Tensor, total: int) -> float:
+    """Share of the full (total x total) attention matrix a per-token choice computes, text rows and columns
+    included."""
+    n = split.image_tokens
+    image_pairs = (chosen.double() @ block_sizes.to(chosen.device, torch.float64)).sum(-1).mean()
+    text = total - n
+    return float((image_pairs + n * text + text * total) / (total * total))
 
 
 def measured_recall(call: AttentionCall, split: TokenSplit, kv_block_index, kv_block_count, block_size: int,
@@ -163,3 +187,32 @@ def measured_recall(call: AttentionCall, split: TokenSplit, kv_block_index, kv_b
     if text_mass is not None:
         best = best + text_mass
     return kept, best.mean(dim=(0, 2))
+
+
+def measured_token_recall(call: AttentionCall, split: TokenSplit, chosen: torch.Tensor, block_sizes: torch.Tensor,
+                          order: torch.Tensor | None = None, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """``measured_recall`` for a per-token choice: per head, the mean over image queries of the attention mass on
+    their chosen blocks, and of the most the same number of blocks could keep (each query's heaviest blocks), text
+    tokens' mass included in both. Costs a dense pass: for measurement only."""
+    _, lse = dense_with_lse(call)
+    q_image, k_image, _ = image_parts(call, split, order)
+    image_lse = lse[:, :, split.image]
+    if order is not None:
+        image_lse = image_lse.index_select(2, order)
+    scale = call.scale if call.scale is not None else 1.0 / math.sqrt(call.query.shape[-1])
+    sizes = block_sizes.to(q_image.device)
+    one_hot = F.one_hot(torch.repeat_interleave(torch.arange(sizes.numel(), device=sizes.device), sizes),
+                        sizes.numel()).float()  # [image keys, blocks]
+    kept, best = [], []
+    for start in range(0, q_image.shape[2], chunk):
+        rows = slice(start, start + chunk)
+        probs = torch.exp(torch.matmul(q_image[:, :, rows].float(), k_image.float().transpose(-1, -2)) * scale
+                          - image_lse[:, :, rows, None])
+        mass = probs @ one_hot  # [B, H, rows, blocks]
+        text_mass = (1 - mass.sum(-1)).clamp_min(0) if split.text is not None else 0.0
+        picks = chosen[:, :, rows]
+        kept.append((mass * picks).sum(-1) + text_mass)
+        heaviest_first = torch.cumsum(torch.sort(mass, dim=-1, descending=True).values, dim=-1)
+        count = picks.sum(-1, keepdim=True)
+        best.append(heaviest_first.gather(-1, (count - 1).clamp_min(0))[..., 0] * (count[..., 0] > 0) + text_mass)
+    return torch.cat(kept, 2).mean(dim=(0, 2)), torch.cat(best, 2).mean(dim=(0, 2))

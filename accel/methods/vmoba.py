@@ -11,12 +11,14 @@ the highest down until they add up to ``threshold`` of their total (global selec
 its own block. The first ``dense_steps`` share of the steps runs dense.
 
 Where this implementation departs from the paper, and why:
-* The shared kernel works on query blocks of ``kernel block`` tokens: with the paper's per-token gate (default) a
-  query block attends the union of its tokens' picks (on random weights at 16K tokens: every block, and a call
-  whose selection is full runs dense); ``gate="block"`` (``"vmoba-fast"``) gates each query block by its mean
-  query, at the threshold's density but coarser (docs/methods/vmoba.md). The kernel block is the largest power
-  of two <= ``block_size`` dividing every partition block's size; when none >= 16 does, it is 16 and a selected
-  partition block brings in the kernel blocks it overlaps (a superset).
+* The shared kernel works on query blocks of ``kernel block`` tokens: with the per-token gate (default) a query
+  block attends the union of its tokens' picks. ``gate="token-exact"`` attends each token's own picks
+  (``accel.kernels.token_sparse_attention``): the paper's attention, but on our trained video model far worse
+  than the union at the same density; ``gate="block"`` (``"vmoba-fast"``) gates each query block by its mean
+  query (docs/methods/vmoba.md). The kernel block is the largest power of two <= ``block_size`` dividing every
+  partition block's size; when none >= 16 does, a partition block brings in the 16-token blocks it overlaps.
+* A selection whose density reaches ``dense_above`` (default: where the kernel is slower than dense SDPA on the
+  device) runs dense: on random weights at 16K tokens the union covers nearly every block.
 * The 2D tiles span every frame, the 1D runs every row and column; on images (one frame) the 1D partition runs
   over rows. Split counts are capped by the token grid.
 * Text tokens of joint attention are always kept in both directions; cross-attention is never touched; calls
@@ -38,12 +40,13 @@ import torch
 from accel.attention import AttentionCall
 from accel.config import AccelConfig, check_block_size, check_bool, check_float, check_int
 from accel.hooks import MethodScope
-from accel.kernels import selection_from_mask
+from accel.kernels import dense_break_even, selection_from_mask
 from accel.registry import register_accelerator
 
 from . import sparse_tokens as sparse
 
 PARTITIONS = ("temporal", "spatial", "spatiotemporal")
+GATES = ("token", "token-exact", "block")
 
 
 def _check_splits(name: str, value, length: int) -> None:
@@ -60,14 +63,19 @@ class VMoBAConfig(AccelConfig):
     """Configuration of VMoBA (arXiv 2506.23858), training-free.
 
     Args:
-        threshold: share of the summed normalised scores the kept (token, block) pairs reach (paper: 0.25).
+        threshold: share of the summed normalised scores the kept (token, block) pairs reach (paper: 0.25); 1 keeps
+            every pair.
         dense_steps: share of the steps run dense first (paper: 0.25).
         temporal_blocks: runs of frames in the 1D partition.
         spatial_blocks: (rows, columns) of tiles in the 2D partition.
         cube_blocks: (frames, rows, columns) splits of the 3D partition.
-        block_size: largest kernel block, in tokens (a power of two from 16 to 1024).
-        gate: "token" scores each query token (the paper's), a kernel query block then attending the union of its
-            tokens' picks; "block" scores each kernel query block by its mean query (sparser, faster, coarser).
+        block_size: largest kernel block of the block gate, in tokens (a power of two from 16 to 1024).
+        gate: "token" scores each query token (the paper's gate), a kernel query block attending the union of its
+            tokens' picks; "token-exact" attends each token's own picks (sparser, per-token kernel); "block" scores
+            each kernel query block by its mean query (sparser, coarser).
+        dense_above: selection density at or above which a call runs dense (every key: nothing chosen is lost and
+            nothing saved); None: where the kernel is measured slower than dense SDPA on the call's device
+            (``accel.kernels.dense_break_even``); 1.0: only a full selection.
         measure_recall: also run a dense pass per sparse call to report the attention mass kept, and the most any
             selection with the same number of key blocks per query block could keep (the oracle's).
     """
@@ -80,6 +88,7 @@ class VMoBAConfig(AccelConfig):
     cube_blocks: tuple[int, int, int] = (4, 4, 4)
     block_size: int = 64
     gate: str = "token"
+    dense_above: float | None = None
     measure_recall: bool = False
 
     def validate(self) -> None:
@@ -90,9 +99,14 @@ class VMoBAConfig(AccelConfig):
         _check_splits("cube_blocks", self.cube_blocks, 3)
         self.spatial_blocks, self.cube_blocks = tuple(self.spatial_blocks), tuple(self.cube_blocks)  # JSON: lists
         check_block_size("block_size", self.block_size)
-        if self.gate not in ("block", "token"):
-            raise ValueError(f"gate must be 'block' or 'token', got {self.gate!r}.")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {', '.join(map(repr, GATES))}, got {self.gate!r}.")
+        if self.dense_above is not None:
+            check_float("dense_above", self.dense_above, minimum=0.0, maximum=1.0, open_min=True)
         check_bool("measure_recall", self.measure_recall)
+
+    def dense_from(self, device: torch.device) -> float:
+        return dense_break_even(device) if self.dense_above is None else self.dense_above
 
     def splits(self, partition: str, frames: int, height: int, width: int) -> tuple[int, int, int]:
         if partition == "temporal":
@@ -138,43 +152,90 @@ def make_partition(kind: str, frames: int, height: int, width: int, splits: tupl
     return Partition(kind, order, block[order], sizes, kernel_block)
 
 
-def vmoba_selection(q: torch.Tensor, k: torch.Tensor, partition: Partition, threshold: float,
-                    gate: str = "token") -> torch.Tensor:
-    """Kernel-block mask [B, H, Qb, Kb] from VMoBA's gating (q, k permuted into block order), per query token
-    (``gate="token"``) or per kernel query block, from its mean query (``gate="block"``)."""
-    batch, heads, n, dim = q.shape
-    block_of, blocks, size = partition.block_of.to(q.device), partition.blocks, partition.kernel_block
-    means = torch.zeros(batch, heads, blocks, dim, dtype=torch.float32, device=q.device)
+def partition_means(k: torch.Tensor, partition: Partition) -> torch.Tensor:
+    """Each partition block's mean key [B, H, J, D] (fp32), k permuted into block order."""
+    block_of = partition.block_of.to(k.device)
+    means = torch.zeros(*k.shape[:2], partition.blocks, k.shape[-1], dtype=torch.float32, device=k.device)
     means.index_add_(2, block_of, k.float())
-    means /= partition.sizes.to(q.device).view(1, 1, -1, 1)
+    return means / partition.sizes.to(k.device).view(1, 1, -1, 1)
+
+
+def token_choice(q: torch.Tensor, k: torch.Tensor, partition: Partition, threshold: float) -> torch.Tensor:
+    """VMoBA's per-token gate: which partition blocks each query token attends, [B, H, n, J] bool (q, k permuted
+    into block order)."""
+    scores = torch.matmul(q.float(), partition_means(k, partition).transpose(-1, -2))
+    return _threshold_pairs(scores, threshold, partition.block_of.to(q.device))
+
+
+def union_selection(chosen: torch.Tensor, partition: Partition) -> torch.Tensor:
+    """The per-token gate's picks ``chosen`` [B, H, n, J] as a kernel-block mask [B, H, Qb, Kb]: each kernel query
+    block attends the union of its tokens' picks."""
+    batch, heads, n, blocks = chosen.shape
+    query_blocks = math.ceil(n / partition.kernel_block)
+    padded = torch.nn.functional.pad(chosen, (0, 0, 0, query_blocks * partition.kernel_block - n))
+    return _kernel_mask(padded.view(batch, heads, query_blocks, -1, blocks).any(dim=3), partition, n)
+
+
+def block_selection(q: torch.Tensor, k: torch.Tensor, partition: Partition, threshold: float) -> torch.Tensor:
+    """The block gate: kernel-block mask [B, H, Qb, Kb], each kernel query block gated as one query by its mean
+    query (q, k permuted into block order)."""
+    batch, heads, n, dim = q.shape
+    block_of, size = partition.block_of.to(q.device), partition.kernel_block
     query_blocks = math.ceil(n / size)
-    if gate == "block":
-        pooled = torch.nn.functional.pad(q.float(), (0, 0, 0, query_blocks * size - n))
-        rows = torch.bincount(torch.arange(n, device=q.device) // size, minlength=query_blocks)
-        pooled = pooled.view(batch, heads, query_blocks, size, dim).sum(3) / rows.view(1, 1, -1, 1)
-        gated_block_of = block_of[torch.clamp(torch.arange(query_blocks, device=q.device) * size, max=n - 1)]
-        chosen = _threshold_pairs(torch.matmul(pooled, means.transpose(-1, -2)), threshold, gated_block_of)
-        per_query_block = chosen  # [B, H, Qb, J]
-    else:
-        chosen = _threshold_pairs(torch.matmul(q.float(), means.transpose(-1, -2)), threshold, block_of)
-        padded = torch.nn.functional.pad(chosen, (0, 0, 0, query_blocks * size - n))
-        per_query_block = padded.view(batch, heads, query_blocks, size, blocks).any(dim=3)  # union of its tokens
-    overlap = torch.zeros(blocks, query_blocks, dtype=torch.float32, device=q.device)
-    overlap[block_of, torch.arange(n, device=q.device) // size] = 1.0  # partition block -> kernel key blocks
+    pooled = torch.nn.functional.pad(q.float(), (0, 0, 0, query_blocks * size - n))
+    rows = torch.bincount(torch.arange(n, device=q.device) // size, minlength=query_blocks)
+    pooled = pooled.view(batch, heads, query_blocks, size, dim).sum(3) / rows.view(1, 1, -1, 1)
+    gated_block_of = block_of[torch.clamp(torch.arange(query_blocks, device=q.device) * size, max=n - 1)]
+    scores = torch.matmul(pooled, partition_means(k, partition).transpose(-1, -2))
+    return _kernel_mask(_threshold_pairs(scores, threshold, gated_block_of), partition, n)
+
+
+def _kernel_mask(per_query_block: torch.Tensor, partition: Partition, n: int) -> torch.Tensor:
+    """Partition blocks picked per kernel query block [B, H, Qb, J] -> the kernel key blocks they cover."""
+    size = partition.kernel_block
+    overlap = torch.zeros(partition.blocks, math.ceil(n / size), dtype=torch.float32, device=per_query_block.device)
+    overlap[partition.block_of.to(overlap.device), torch.arange(n, device=overlap.device) // size] = 1.0
     return torch.matmul(per_query_block.float(), overlap) > 0
+
+
+THRESHOLD_BINS = 4096
 
 
 def _threshold_pairs(scores: torch.Tensor, threshold: float, own_block: torch.Tensor) -> torch.Tensor:
     """VMoBA's global selection over (query, key block) ``scores`` [B, H, Q, J]: per head, min-max-normalised scores
-    kept from the highest down until they reach ``threshold`` of their total; each query keeps ``own_block``."""
+    kept from the highest down until they reach ``threshold`` of their total (1: every pair, zero-scored ones too);
+    each query keeps ``own_block``.
+
+    Without sorting every pair: a histogram of the scores' sums by value finds, per head, the one value bin where
+    the running sum crosses the threshold; bins above it are kept whole, below it not at all, and only the pairs in
+    that bin are sorted (sums in float64)."""
     batch, heads, queries, blocks = scores.shape
+    if threshold >= 1.0:
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     low = scores.amin(dim=(-1, -2), keepdim=True)
     high = scores.amax(dim=(-1, -2), keepdim=True)
-    normalised = ((scores - low) / (high - low).clamp_min(1e-12)).flatten(2)
-    ranked, position = torch.sort(normalised, dim=-1, descending=True)
-    before = torch.cumsum(ranked, dim=-1) - ranked
-    keep = before < threshold * ranked.sum(-1, keepdim=True)  # until the running sum reaches the threshold
-    chosen = torch.zeros_like(keep).scatter_(-1, position, keep).view(batch, heads, queries, blocks)
+    normalised = ((scores - low) / (high - low).clamp_min(1e-12)).flatten(2).double()  # [B, H, N] in [0, 1]
+    target = threshold * normalised.sum(-1, keepdim=True)
+    bin_of = (normalised * THRESHOLD_BINS).long().clamp_(max=THRESHOLD_BINS - 1)
+    sums = torch.zeros(batch, heads, THRESHOLD_BINS, dtype=torch.float64, device=scores.device)
+    sums.scatter_add_(-1, bin_of, normalised)
+    above = sums.flip(-1).cumsum(-1).flip(-1) - sums  # [B, H, bins] the sum of every higher bin
+    crossing = ((above < target) & (above + sums >= target)).long().argmax(-1, keepdim=True)  # [B, H, 1]
+    keep = bin_of > crossing
+    # the crossing bin's pairs, gathered per head (padded with -1), sorted, kept while the running sum is below
+    candidates = bin_of == crossing
+    slot = torch.cumsum(candidates, dim=-1) - 1
+    width = max(1, int(candidates.sum(-1).max()))
+    values = torch.full((batch, heads, width + 1), -1.0, dtype=torch.float64, device=scores.device)
+    where = torch.where(candidates, slot, width)  # other pairs: a spare last column
+    values.scatter_(-1, where, normalised)
+    ranked, rank_order = torch.sort(values[..., :width], dim=-1, descending=True)
+    ranked = ranked.clamp_min(0)  # padding adds nothing
+    in_bin = above.gather(-1, crossing) + torch.cumsum(ranked, dim=-1) - ranked < target
+    kept_slot = torch.zeros(batch, heads, width + 1, dtype=torch.bool, device=scores.device)
+    kept_slot.scatter_(-1, rank_order, in_bin)
+    keep |= candidates & kept_slot.gather(-1, where)
+    chosen = keep.view(batch, heads, queries, blocks)
     chosen[:, :, torch.arange(queries, device=scores.device), own_block] = True  # a query keeps its own block
     return chosen
 
@@ -199,28 +260,40 @@ class VMoBAAttention:
                                    self.config.block_size)
         order = partition.order.to(call.query.device)
         q_image, k_image, _ = sparse.image_parts(call, split, order)
-        selected = vmoba_selection(q_image, k_image, partition, self.config.threshold, self.config.gate)
-        full = bool(selected.all())  # every block kept: dense attention gives the same result, faster
-        index, count = selection_from_mask(selected)
-        density = 1.0 if full else sparse.selection_density(split, index, count, partition.kernel_block,
-                                                             call.query.shape[2])
-        entry = {
-            "step": info.step, "branch": info.branch, "partition": partition.kind, "blocks": partition.blocks,
-            "kernel_block": partition.kernel_block, "attention_density": round(density, 4),
-            "density_per_head": [round(float(d), 4) for d in selected.float().mean(dim=(0, 2, 3))],
-        }
-        if self.config.measure_recall:
-            if full:
-                kept = oracle = torch.ones(call.query.shape[1])
+        entry = {"step": info.step, "branch": info.branch, "partition": partition.kind, "blocks": partition.blocks}
+        if self.config.gate == "token-exact":
+            chosen = token_choice(q_image, k_image, partition, self.config.threshold)
+            density = sparse.token_selection_density(split, chosen, partition.sizes, call.query.shape[2])
+            per_head = chosen.float().mean(dim=(0, 2, 3))
+            measure = functools.partial(sparse.measured_token_recall, call, split, chosen, partition.sizes, order)
+            attend = functools.partial(sparse.token_sparse_attention, call, split, chosen, partition.sizes, order)
+        else:
+            if self.config.gate == "token":
+                selected = union_selection(token_choice(q_image, k_image, partition, self.config.threshold),
+                                           partition)
             else:
-                kept, oracle = sparse.measured_recall(call, split, index, count, partition.kernel_block, order=order)
+                selected = block_selection(q_image, k_image, partition, self.config.threshold)
+            index, count = selection_from_mask(selected)
+            density = sparse.selection_density(split, index, count, partition.kernel_block, call.query.shape[2])
+            per_head = selected.float().mean(dim=(0, 2, 3))
+            entry["kernel_block"] = partition.kernel_block
+            measure = functools.partial(sparse.measured_recall, call, split, index, count, partition.kernel_block,
+                                        order=order)
+            attend = functools.partial(sparse.sparse_attention, call, split, index, count, partition.kernel_block,
+                                       order=order)
+        entry["selected_density"] = round(density, 4)
+        # a selection at or above the kernel's break-even runs dense: every key, so nothing it chose is lost
+        full = density >= self.config.dense_from(call.query.device)
+        density = 1.0 if full else density
+        entry["attention_density"] = round(density, 4)
+        entry["density_per_head"] = [round(float(d), 4) for d in per_head]
+        if self.config.measure_recall:
+            kept, oracle = (torch.ones(call.query.shape[1]),) * 2 if full else measure()
             entry["recall_per_head"] = [round(float(r), 4) for r in kept]
             entry["oracle_recall_per_head"] = [round(float(r), 4) for r in oracle]
         self.state.report.setdefault("layers", {}).setdefault(self.name, []).append(entry)
         self.scope.record_attention_density(density)
-        if full:
-            return call.dense()
-        return sparse.sparse_attention(call, split, index, count, partition.kernel_block, order=order)
+        return call.dense() if full else attend()
 
 
 def apply_vmoba(scope: MethodScope, config: VMoBAConfig) -> None:
