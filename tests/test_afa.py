@@ -99,6 +99,67 @@ def test_an_untrained_aggregator_is_exactly_the_members_mean():
     assert not np.array_equal(mean, run(tiny.build("dit"), "dit"))
 
 
+def _recording_weights(monkeypatch) -> list[torch.Tensor]:
+    """Every mixing-weight tensor the aggregators compute from here on, in order."""
+    from accel.methods.afa.aggregator import BlockMixer
+
+    seen, original = [], BlockMixer.mixing_weights
+
+    def recording(self, *args, **kwargs):
+        seen.append(original(self, *args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(BlockMixer, "mixing_weights", recording)
+    return seen
+
+
+def _ensemble(family: str, guidance_mix: str = "shared"):
+    return accel.wrap(tiny.build(family), AFAConfig(members=[member(family)], aggregator=trained(family),
+                                                    guidance_mix=guidance_mix))
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart-alpha", "sd15"])  # cond half first; uncond first; U-Net maps
+def test_a_batched_guidance_call_mixes_both_halves_with_the_conditional_weights(family, monkeypatch):
+    by_branch, ensemble = _ensemble(family, "per-branch"), _ensemble(family)
+    seen = _recording_weights(monkeypatch)
+    per_branch = run(by_branch, family)
+    own = list(seen)
+    seen.clear()
+    shared = run(ensemble, family)
+    assert len(seen) == len(own) and not np.array_equal(shared, per_branch)
+    half = len(own[0]) // 2
+    assert any(not torch.equal(w[:half], w[half:]) for w in own)  # the null condition routes otherwise
+    for weights in seen:
+        torch.testing.assert_close(weights[:half], weights[half:], rtol=0, atol=0)
+    # The first mixing point of the first step sees the same features in both runs: its weights are the
+    # per-branch run's conditional rows, whichever half the family puts them in.
+    conditional = adapter_for(tiny.build(family)).cfg_batch_order.index("cond")
+    rows = slice(conditional * half, (conditional + 1) * half)
+    torch.testing.assert_close(seen[0], torch.cat([own[0][rows], own[0][rows]]))  # another batch size: fp32 noise
+
+
+def test_a_separate_guidance_call_reuses_the_conditional_calls_weights(monkeypatch):
+    by_branch, ensemble = _ensemble("wan", "per-branch"), _ensemble("wan")
+    seen = _recording_weights(monkeypatch)
+    per_branch = run(by_branch, "wan")
+    computed_per_branch = len(seen)
+    seen.clear()
+    shared = run(ensemble, "wan")
+    assert 2 * len(seen) == computed_per_branch  # the unconditional calls compute none
+    assert not np.array_equal(shared, per_branch)
+
+
+@pytest.mark.parametrize("family", ["dit", "wan"])
+def test_without_guidance_the_guidance_mix_changes_nothing(family):
+    np.testing.assert_array_equal(run(_ensemble(family), family, guidance=False),
+                                  run(_ensemble(family, "per-branch"), family, guidance=False))
+
+
+def test_a_bad_guidance_mix_is_refused():
+    with pytest.raises(ValueError, match="guidance_mix='both' is not accepted; one of 'shared', 'per-branch'"):
+        AFAConfig(guidance_mix="both")
+
+
 def test_every_member_runs_every_block_once_per_forward():
     pipes = [tiny.build("dit"), member("dit"), member("dit", seed=2)]
     counts = []

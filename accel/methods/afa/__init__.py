@@ -12,19 +12,19 @@ members' mean. Only the aggregator is trained, with the members' own denoising l
 "afa", members=[pipe_b], aggregator=dir)``) gives a pipeline called like the members.
 
 Where this implementation departs from the paper, and why:
+* Under classifier-free guidance the unconditional branch is mixed with the conditional branch's weights (same
+  sample, step and mixing point; ``guidance_mix="per-branch"`` is the paper's own routing by the null condition):
+  otherwise guidance amplifies the difference between two differently mixed models (``docs/methods/afa.md``).
 * DiT families: one mixing point per block plus the first block's inputs. The U-Net (the paper's SD 1.5 case,
-  ``unet.py``) mixes per stage (after each down block, every skip feature; after the mid and each up block) where
-  the paper mixes after every layer: the stages are modules diffusers calls, the layers are not.
+  ``unet.py``) mixes per stage where the paper mixes after every layer: diffusers calls stages, not layers.
 * The members' stream and time embeddings are their own; their prompt embeddings are the lead pipeline's (the
   paper runs each member's text encoder; fine-tunes of one base usually share it).
-* The aggregator embeds the timestep and the condition (class label or ``encoder_hidden_states``) itself, with
-  embeddings shared by all mixing points, instead of averaging the members' own embeddings (which families
-  compute in different places: per block in DiT, once in PixArt and Wan). An adaptive LayerNorm stands in for
-  the paper's timestep-conditioned ResNet block; one transformer layer of width ``hidden`` (64 by default, the
-  paper 128) keeps the aggregators small next to a small model.
-* The lead member's output head (final norm and projection) reads the last mix; the other members' heads are not
-  run, where the paper runs every member's last layer and mixes their noise predictions.
-* A dual-stream block's context stream is mixed by the plain mean.
+* The aggregator embeds the timestep and the condition (class label or ``encoder_hidden_states``) itself, shared
+  by all mixing points, instead of averaging the members' own embeddings (computed per block in DiT, once in
+  PixArt and Wan). An adaptive LayerNorm stands in for the paper's timestep-conditioned ResNet block; one layer
+  of width ``hidden`` (64 by default, the paper 128) keeps the aggregator small next to a small model.
+* The lead member's output head reads the last mix (the paper mixes every member's last layer); a dual-stream
+  block's context stream is mixed by the plain mean.
 
 Measured figures and the command that reproduces them: ``docs/benchmarks/ensemble.md``
 (``python benchmarks/ensemble.py``).

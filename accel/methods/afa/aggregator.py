@@ -72,16 +72,35 @@ class BlockMixer(torch.nn.Module):
         weights = self.to_logits(x).softmax(dim=-1)
         return weights.masked_fill(weights < NEGLIGIBLE_WEIGHT, 0.0)
 
-    def forward(self, features: list[torch.Tensor], time: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        if features[0].ndim == 4:  # U-Net feature maps [B, C, H, W]: one token per pixel
+    def mixing_weights(self, features: list[torch.Tensor], time: torch.Tensor, condition: torch.Tensor,
+                       conditional_half: int | None = None) -> torch.Tensor:
+        """Per-token weights [B, T, N] for token features [B, T, D] or U-Net maps [B, C, H, W] (one token per
+        pixel). ``conditional_half`` (0 or 1): the batch is [half 0; half 1], the two classifier-free guidance
+        branches of the same samples, and both take the weights of that half's rows."""
+        if features[0].ndim == 4:
+            features = [feature.flatten(2).transpose(1, 2) for feature in features]
+        if conditional_half is None:
+            return self.weights(features, time, condition)
+        half = len(features[0]) // 2
+        rows = slice(conditional_half * half, (conditional_half + 1) * half)
+        weights = self.weights([feature[rows] for feature in features], time[rows], condition[rows])
+        return torch.cat([weights, weights])
+
+    @staticmethod
+    def combine(features: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+        """The members' features summed with ``weights`` [B, T, N] (U-Net maps: T is height x width)."""
+        if features[0].ndim == 4:
             batch, channels, height, width = features[0].shape
             tokens = [feature.flatten(2).transpose(1, 2) for feature in features]
-            return self(tokens, time, condition).transpose(1, 2).reshape(batch, channels, height, width)
-        weights = self.weights(features, time, condition).to(features[0].dtype)
+            return BlockMixer.combine(tokens, weights).transpose(1, 2).reshape(batch, channels, height, width)
+        weights = weights.to(features[0].dtype)
         mixed = weights[..., 0:1] * features[0]
         for index in range(1, len(features)):
             mixed = mixed + weights[..., index:index + 1] * features[index]
         return mixed
+
+    def forward(self, features: list[torch.Tensor], time: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        return self.combine(features, self.mixing_weights(features, time, condition))
 
 
 class Aggregator(torch.nn.Module):

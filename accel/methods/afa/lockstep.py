@@ -38,6 +38,11 @@ def _same_arguments(block: BlockInfo, first: tuple[tuple, dict], now: tuple[tupl
                for x, y in pairs)
 
 
+def _tokens(feature: torch.Tensor) -> int:
+    """Tokens per sample of a mixing point's feature: [B, T, D] tokens, or [B, C, H, W] maps (a token per pixel)."""
+    return feature.shape[2] * feature.shape[3] if feature.ndim == 4 else feature.shape[1]
+
+
 class LockStepState:
     """What one forward of the lead denoiser carries between its blocks (set by the denoiser hook)."""
 
@@ -47,10 +52,27 @@ class LockStepState:
         self.first_block_call: tuple[tuple, dict] | None = None
         self.member_calls: list[tuple[tuple, dict]] | None = None
         self.embedding: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Guidance-shared mixing: the batch half that holds the conditional branch (batched CFG), or the branch of
+        # this call (separate CFG: "cond" keeps its weights for the step's "uncond" call).
+        self.conditional_half: int | None = None
+        self.branch: str | None = None
         self.forwards = 0  # ensemble forwards since the last reset (for accel.summary)
 
     def reset(self) -> None:
         self.call = self.named = self.first_block_call = self.member_calls = self.embedding = None
+        self.conditional_half = self.branch = None
+
+
+class ConditionalWeights:
+    """A separate-CFG family's conditional-call mixing weights of the running step, per mixing point, for the
+    step's unconditional call (reset with every pipeline call)."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.by_point: dict[int, torch.Tensor] = {}
+
+    def reset(self) -> None:
+        self.step, self.by_point = None, {}
 
 
 class LockStep:
@@ -62,6 +84,17 @@ class LockStep:
                  condition_of: Callable[[dict], torch.Tensor]) -> None:
         self.aggregator, self.lead, self.members, self.condition_of = aggregator, lead, members, condition_of
         self.state = LockStepState()
+        # Set per pipeline call by AFA (``guide``); training runs without guidance and leaves it off.
+        self.share_guidance = False
+        self.cfg_batch_order: tuple[str, str] | None = None
+        self.current: Callable[[], object] = lambda: None  # the running forward's StepInfo (step, branch)
+        self.conditional_weights = ConditionalWeights()
+
+    def guide(self, share: bool, cfg_batch_order: tuple[str, str] | None, current: Callable[[], object]) -> None:
+        """Mix the unconditional branch of classifier-free guidance with the conditional branch's weights
+        (``share``) for the calls to come; ``cfg_batch_order`` names the halves of a batched-CFG family's batch
+        (None: the branches are separate calls, ``current().branch`` says which)."""
+        self.share_guidance, self.cfg_batch_order, self.current = share, cfg_batch_order, current
 
     def begin(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self.state.reset()
@@ -71,6 +104,21 @@ class LockStep:
         except (TypeError, ValueError):
             self.state.named = dict(kwargs)
         self.state.forwards += 1
+        if self.share_guidance and self.aggregator is not None:
+            self._find_guidance_branches()
+
+    def _find_guidance_branches(self) -> None:
+        """Batched CFG: the conditional half, when the batch is the same latents twice (as every diffusers
+        pipeline builds it under guidance). Separate CFG: the branch is read at the first mix (``_weights``)."""
+        state = self.state
+        if self.cfg_batch_order is None:
+            return
+        stream = state.named.get("hidden_states", state.named.get("sample"))
+        if not isinstance(stream, torch.Tensor) or stream.ndim == 0 or stream.shape[0] % 2:
+            return
+        half = stream.shape[0] // 2
+        if torch.equal(stream[:half], stream[half:]):
+            state.conditional_half = self.cfg_batch_order.index("cond")
 
     def member_calls(self) -> list[tuple[tuple, dict]]:
         state = self.state
@@ -106,7 +154,25 @@ class LockStep:
             if named.get("timestep") is None:
                 raise ValueError("AFA's aggregator reads the denoiser call's 'timestep'; this call passes none.")
             state.embedding = self.aggregator.embed(named["timestep"], self.condition_of(named), len(features[0]))
-        return self.aggregator.mixers[point](features, *state.embedding)
+        mixer = self.aggregator.mixers[point]
+        return mixer.combine(features, self._weights(point, mixer, features))
+
+    def _weights(self, point: int, mixer, features: list[torch.Tensor]) -> torch.Tensor:
+        state, kept = self.state, self.conditional_weights
+        if self.share_guidance and self.cfg_batch_order is None and state.branch is None:
+            state.branch = getattr(self.current(), "branch", "")
+        if state.branch == "uncond":
+            step = getattr(self.current(), "step", None)
+            weights = kept.by_point.get(point) if kept.step == step else None
+            if weights is not None and weights.shape[:2] == (len(features[0]), _tokens(features[0])):
+                return weights
+        weights = mixer.mixing_weights(features, *state.embedding, conditional_half=state.conditional_half)
+        if state.branch == "cond":
+            step = getattr(self.current(), "step", None)
+            if kept.step != step:
+                kept.step, kept.by_point = step, {}
+            kept.by_point[point] = weights
+        return weights
 
     def run_block(self, index: int, original: Callable, args: tuple, kwargs: dict):
         """Block ``index`` of every member on the mixed input; the aggregator's mix of their outputs."""

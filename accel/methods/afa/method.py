@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from .unet import UNetLockStep, mixing_dims, unet_stages
 
 # Families with more than one kind of block (Flux's dual- and single-stream) call them with other arguments, which
 # the captured first-block arguments cannot serve; the U-Net runs by stages (accel.methods.afa.unet).
+GUIDANCE_MIXES = ("shared", "per-branch")
 FAMILIES = tuple(adapter.name for adapter in ADAPTERS
                  if adapter.name == "unet" or (adapter.sequential_blocks and len(adapter.block_groups) == 1))
 
@@ -35,13 +37,21 @@ class AFAConfig(AccelConfig):
             architecture, not wrapped themselves; required. Not saved with the config (pipelines are not JSON).
         aggregator: the folder an aggregator was saved to (``accel.train_aggregator(...).save(dir)``), the
             ``Aggregator`` itself, or None for the untrained ensemble (the members' mean after every block).
+        guidance_mix: ``"shared"`` (default): under classifier-free guidance the unconditional branch is mixed
+            with the conditional branch's weights (same sample, step and mixing point), so the two predictions
+            guidance combines come from one mixed model. ``"per-branch"``: each branch is mixed by its own
+            condition, the null one included (the paper).
     """
 
     method = "afa"
     members: list[Any] | None = None
     aggregator: str | Aggregator | None = None
+    guidance_mix: str = "shared"
 
     def validate(self) -> None:
+        if self.guidance_mix not in GUIDANCE_MIXES:
+            raise ValueError(f"guidance_mix={self.guidance_mix!r} is not accepted; one of "
+                             f"{', '.join(repr(m) for m in GUIDANCE_MIXES)}.")
         if isinstance(self.aggregator, os.PathLike):
             self.aggregator = os.fspath(self.aggregator)
         if self.aggregator is not None and not isinstance(self.aggregator, (str, Aggregator)):
@@ -157,8 +167,26 @@ def apply_afa(scope: MethodScope, config: AFAConfig) -> None:
     first is the stacking rule of its role (``accel.registry.stacking_conflict``), checked before anything applies."""
     lockstep, lead = build_lockstep(scope.pipe, scope.adapter, config.members or [], config.aggregator)
     scope.add_state(lockstep.state)
+    scope.add_state(lockstep.conditional_weights)
     install_lockstep(lockstep, lead, scope.is_active, scope.register_hook)
-    scope.extras.update(members=1 + len(lockstep.members), trained=lockstep.aggregator is not None)
+    if config.guidance_mix == "shared":
+        adapter, pipe = scope.adapter, scope.pipe
+        scope.before_each_call(lambda arguments: lockstep.guide(
+            guided(pipe, arguments), adapter.cfg_batch_order if adapter.cfg == "batched" else None,
+            lambda: scope.current))
+    scope.extras.update(members=1 + len(lockstep.members), trained=lockstep.aggregator is not None,
+                        guidance_mix=config.guidance_mix)
+
+
+def guided(pipe, arguments: dict) -> bool:
+    """Whether a call runs classifier-free guidance: its ``guidance_scale`` (the pipeline's default when not
+    passed) above 1, the rule of every diffusers pipeline that has one."""
+    scale = arguments.get("guidance_scale")
+    if scale is None:
+        base = type(pipe).__dict__.get("_accel_base_class", type(pipe))
+        parameter = inspect.signature(base.__call__).parameters.get("guidance_scale")
+        scale = None if parameter is None else parameter.default
+    return isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 1
 
 
 register_accelerator(
