@@ -14,7 +14,10 @@ unless named:
 * ``weight average``: one model whose weights are the mean of the members' (a model soup).
 * ``AFA, untrained``: the members in lock-step mixed by the plain mean after every block (the aggregator's start).
 * ``AFA``: the trained aggregator (``accel.train_aggregator``: the members' denoising loss on the full train split,
-  10% of labels dropped to the null class, as the members were trained).
+  10% of labels dropped to the null class, as the members were trained); guidance's unconditional branch mixed
+  with the conditional branch's weights (``guidance_mix="shared"``, the default).
+* ``AFA, guidance branches mixed each by its own condition``: the same aggregator, ``guidance_mix="per-branch"``
+  (the paper: the null condition routes the unconditional branch itself).
 * ``AFA, N/2 steps``: the equal-compute row (two members at half the steps cost about one member at full steps).
 
 Columns: FID (digit-classifier features vs the held-out digits, torchmetrics), class accuracy, seconds per sample
@@ -46,7 +49,7 @@ from accel.eval.allocator import timing_allocator  # noqa: E402
 from accel.eval.metrics import digit_fid, output_array  # noqa: E402
 from accel.eval.timing import Speedup  # noqa: E402
 from accel.io import atomic_write  # noqa: E402
-from accel.methods.afa import Aggregator, AggregatorSettings, validation_loss  # noqa: E402
+from accel.methods.afa import AFAConfig, Aggregator, AggregatorSettings, validation_loss  # noqa: E402
 from accel.pipelines import reference  # noqa: E402
 from accel.pipelines.digits import split  # noqa: E402
 
@@ -180,6 +183,9 @@ def build_rows(steps: int, aggregator: Path) -> list[Row]:
     size = 2 * one + megabytes(loaded)
     rows.append(Row("AFA", "ours", accel.ensemble([reference.load(n) for n in MEMBERS], aggregator=aggregator),
                     steps, size))
+    per_branch = AFAConfig(members=[reference.load(MEMBERS[1])], aggregator=aggregator, guidance_mix="per-branch")
+    rows.append(Row("AFA, guidance branches mixed each by its own condition (the paper's)", "baseline",
+                    accel.wrap(reference.load(MEMBERS[0]), per_branch), steps, size))
     rows.append(Row(f"AFA, {steps // 2} steps (equal compute)", "ours",
                     accel.ensemble([reference.load(n) for n in MEMBERS], aggregator=aggregator), steps // 2, size))
     for row in rows:
