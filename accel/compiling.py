@@ -17,6 +17,10 @@ apart:
   kwargs, the computation of that module and of every hooked module inside it. ``accel.unwrap`` hands the compiled
   modules back compiled the ordinary way (``nn.Module.compile`` with the same kwargs).
 
+* **A compiled denoiser fuses across blocks.** When the denoiser itself was compiled (not its blocks one by one),
+  the consecutive blocks a forward computes run as one compiled graph (``BlockSpans``), as they would in the plain
+  model compiled whole: the hooks of the later blocks still run, and take their block's output from the span.
+
 Limits: a module that is hooked and whose hook *is* the computation (QuEST's quantized linears) runs eagerly, and
 so do attention modules whose attention an accelerator replaces (the sparse methods' block selection is Python).
 ``torch.compile(pipe.transformer)`` (a new ``OptimizedModule``) cannot be seen by accel: it runs correctly, but every
@@ -27,7 +31,9 @@ only hooked modules that contain no other hooked module are compiled (a graph ma
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import types
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -137,3 +143,104 @@ def compiled_forward(forward: Callable, kwargs: dict[str, Any]) -> Callable[...,
         return torch.compile(forward, **kwargs)
     compiled = _compiled(function, settings) if settings is not None else torch.compile(function, **kwargs)
     return functools.partial(compiled, owner)
+
+
+# Spans hold every block output they compute until the blocks are called; above this they would cost real memory,
+# and activations this large make a forward compute-bound, where one graph per block costs nothing noticeable.
+SPAN_OUTPUT_BYTES = 64 * 2**20
+
+
+def _run_blocks(functions: tuple, owners: tuple, layout, args: tuple, kwargs: dict) -> tuple:
+    """Call consecutive blocks of one group as the family's loop would: each output becomes the next input."""
+    outputs = []
+    for function, owner in zip(functions, owners):
+        output = function(owner, *args, **kwargs)
+        outputs.append(output)
+        args, kwargs = layout.with_streams_in(args, kwargs, *layout.streams_out(output))
+    return tuple(outputs)
+
+
+@functools.cache
+def _compiled_span(length: int, settings: tuple[tuple[str, Any], ...]) -> Callable[..., tuple]:
+    """``_run_blocks`` compiled, under a code object of its own per span length: dynamo keeps its cache and its
+    recompile limit per code object, so spans of different lengths do not evict one another."""
+    code = _run_blocks.__code__.replace(co_name=f"_run_{length}_blocks")
+    function = types.FunctionType(code, _run_blocks.__globals__, code.co_name)
+    return torch.compile(function, **dict(settings))
+
+
+@dataclasses.dataclass
+class _SpanOutputs:
+    index: int  # the block whose call is expected next
+    args: tuple  # the call it is expected with
+    kwargs: dict
+    outputs: tuple  # its output, then the following blocks'
+
+
+class BlockSpans:
+    """One compiled denoiser's blocks: the blocks a forward computes in a row run as one compiled graph.
+
+    The compute hook of a block that runs asks ``output_for``. The first block of a span looks ahead
+    (``joins(index)``: the same group, nothing hooked inside the block, and every accel hook on it says it will
+    compute this forward), runs the span, and returns its own output; each following block's compute hook is then
+    handed its output, provided it is called with exactly the inputs the span chained (the same tensor objects and
+    the same other arguments). Anything else (a method that reuses after all, a family loop that changes a stream
+    between blocks) drops the rest of the span and the block computes alone: a wrong guess costs time, never
+    correctness.
+    """
+
+    def __init__(self, blocks: list, joins: Callable[[int], bool], kwargs: dict[str, Any]) -> None:
+        self.blocks, self.joins = blocks, joins
+        try:
+            self._settings: tuple | None = tuple(sorted(kwargs.items()))
+            hash(self._settings)
+        except TypeError:  # an unhashable option (a dict of inductor options): each block compiles alone
+            self._settings = None
+        self._held: _SpanOutputs | None = None
+
+    def clear(self) -> None:
+        self._held = None
+
+    def output_for(self, index: int, forward: Callable, args: tuple, kwargs: dict) -> Any | None:
+        """Block ``index``'s output from a span (one held, or one started here), or None: compute it alone."""
+        held, self._held = self._held, None
+        if held is not None and held.index == index and _same_call(held.args, held.kwargs, args, kwargs):
+            return self._hand_on(held, index, args, kwargs)
+        return self._start(index, forward, args, kwargs)
+
+    def _start(self, index: int, forward: Callable, args: tuple, kwargs: dict) -> Any | None:
+        first = self.blocks[index]
+        if self._settings is None or not is_plain_forward(forward, first.module):
+            return None
+        hidden, _ = first.streams_in(args, kwargs)
+        if not isinstance(hidden, torch.Tensor):
+            return None
+        held_bytes = hidden.numel() * hidden.element_size()
+        end = index + 1
+        while (end < len(self.blocks) and self.blocks[end].group == first.group
+               and (end - index + 1) * held_bytes <= SPAN_OUTPUT_BYTES and self.joins(end)):
+            end += 1
+        if end - index < 2:
+            return None
+        owners = tuple(block.module for block in self.blocks[index:end])
+        functions = tuple(type(module).forward for module in owners)
+        outputs = _compiled_span(end - index, self._settings)(functions, owners, first, args, kwargs)
+        return self._hand_on(_SpanOutputs(index, args, kwargs, outputs), index, args, kwargs)
+
+    def _hand_on(self, held: _SpanOutputs, index: int, args: tuple, kwargs: dict) -> Any:
+        output, rest = held.outputs[0], held.outputs[1:]
+        if rest:
+            block = self.blocks[index]
+            next_args, next_kwargs = block.with_streams_in(args, kwargs, *block.streams_out(output))
+            self._held = _SpanOutputs(index + 1, next_args, next_kwargs, rest)
+        return output
+
+
+def is_plain_forward(forward: Callable, module: torch.nn.Module) -> bool:
+    """Whether ``forward`` is ``module``'s own class ``forward``, bound to it (nothing wrapped around it)."""
+    return getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward
+
+
+def _same_call(args: tuple, kwargs: dict, got_args: tuple, got_kwargs: dict) -> bool:
+    return (len(args) == len(got_args) and all(a is b for a, b in zip(args, got_args))
+            and kwargs.keys() == got_kwargs.keys() and all(kwargs[key] is got_kwargs[key] for key in kwargs))

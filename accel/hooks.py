@@ -140,10 +140,28 @@ class ComputeHook(ModelHook):
         self.kinds = kinds
         self.compiled: Callable[..., Any] | None = None  # the module's forward under torch.compile
         self.check: Callable[[tuple, dict, Any], None] | None = None  # an inferred adapter's first-call check
+        # a compiled denoiser's block spans (compiling.BlockSpans): on each of its blocks (with the block's index),
+        # and on the denoiser, which drops what a forward left held
+        self.spans: compiling.BlockSpans | None = None
+        self.index = -1
 
     def new_forward(self, module, *args, **kwargs):
         if self.kinds:
             _count(self.context, self.kinds)
+        spans = self.spans
+        if spans is not None and self.index < 0:  # the denoiser
+            spans.clear()
+            try:
+                return self._run(module, args, kwargs)
+            finally:
+                spans.clear()
+        if spans is not None and self.check is None and self.compiled is not None:
+            output = spans.output_for(self.index, self.fn_ref.original_forward, args, kwargs)
+            if output is not None:
+                return output
+        return self._run(module, args, kwargs)
+
+    def _run(self, module, args, kwargs):
         if self.compiled is not None and id(module) not in self.context.attention_owners:
             output = self.compiled(*args, **kwargs)
         else:
@@ -206,7 +224,12 @@ def _detach_step_counter(scheduler) -> None:
                 del scheduler.step
 
 
+_hooks_changed = 0  # counts registrations and removals: what a cached look at the hooks was made under
+
+
 def _register(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+    global _hooks_changed
+    _hooks_changed += 1
     registry = HookRegistry.check_if_exists_or_initialize(module)
     compiling.expose_hooks(module)
     try:
@@ -216,6 +239,8 @@ def _register(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
 
 
 def _unregister(module: torch.nn.Module, name: str) -> None:
+    global _hooks_changed
+    _hooks_changed += 1
     registry = getattr(module, "_diffusers_hook", None)
     if registry is None:
         return
@@ -259,6 +284,7 @@ class PipelineContext:
         self._lock = threading.RLock()  # held by a call, and by every change (wrap, unwrap, a calibration scope)
         self._installed: list[tuple[torch.nn.Module, str]] = []
         self._compute_hooks: dict[int, tuple[torch.nn.Module, ComputeHook]] = {}
+        self._inside_checked: dict[int, tuple[int, bool]] = {}  # id(block) -> (_hooks_changed, nothing hooked)
         self.compiled_modules: dict[torch.nn.Module, dict[str, Any]] = {}  # module.compile(**kwargs) taken over
         self._compiled_parts: list[torch.nn.Module] = []  # a compiled denoiser's parts outside its blocks
         # id(branch) -> (branch, what its compute hook counts, its block)
@@ -352,6 +378,7 @@ class PipelineContext:
                     continue
                 hook.compiled = compiling.compiled_forward(hook.fn_ref.original_forward, kwargs)
             if id(module) in denoiser_ids:
+                self._compile_spans(module, kwargs)
                 # the denoiser's own forward runs eagerly (its block loop breaks the graph); its other parts compile
                 for child in module.children():
                     if all(id(m) not in self._compute_hooks for m in child.modules()) and \
@@ -360,6 +387,37 @@ class PipelineContext:
                         self._compiled_parts.append(child)
             self.compiled_modules[module] = dict(kwargs)
             compiling.remember(module, kwargs)
+
+    def _compile_spans(self, denoiser: torch.nn.Module, kwargs: dict[str, Any]) -> None:
+        """A denoiser compiled whole runs the blocks a forward computes in a row as one graph (``BlockSpans``)."""
+        (attr,) = [attr for attr, module in self.denoisers.items() if module is denoiser]
+        spans = compiling.BlockSpans(self.blocks[attr], functools.partial(self._joins_span, attr), kwargs)
+        self._compute_hooks[id(denoiser)][1].spans = spans
+        for block in self.blocks[attr]:
+            hook = self._compute_hooks[id(block.module)][1]
+            hook.spans, hook.index = spans, block.index
+
+    def _joins_span(self, attr: str, index: int) -> bool:
+        """Whether block ``index`` of denoiser ``attr`` can run inside a span in this forward: compiled, its plain
+        forward, nothing hooked inside it, and each accel hook on it says it will compute (``will_compute``)."""
+        module = self.blocks[attr][index].module
+        hook = self._compute_hooks[id(module)][1]
+        if hook.compiled is None or hook.check is not None or not self._nothing_hooked_inside(module):
+            return False
+        if not compiling.is_plain_forward(hook.fn_ref.original_forward, module):
+            return False
+        for other in module._diffusers_hook.hooks.values():
+            will_compute = getattr(other, "will_compute", None)
+            if other is not hook and (will_compute is None or not will_compute(module)):
+                return False
+        return True
+
+    def _nothing_hooked_inside(self, module: torch.nn.Module) -> bool:
+        cached = self._inside_checked.get(id(module))
+        if cached is None or cached[0] != _hooks_changed:
+            inside = any(getattr(m, "_diffusers_hook", None) is not None for m in module.modules() if m is not module)
+            cached = self._inside_checked[id(module)] = (_hooks_changed, not inside)
+        return cached[1]
 
     def _let_sleep(self, branch: torch.nn.Module) -> None:
         """Remove the compute hook of a branch no method hooks (so a compiled block traces straight through it) and

@@ -11,9 +11,11 @@ import inspect
 import numpy as np
 import pytest
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
 from torch._dynamo.utils import counters
 
 import accel
+from accel import compiling
 from accel.eval.metrics import output_array
 from accel.hooks import context_of
 from accel.methods.bac import BACConfig
@@ -137,3 +139,63 @@ def test_inductor_outputs_match_the_eager_ones(how):
                 block.compile()
         np.testing.assert_allclose(run(pipe, num_inference_steps=4), eager, atol=1e-4, rtol=1e-4)
         assert counters["stats"]["unique_graphs"] > 0
+
+
+@pytest.fixture
+def span_lengths(monkeypatch):
+    """The length of every block span a compiled denoiser runs (``compiling.BlockSpans``)."""
+    lengths: list[int] = []
+    compiled_span = compiling._compiled_span
+
+    def recording(length, settings):
+        lengths.append(length)
+        return compiled_span(length, settings)
+
+    monkeypatch.setattr(compiling, "_compiled_span", recording)
+    return lengths
+
+
+@pytest.mark.parametrize("methods", [[], DELTA], ids=["no method", "delta-dit"])
+def test_a_denoiser_compiled_whole_runs_the_blocks_it_computes_in_a_row_as_one_graph(methods, span_lengths):
+    eager_pipe = accel.wrap(tiny.build("dit"), methods)
+    expected = run(eager_pipe, num_inference_steps=4)
+    pipe = accel.wrap(tiny.build("dit"), methods)
+    pipe.transformer.compile(backend="aot_eager")
+    np.testing.assert_array_equal(run(pipe, num_inference_steps=4), expected)
+    depth = len(context_of(pipe).blocks["transformer"])
+    computed = [record.blocks_computed for record in accel.summary(pipe).steps]
+    assert computed == [record.blocks_computed for record in accel.summary(eager_pipe).steps]
+    # one span per forward that computes every block; Δ-DiT's cached forwards compute one block, alone
+    assert span_lengths == [depth] * computed.count(depth) and computed.count(depth) >= 2
+
+
+class _LookAheadLiar(ModelHook):
+    """Says its block will compute, then skips it (returns its input) or feeds it its input halved."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    def will_compute(self, module) -> bool:
+        return True
+
+    def new_forward(self, module, *args, **kwargs):
+        if self.how == "skips":
+            return args[0] if args else kwargs["hidden_states"]
+        if args:
+            return self.fn_ref.original_forward(args[0] * 0.5, *args[1:], **kwargs)
+        return self.fn_ref.original_forward(*args, **{**kwargs, "hidden_states": kwargs["hidden_states"] * 0.5})
+
+
+@pytest.mark.parametrize("how", ["skips", "changes its input"])
+def test_a_span_that_guessed_wrong_costs_time_not_correctness(how, span_lengths):
+    outputs = []
+    for compiled in (False, True):
+        pipe = accel.wrap(tiny.build("dit"), [])
+        HookRegistry.check_if_exists_or_initialize(context_of(pipe).blocks["transformer"][1].module).register_hook(
+            _LookAheadLiar(how), "test.liar")
+        if compiled:
+            pipe.transformer.compile(backend="aot_eager")
+        outputs.append(run(pipe, num_inference_steps=3))
+    assert span_lengths  # spans ran, starting at block 0 with block 1 in them
+    np.testing.assert_array_equal(outputs[1], outputs[0])

@@ -163,6 +163,13 @@ class DeltaDiTBlockHook(ModelHook):
             self._measure_end(decision, output)
         return output
 
+    def will_compute(self, module) -> bool:
+        """Whether this forward runs the block (a compiled denoiser's ``BlockSpans`` look ahead with it)."""
+        info = self.scope.current if self.scope.is_active() else None
+        if info is None or info.denoiser != self.denoiser:
+            return True
+        return self.block.index not in delta_dit_plan(self.config, info.step, info.num_steps, self.depth)
+
     @torch.compiler.disable
     def _decide(self, args, kwargs) -> Decision:
         info = self.scope.current if self.scope.is_active() else None
