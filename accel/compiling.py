@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import types
 import weakref
 from collections.abc import Callable, Iterable
@@ -145,32 +146,91 @@ def compiled_forward(forward: Callable, kwargs: dict[str, Any]) -> Callable[...,
     return functools.partial(compiled, owner)
 
 
+def compiled_function(function: Callable, kwargs: dict[str, Any]) -> Callable:
+    """``function`` under ``torch.compile(**kwargs)``, one compiled function per function and settings; itself
+    when a setting is unhashable."""
+    try:
+        settings = tuple(sorted(kwargs.items()))
+        hash(settings)
+    except TypeError:
+        return function
+    return _compiled(function, settings)
+
+
 # Spans hold every block output they compute until the blocks are called; above this they would cost real memory,
 # and activations this large make a forward compute-bound, where one graph per block costs nothing noticeable.
 SPAN_OUTPUT_BYTES = 64 * 2**20
 
 
-def _run_blocks(functions: tuple, owners: tuple, layout, args: tuple, kwargs: dict) -> tuple:
-    """Call consecutive blocks of one group as the family's loop would: each output becomes the next input."""
+@dataclasses.dataclass(frozen=True)
+class SpanMember:
+    """How one block runs inside a span: ``function(block, args, kwargs, *extra)`` gives its output.
+
+    ``kind`` is "forward" (the block's own forward, ``run_forward``; ``captured``: the hooked modules inside it,
+    whose calls the span records) or "replaced" (a method returns the block's output without running it, from
+    ``extra``: a cache's reused branch outputs, say). A span holds members of one kind only.
+    """
+
+    kind: str
+    function: Callable[..., Any]
+    extra: tuple = ()
+    captured: tuple[torch.nn.Module, ...] = ()
+
+
+@functools.cache
+def run_forward(cls: type) -> Callable[..., Any]:
+    """``cls.forward`` called as a span member: ``(block, args, kwargs)``. One function per class, so dynamo guards
+    on no instance."""
+    forward = cls.forward
+
+    def run(block, args, kwargs):
+        return forward(block, *args, **kwargs)
+
+    return run
+
+
+def _run_blocks(functions: tuple, owners: tuple, extras: tuple, layout, args: tuple, kwargs: dict) -> tuple:
+    """Run consecutive blocks of one group as the family's loop would: each output becomes the next input."""
     outputs = []
-    for function, owner in zip(functions, owners):
-        output = function(owner, *args, **kwargs)
+    for function, owner, extra in zip(functions, owners, extras):
+        output = function(owner, args, kwargs, *extra)
         outputs.append(output)
         args, kwargs = layout.with_streams_in(args, kwargs, *layout.streams_out(output))
     return tuple(outputs)
 
 
 @functools.cache
-def _compiled_span(length: int, settings: tuple[tuple[str, Any], ...]) -> Callable[..., tuple]:
-    """``_run_blocks`` compiled, under a code object of its own per span length: dynamo keeps its cache and its
-    recompile limit per code object, so spans of different lengths do not evict one another."""
-    code = _run_blocks.__code__.replace(co_name=f"_run_{length}_blocks")
+def _compiled_span(key: tuple[str, int], settings: tuple[tuple[str, Any], ...]) -> Callable[..., tuple]:
+    """``_run_blocks`` compiled, under a code object of its own per (member kind, span length): dynamo keeps its
+    cache and its recompile limit per code object, so spans of different kinds and lengths do not evict one
+    another."""
+    code = _run_blocks.__code__.replace(co_name=f"_run_{key[1]}_{key[0]}_blocks")
     function = types.FunctionType(code, _run_blocks.__globals__, code.co_name)
     return torch.compile(function, **dict(settings))
 
 
+# (module, args, kwargs, output) of every hooked module a running span captured (``_recorded_forward``)
+_SPAN_RECORDS: list[tuple[torch.nn.Module, tuple, dict, Any]] = []
+_SPAN_RECORDS_LOCK = threading.Lock()
+
+
+@functools.cache
+def _recorded_forward(cls: type) -> Callable[..., Any]:
+    """``cls.forward`` that also records its call in ``_SPAN_RECORDS``; traced into a span's graph, the records
+    are the graph's extra outputs. One function per class, so dynamo guards on no instance."""
+    forward = cls.forward
+
+    def recorded(self, *args, **kwargs):
+        output = forward(self, *args, **kwargs)
+        _SPAN_RECORDS.append((self, args, kwargs, output))
+        return output
+
+    return recorded
+
+
 @dataclasses.dataclass
 class _SpanOutputs:
+    kind: str  # the span's member kind
     index: int  # the block whose call is expected next
     args: tuple  # the call it is expected with
     kwargs: dict
@@ -178,19 +238,23 @@ class _SpanOutputs:
 
 
 class BlockSpans:
-    """One compiled denoiser's blocks: the blocks a forward computes in a row run as one compiled graph.
+    """One compiled denoiser's blocks: the blocks a forward runs in a row run as one compiled graph.
 
-    The compute hook of a block that runs asks ``output_for``. The first block of a span looks ahead
-    (``joins(index)``: the same group, nothing hooked inside the block, and every accel hook on it says it will
-    compute this forward), runs the span, and returns its own output; each following block's compute hook is then
-    handed its output, provided it is called with exactly the inputs the span chained (the same tensor objects and
-    the same other arguments). Anything else (a method that reuses after all, a family loop that changes a stream
-    between blocks) drops the rest of the span and the block computes alone: a wrong guess costs time, never
-    correctness.
+    Whoever is about to produce a block's output (its compute hook, or a method's hook that replaces the block)
+    asks ``output_for``. The first block of a span looks ahead with its own call (``member(index, args,
+    kwargs)``: how a block would run in this forward, or None) and the span continues through blocks of the same
+    group and the same member kind; it runs as one graph, and the first block gets its output. Hooked modules
+    inside a span's blocks (a caching method's branches) are traced with their class ``forward`` and their calls
+    recorded; ``after_span`` books those calls with their hooks (counts, cached outputs). Each following block is
+    then handed its output, provided it asks for the same kind with exactly the inputs the span chained (the same
+    tensor objects and the same other arguments). Anything else (a method deciding otherwise after all, a family
+    loop that changes a stream between blocks) drops the rest of the span and the block runs alone: a wrong guess
+    costs time, never correctness.
     """
 
-    def __init__(self, blocks: list, joins: Callable[[int], bool], kwargs: dict[str, Any]) -> None:
-        self.blocks, self.joins = blocks, joins
+    def __init__(self, blocks: list, member: Callable[[int, tuple, dict], SpanMember | None],
+                 after_span: Callable[[list], None], kwargs: dict[str, Any]) -> None:
+        self.blocks, self.member, self.after_span = blocks, member, after_span
         try:
             self._settings: tuple | None = tuple(sorted(kwargs.items()))
             hash(self._settings)
@@ -201,38 +265,74 @@ class BlockSpans:
     def clear(self) -> None:
         self._held = None
 
-    def output_for(self, index: int, forward: Callable, args: tuple, kwargs: dict) -> Any | None:
-        """Block ``index``'s output from a span (one held, or one started here), or None: compute it alone."""
+    def output_for(self, index: int, kind: str, make_first: Callable[[], SpanMember | None], args: tuple,
+                   kwargs: dict) -> Any | None:
+        """Block ``index``'s output, run as a ``kind`` member: from the span held, or from one started here
+        (``make_first()``: this block's member), or None: the caller runs the block alone."""
         held, self._held = self._held, None
-        if held is not None and held.index == index and _same_call(held.args, held.kwargs, args, kwargs):
+        if held is not None and held.index == index and held.kind == kind and \
+                _same_call(held.args, held.kwargs, args, kwargs):
             return self._hand_on(held, index, args, kwargs)
-        return self._start(index, forward, args, kwargs)
+        if self._settings is None:
+            return None
+        return self._start(index, make_first(), args, kwargs)
 
-    def _start(self, index: int, forward: Callable, args: tuple, kwargs: dict) -> Any | None:
-        first = self.blocks[index]
-        if self._settings is None or not is_plain_forward(forward, first.module):
+    def _start(self, index: int, first: SpanMember | None, args: tuple, kwargs: dict) -> Any | None:
+        block = self.blocks[index]
+        hidden, _ = block.streams_in(args, kwargs)
+        if first is None or not isinstance(hidden, torch.Tensor):
             return None
-        hidden, _ = first.streams_in(args, kwargs)
-        if not isinstance(hidden, torch.Tensor):
-            return None
-        held_bytes = hidden.numel() * hidden.element_size()
+        members = [first]
+        # what the span holds per block: the block's output, and each captured module's input and output
+        block_bytes = hidden.numel() * hidden.element_size() * (1 + 2 * len(first.captured))
         end = index + 1
-        while (end < len(self.blocks) and self.blocks[end].group == first.group
-               and (end - index + 1) * held_bytes <= SPAN_OUTPUT_BYTES and self.joins(end)):
+        while end < len(self.blocks) and self.blocks[end].group == block.group and \
+                (end - index + 1) * block_bytes <= SPAN_OUTPUT_BYTES:
+            member = self.member(end, args, kwargs)
+            if member is None or member.kind != first.kind:
+                break
+            members.append(member)
             end += 1
-        if end - index < 2:
-            return None
-        owners = tuple(block.module for block in self.blocks[index:end])
-        functions = tuple(type(module).forward for module in owners)
-        outputs = _compiled_span(end - index, self._settings)(functions, owners, first, args, kwargs)
-        return self._hand_on(_SpanOutputs(index, args, kwargs, outputs), index, args, kwargs)
+        captured = [module for member in members for module in member.captured]
+        if len(members) < 2 and not captured:
+            return None  # one block with nothing hooked inside: its own compiled forward is the same graph
+        run = _compiled_span((first.kind, len(members)), self._settings)
+        inputs = (tuple(member.function for member in members), tuple(b.module for b in self.blocks[index:end]),
+                  tuple(member.extra for member in members), block, args, kwargs)
+        if captured:
+            outputs, records = self._run_capturing(run, captured, inputs)
+            self.after_span(records)
+        else:
+            outputs = run(*inputs)
+        return self._hand_on(_SpanOutputs(first.kind, index, args, kwargs, outputs), index, args, kwargs)
+
+    @staticmethod
+    def _run_capturing(run: Callable, captured: list[torch.nn.Module], inputs: tuple) -> tuple[tuple, list]:
+        """Run the span with each captured module's hooked ``forward`` set aside: the graph traces its class
+        ``forward`` and records the calls, which the hooks then book (``after_span``) as if they had run."""
+        with _SPAN_RECORDS_LOCK:
+            hooked = [(module, module.__dict__.get("forward")) for module in captured]
+            _SPAN_RECORDS.clear()
+            try:
+                for module in captured:
+                    module.forward = types.MethodType(_recorded_forward(type(module)), module)
+                outputs = run(*inputs)
+                records = list(_SPAN_RECORDS)
+            finally:
+                _SPAN_RECORDS.clear()
+                for module, forward in hooked:
+                    if forward is None:
+                        del module.forward
+                    else:
+                        module.forward = forward
+        return outputs, records
 
     def _hand_on(self, held: _SpanOutputs, index: int, args: tuple, kwargs: dict) -> Any:
         output, rest = held.outputs[0], held.outputs[1:]
         if rest:
             block = self.blocks[index]
             next_args, next_kwargs = block.with_streams_in(args, kwargs, *block.streams_out(output))
-            self._held = _SpanOutputs(index + 1, next_args, next_kwargs, rest)
+            self._held = _SpanOutputs(held.kind, index + 1, next_args, next_kwargs, rest)
         return output
 
 

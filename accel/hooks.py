@@ -42,6 +42,7 @@ from accel.pipelines.adapters import ATTENTION_BRANCHES, BlockCallCheck, BlockIn
 
 from . import compiling
 from .attention import AttentionInterceptHook, check_interceptable
+from .compiling import SpanMember as SpanMember  # re-exported: what a method's hook hands a compiled span
 from .steps import StepInfo
 from .summary import CallRecorder, StepRecord
 
@@ -139,11 +140,13 @@ class ComputeHook(ModelHook):
         self.context = context
         self.kinds = kinds
         self.compiled: Callable[..., Any] | None = None  # the module's forward under torch.compile
+        self.compile_kwargs: dict[str, Any] | None = None  # what it was compiled with
         self.check: Callable[[tuple, dict, Any], None] | None = None  # an inferred adapter's first-call check
         # a compiled denoiser's block spans (compiling.BlockSpans): on each of its blocks (with the block's index),
         # and on the denoiser, which drops what a forward left held
         self.spans: compiling.BlockSpans | None = None
         self.index = -1
+        self.span_member: Callable[[], compiling.SpanMember | None] | None = None  # this block's, when it runs
 
     def new_forward(self, module, *args, **kwargs):
         if self.kinds:
@@ -156,7 +159,7 @@ class ComputeHook(ModelHook):
             finally:
                 spans.clear()
         if spans is not None and self.check is None and self.compiled is not None:
-            output = spans.output_for(self.index, self.fn_ref.original_forward, args, kwargs)
+            output = spans.output_for(self.index, "forward", self.span_member, args, kwargs)
             if output is not None:
                 return output
         return self._run(module, args, kwargs)
@@ -284,7 +287,7 @@ class PipelineContext:
         self._lock = threading.RLock()  # held by a call, and by every change (wrap, unwrap, a calibration scope)
         self._installed: list[tuple[torch.nn.Module, str]] = []
         self._compute_hooks: dict[int, tuple[torch.nn.Module, ComputeHook]] = {}
-        self._inside_checked: dict[int, tuple[int, bool]] = {}  # id(block) -> (_hooks_changed, nothing hooked)
+        self._inside_checked: dict[int, tuple[int, tuple]] = {}  # id(block) -> (_hooks_changed, hooked inside)
         self.compiled_modules: dict[torch.nn.Module, dict[str, Any]] = {}  # module.compile(**kwargs) taken over
         self._compiled_parts: list[torch.nn.Module] = []  # a compiled denoiser's parts outside its blocks
         # id(branch) -> (branch, what its compute hook counts, its block)
@@ -377,6 +380,7 @@ class PipelineContext:
                     hook.compiled = None  # dynamo gives up on a forward whose loop over hooked blocks breaks it
                     continue
                 hook.compiled = compiling.compiled_forward(hook.fn_ref.original_forward, kwargs)
+                hook.compile_kwargs = dict(kwargs)
             if id(module) in denoiser_ids:
                 self._compile_spans(module, kwargs)
                 # the denoiser's own forward runs eagerly (its block loop breaks the graph); its other parts compile
@@ -389,35 +393,76 @@ class PipelineContext:
             compiling.remember(module, kwargs)
 
     def _compile_spans(self, denoiser: torch.nn.Module, kwargs: dict[str, Any]) -> None:
-        """A denoiser compiled whole runs the blocks a forward computes in a row as one graph (``BlockSpans``)."""
+        """A denoiser compiled whole runs the blocks a forward runs in a row as one graph (``BlockSpans``)."""
         (attr,) = [attr for attr, module in self.denoisers.items() if module is denoiser]
-        spans = compiling.BlockSpans(self.blocks[attr], functools.partial(self._joins_span, attr), kwargs)
+        spans = compiling.BlockSpans(self.blocks[attr], functools.partial(self._span_member, attr),
+                                     self._book_span, kwargs)
         self._compute_hooks[id(denoiser)][1].spans = spans
         for block in self.blocks[attr]:
             hook = self._compute_hooks[id(block.module)][1]
             hook.spans, hook.index = spans, block.index
+            hook.span_member = functools.partial(self._span_member, attr, block.index, None, None)
 
-    def _joins_span(self, attr: str, index: int) -> bool:
-        """Whether block ``index`` of denoiser ``attr`` can run inside a span in this forward: compiled, its plain
-        forward, nothing hooked inside it, and each accel hook on it says it will compute (``will_compute``)."""
+    def _span_member(self, attr: str, index: int, args: tuple | None,
+                     kwargs: dict | None) -> compiling.SpanMember | None:
+        """How block ``index`` of denoiser ``attr`` would run inside a span in this forward, or None if it cannot.
+        ``args`` / ``kwargs``: the span's first call, to look ahead with; None when the block's own compute hook
+        asks (its hooks decided already). The block must be compiled and run its plain forward. Looking ahead, the
+        innermost method hook may replace the block (``span_replacement(module, args, kwargs)``: a member, or
+        None), and every other hook must say it calls through (``will_compute(module)``). A block that runs its
+        forward takes the hooked modules inside it along if each of their hooks says it will compute and can book
+        a call the span made for it (``computed_in_span(module, args, kwargs, output)``)."""
         module = self.blocks[attr][index].module
         hook = self._compute_hooks[id(module)][1]
-        if hook.compiled is None or hook.check is not None or not self._nothing_hooked_inside(module):
-            return False
-        if not compiling.is_plain_forward(hook.fn_ref.original_forward, module):
-            return False
-        for other in module._diffusers_hook.hooks.values():
-            will_compute = getattr(other, "will_compute", None)
-            if other is not hook and (will_compute is None or not will_compute(module)):
+        if hook.compiled is None or hook.check is not None or \
+                not compiling.is_plain_forward(hook.fn_ref.original_forward, module):
+            return None
+        if args is not None:
+            others = [other for other in module._diffusers_hook.hooks.values() if other is not hook]
+            replace = getattr(others[0], "span_replacement", None) if others else None
+            member = replace(module, args, kwargs) if replace is not None else None
+            if member is not None:
+                return member if self._hooks_will_compute(module, others[1:], booked=False) else None
+            if not self._hooks_will_compute(module, others, booked=False):
+                return None
+        inside = self._hooked_inside(module)
+        for member in inside:
+            entry = self._compute_hooks.get(id(member))
+            if entry is None or id(member) in self.attention_owners or \
+                    not compiling.is_plain_forward(entry[1].fn_ref.original_forward, member):
+                return None
+            others = [other for other in member._diffusers_hook.hooks.values() if other is not entry[1]]
+            if not self._hooks_will_compute(member, others, booked=True):
+                return None
+        return compiling.SpanMember("forward", compiling.run_forward(type(module)), (), inside)
+
+    @staticmethod
+    def _hooks_will_compute(module: torch.nn.Module, hooks: list[ModelHook], booked: bool) -> bool:
+        for hook in hooks:
+            will_compute = getattr(hook, "will_compute", None)
+            if will_compute is None or (booked and not hasattr(hook, "computed_in_span")) or \
+                    not will_compute(module):
                 return False
         return True
 
-    def _nothing_hooked_inside(self, module: torch.nn.Module) -> bool:
+    def _hooked_inside(self, module: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
+        """The modules inside ``module`` that carry hooks (cached until a hook is registered or removed)."""
         cached = self._inside_checked.get(id(module))
         if cached is None or cached[0] != _hooks_changed:
-            inside = any(getattr(m, "_diffusers_hook", None) is not None for m in module.modules() if m is not module)
-            cached = self._inside_checked[id(module)] = (_hooks_changed, not inside)
+            inside = tuple(m for m in module.modules() if m is not module and getattr(m, "_diffusers_hook", None))
+            cached = self._inside_checked[id(module)] = (_hooks_changed, inside)
         return cached[1]
+
+    def _book_span(self, records: list[tuple[torch.nn.Module, tuple, dict, Any]]) -> None:
+        """Book each call a span made of a hooked module as its hooks would have: counted, and handed to the
+        other hooks' ``computed_in_span``."""
+        for module, args, kwargs, output in records:
+            for hook in module._diffusers_hook.hooks.values():
+                if isinstance(hook, ComputeHook):
+                    if hook.kinds:
+                        _count(self, hook.kinds)
+                else:
+                    hook.computed_in_span(module, args, kwargs, output)
 
     def _let_sleep(self, branch: torch.nn.Module) -> None:
         """Remove the compute hook of a branch no method hooks (so a compiled block traces straight through it) and
@@ -451,6 +496,7 @@ class PipelineContext:
         for compiled, kwargs in list(self.compiled_modules.items()):
             if any(m is branch for m in compiled.modules()):
                 hook.compiled = compiling.compiled_forward(hook.fn_ref.original_forward, kwargs)
+                hook.compile_kwargs = dict(kwargs)
                 if kwargs.get("fullgraph"):
                     self.compile_below_hooks(compiled, kwargs)
 
@@ -681,6 +727,24 @@ class MethodScope:
         self.context.wake(module)
         _register(module, hook, name)
         self._hooks.append((module, name))
+
+    def compiled_like(self, module: torch.nn.Module, function: Callable) -> Callable:
+        """``function`` under torch.compile with the settings ``module``'s computation was compiled with, else
+        ``function`` itself: for tensor work a method does in a module's stead (a reused block's output)."""
+        entry = self.context._compute_hooks.get(id(module))
+        kwargs = None if entry is None or entry[1].compiled is None else entry[1].compile_kwargs
+        return function if kwargs is None else compiling.compiled_function(function, kwargs)
+
+    def span_output(self, module: torch.nn.Module, make_member: Callable[[], compiling.SpanMember | None],
+                    args: tuple, kwargs: dict) -> Any | None:
+        """For a hook that returns block ``module``'s output without running it: under a denoiser compiled whole,
+        that output from a span of such blocks (``accel.compiling.BlockSpans``; ``make_member()``: this block's
+        "replaced" member), else None: the hook computes it itself."""
+        entry = self.context._compute_hooks.get(id(module))
+        spans = None if entry is None else entry[1].spans
+        if spans is None or entry[1].index < 0:
+            return None
+        return spans.output_for(entry[1].index, "replaced", make_member, args, kwargs)
 
     def only_counted(self, module: torch.nn.Module) -> bool:
         """Whether accel's counter is the only hook on ``module`` so far: a hook registered now wraps no other

@@ -143,13 +143,13 @@ def test_inductor_outputs_match_the_eager_ones(how):
 
 @pytest.fixture
 def span_lengths(monkeypatch):
-    """The length of every block span a compiled denoiser runs (``compiling.BlockSpans``)."""
-    lengths: list[int] = []
+    """(member kind, length) of every block span a compiled denoiser runs (``compiling.BlockSpans``)."""
+    lengths: list[tuple[str, int]] = []
     compiled_span = compiling._compiled_span
 
-    def recording(length, settings):
-        lengths.append(length)
-        return compiled_span(length, settings)
+    def recording(key, settings):
+        lengths.append(key)
+        return compiled_span(key, settings)
 
     monkeypatch.setattr(compiling, "_compiled_span", recording)
     return lengths
@@ -166,7 +166,7 @@ def test_a_denoiser_compiled_whole_runs_the_blocks_it_computes_in_a_row_as_one_g
     computed = [record.blocks_computed for record in accel.summary(pipe).steps]
     assert computed == [record.blocks_computed for record in accel.summary(eager_pipe).steps]
     # one span per forward that computes every block; Δ-DiT's cached forwards compute one block, alone
-    assert span_lengths == [depth] * computed.count(depth) and computed.count(depth) >= 2
+    assert span_lengths == [("forward", depth)] * computed.count(depth) and computed.count(depth) >= 2
 
 
 class _LookAheadLiar(ModelHook):
@@ -199,3 +199,17 @@ def test_a_span_that_guessed_wrong_costs_time_not_correctness(how, span_lengths)
         outputs.append(run(pipe, num_inference_steps=3))
     assert span_lengths  # spans ran, starting at block 0 with block 1 in them
     np.testing.assert_array_equal(outputs[1], outputs[0])
+
+
+def test_a_cache_s_reused_blocks_combine_in_one_graph_and_the_branches_a_span_computed_are_cached(span_lengths):
+    config = BACConfig(budget=0.5, calibrate=False, forecast=1)
+    eager_pipe = accel.wrap(tiny.build("dit"), config)
+    expected = run(eager_pipe, num_inference_steps=6)
+    pipe = accel.wrap(tiny.build("dit"), config)
+    pipe.transformer.compile(backend="aot_eager")
+    # the forecasts read the branch outputs the spans computed: had a span not booked them, BAC would recompute
+    np.testing.assert_array_equal(run(pipe, num_inference_steps=6), expected)
+    summary, eager = accel.summary(pipe), accel.summary(eager_pipe)
+    assert [r.branches_computed for r in summary.steps] == [r.branches_computed for r in eager.steps]
+    assert summary.branches_computed_share < 1
+    assert {kind for kind, _ in span_lengths} == {"forward", "replaced"}

@@ -12,7 +12,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from accel.config import AccelConfig, check_bool, check_choice, check_float, check_int
-from accel.hooks import BranchStates, MethodScope
+from accel.hooks import BranchStates, MethodScope, SpanMember
 from accel.pipelines.adapters import BlockInfo
 
 from .schedule import BACSchedule, branch_names
@@ -173,11 +173,28 @@ class BACBranchHook(ModelHook):
         shape = _input_shape(args, kwargs)
         cache, reuse = self.lookup(shape)
         if reuse is not None:
-            return self.reused_output(reuse)
+            return made(self.reused_output(reuse))
         output = self.fn_ref.original_forward(*args, **kwargs)
         if cache is not None:
             self._store(cache, shape, output)
         return output
+
+    def will_compute(self, module) -> bool:
+        """Whether this forward computes the branch for sure (a compiled denoiser's ``BlockSpans`` look ahead)."""
+        info = self.scope.current if self.scope.is_active() else None
+        if info is None or info.denoiser != self.denoiser:
+            return True
+        updates = self.plan.updates_for_call(self.state, info.num_steps)
+        return updates is None or info.step in updates[self.name]
+
+    def computed_in_span(self, module, args, kwargs, output) -> None:
+        """Book a forward a compiled span computed for this branch: what ``new_forward`` does after computing."""
+        shape = _input_shape(args, kwargs)
+        cache, reuse = self.lookup(shape)
+        if reuse is not None:
+            raise RuntimeError(f"BAC: a span computed {self.name}, which this step reuses.")  # will_compute said no
+        if cache is not None:
+            self._store(cache, shape, output)
 
     @torch.compiler.disable
     def lookup(self, shape: tuple) -> tuple[dict[str, CachedOutput] | None, Reuse | None]:
@@ -198,10 +215,11 @@ class BACBranchHook(ModelHook):
         return cache, Reuse(info.step, stored.history)
 
     def reused_output(self, reuse: Reuse):
-        """The last update's output, or with ``forecast=1`` the extrapolation of the last two."""
+        """The last update's output, or with ``forecast=1`` the extrapolation of the last two (a ``Forecast``, made
+        into the output by ``made``)."""
         if reuse.forecasts:
             (earlier, older), (last, newest) = reuse.history
-            return _extrapolate(older, newest, self.plan.config.forecast_gain * (reuse.step - last) / (last - earlier))
+            return Forecast(older, newest, self.plan.config.forecast_gain * (reuse.step - last) / (last - earlier))
         return reuse.history[-1][1]
 
     @torch.compiler.disable
@@ -238,11 +256,29 @@ class BACBlockHook(ModelHook):
         reuses = self._reuses(module, args, kwargs)
         if reuses is None:
             return self.fn_ref.original_forward(*args, **kwargs)
-        outputs = {kind: self.branch_hooks[kind].reused_output(reuse) for kind, reuse in reuses.items()}
+        # under a denoiser compiled whole, the reused blocks that follow this one combine in the same graph
+        output = self.scope.span_output(module, lambda: self._replacement(reuses), args, kwargs)
+        if output is not None:
+            return output
+        replacement = self._replacement(reuses)
+        return self.scope.compiled_like(module, combine_reused)(module, args, kwargs, *replacement.extra)
+
+    def _replacement(self, reuses: dict[str, Reuse]) -> SpanMember:
+        """The block's output as the residual rule's ``combine`` makes it from the reused branch outputs."""
+        reused = {kind: self.branch_hooks[kind].reused_output(reuse) for kind, reuse in reuses.items()}
         # a forecast is a tensor made for this step alone (the extrapolation of the last two updates); the rule may
         # gate it in place. A plainly reused output is the cache's own tensor.
         owned = frozenset(kind for kind, reuse in reuses.items() if reuse.forecasts)
-        return self.rule.combine(module, args, kwargs, outputs, owned)
+        return SpanMember("replaced", combine_reused, (self.rule.combine, reused, owned))
+
+    def will_compute(self, module) -> bool:
+        """Whether this forward runs the block with every branch computed (``BlockSpans`` look ahead with it)."""
+        return all(hook.will_compute(module) for hook in self.branch_hooks.values())
+
+    def span_replacement(self, module, args, kwargs) -> SpanMember | None:
+        """This block's member of a span of reused blocks, if every branch is reused in this forward."""
+        reuses = self._reuses(module, args, kwargs)
+        return None if reuses is None else self._replacement(reuses)
 
     @torch.compiler.disable
     def _reuses(self, module, args, kwargs) -> dict[str, Reuse] | None:
@@ -257,6 +293,25 @@ class BACBlockHook(ModelHook):
                 return None
             reuses[kind] = reuse
         return reuses
+
+
+class Forecast(NamedTuple):
+    """A reused branch output still to extrapolate: ``newest + ratio * (newest - older)``."""
+
+    older: Any
+    newest: Any
+    ratio: float
+
+
+def made(output):
+    """A reused branch output as the block takes it (a ``Forecast`` extrapolated)."""
+    return _extrapolate(*output) if isinstance(output, Forecast) else output
+
+
+def combine_reused(block, args, kwargs, combine, reused: dict[str, Any], owned: frozenset[str]):
+    """The residual rule's ``combine`` over each branch's reused output. One function for the forecasts and the
+    combination, so a compiled span (or the compiled call of a block alone) fuses them into one graph."""
+    return combine(block, args, kwargs, {kind: made(output) for kind, output in reused.items()}, owned)
 
 
 def _extrapolate(older, newest, ratio: float):
