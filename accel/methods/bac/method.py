@@ -173,7 +173,7 @@ class BACBranchHook(ModelHook):
         shape = _input_shape(args, kwargs)
         cache, reuse = self.lookup(shape)
         if reuse is not None:
-            return made(self.reused_output(reuse))
+            return self.reused_output(reuse)
         output = self.fn_ref.original_forward(*args, **kwargs)
         if cache is not None:
             self._store(cache, shape, output)
@@ -215,11 +215,10 @@ class BACBranchHook(ModelHook):
         return cache, Reuse(info.step, stored.history)
 
     def reused_output(self, reuse: Reuse):
-        """The last update's output, or with ``forecast=1`` the extrapolation of the last two (a ``Forecast``, made
-        into the output by ``made``)."""
+        """The last update's output, or with ``forecast=1`` the extrapolation of the last two."""
         if reuse.forecasts:
             (earlier, older), (last, newest) = reuse.history
-            return Forecast(older, newest, self.plan.config.forecast_gain * (reuse.step - last) / (last - earlier))
+            return _extrapolate(older, newest, self.plan.config.forecast_gain * (reuse.step - last) / (last - earlier))
         return reuse.history[-1][1]
 
     @torch.compiler.disable
@@ -261,15 +260,17 @@ class BACBlockHook(ModelHook):
         if output is not None:
             return output
         replacement = self._replacement(reuses)
-        return self.scope.compiled_like(module, combine_reused)(module, args, kwargs, *replacement.extra)
+        return self.scope.compiled_like(module, self.rule.combine)(module, args, kwargs, *replacement.extra)
 
     def _replacement(self, reuses: dict[str, Reuse]) -> SpanMember:
         """The block's output as the residual rule's ``combine`` makes it from the reused branch outputs."""
-        reused = {kind: self.branch_hooks[kind].reused_output(reuse) for kind, reuse in reuses.items()}
+        # The forecasts are made here, outside any graph: traced, their step-dependent ratio became a symbolic float
+        # that inductor's range analysis rejected (docs/methods/compile.md).
+        outputs = {kind: self.branch_hooks[kind].reused_output(reuse) for kind, reuse in reuses.items()}
         # a forecast is a tensor made for this step alone (the extrapolation of the last two updates); the rule may
         # gate it in place. A plainly reused output is the cache's own tensor.
         owned = frozenset(kind for kind, reuse in reuses.items() if reuse.forecasts)
-        return SpanMember("replaced", combine_reused, (self.rule.combine, reused, owned))
+        return SpanMember("replaced", self.rule.combine, (outputs, owned))
 
     def will_compute(self, module) -> bool:
         """Whether this forward runs the block with every branch computed (``BlockSpans`` look ahead with it)."""
@@ -293,25 +294,6 @@ class BACBlockHook(ModelHook):
                 return None
             reuses[kind] = reuse
         return reuses
-
-
-class Forecast(NamedTuple):
-    """A reused branch output still to extrapolate: ``newest + ratio * (newest - older)``."""
-
-    older: Any
-    newest: Any
-    ratio: float
-
-
-def made(output):
-    """A reused branch output as the block takes it (a ``Forecast`` extrapolated)."""
-    return _extrapolate(*output) if isinstance(output, Forecast) else output
-
-
-def combine_reused(block, args, kwargs, combine, reused: dict[str, Any], owned: frozenset[str]):
-    """The residual rule's ``combine`` over each branch's reused output. One function for the forecasts and the
-    combination, so a compiled span (or the compiled call of a block alone) fuses them into one graph."""
-    return combine(block, args, kwargs, {kind: made(output) for kind, output in reused.items()}, owned)
 
 
 def _extrapolate(older, newest, ratio: float):
