@@ -265,6 +265,16 @@ class BlockSpans:
     def clear(self) -> None:
         self._held = None
 
+    def held_output(self, index: int, kind: str, args: tuple, kwargs: dict) -> Any | None:
+        """Block ``index``'s output if the running span holds it for a ``kind`` member called so, else None (and
+        whatever is held stays, for ``output_for`` to judge)."""
+        held = self._held
+        if held is None or held.index != index or held.kind != kind or \
+                not _same_call(held.args, held.kwargs, args, kwargs):
+            return None
+        self._held = None
+        return self._hand_on(held, index, args, kwargs)
+
     def output_for(self, index: int, kind: str, make_first: Callable[[], SpanMember | None], args: tuple,
                    kwargs: dict) -> Any | None:
         """Block ``index``'s output, run as a ``kind`` member: from the span held, or from one started here

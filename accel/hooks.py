@@ -746,6 +746,15 @@ class MethodScope:
             return None
         return spans.output_for(entry[1].index, "replaced", make_member, args, kwargs)
 
+    def held_span_output(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any | None:
+        """Block ``module``'s output if a running span of replaced blocks holds it for this very call: the hook that
+        replaced it decided so when the span started, from the same state (see ``span_output``), else None."""
+        entry = self.context._compute_hooks.get(id(module))
+        spans = None if entry is None else entry[1].spans
+        if spans is None or entry[1].index < 0:
+            return None
+        return spans.held_output(entry[1].index, "replaced", args, kwargs)
+
     def only_counted(self, module: torch.nn.Module) -> bool:
         """Whether accel's counter is the only hook on ``module`` so far: a hook registered now wraps no other
         method's, so returning without calling the module skips no one's bookkeeping. Later hooks run outside it."""

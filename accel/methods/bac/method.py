@@ -252,6 +252,11 @@ class BACBlockHook(ModelHook):
         self.rule = block.residual_rule
 
     def new_forward(self, module, *args, **kwargs):
+        # A span of reused blocks that an earlier block started holds this block's output: this hook decided the
+        # reuse when the span looked ahead, and nothing it reads (the step, the branches' held outputs) has changed.
+        output = self.scope.held_span_output(module, args, kwargs)
+        if output is not None:
+            return output
         reuses = self._reuses(module, args, kwargs)
         if reuses is None:
             return self.fn_ref.original_forward(*args, **kwargs)
