@@ -130,16 +130,23 @@ def _compiled(function: Callable, settings: tuple[tuple[str, Any], ...]) -> Call
     return torch.compile(function, **dict(settings))
 
 
+def _settings(kwargs: dict[str, Any]) -> tuple[tuple[str, Any], ...] | None:
+    """``kwargs`` as a hashable key of compiled functions, or None when an option is unhashable (a dict of inductor
+    options): the caller then compiles one function of its own, or none."""
+    try:
+        settings = tuple(sorted(kwargs.items()))
+        hash(settings)
+    except TypeError:
+        return None
+    return settings
+
+
 def compiled_forward(forward: Callable, kwargs: dict[str, Any]) -> Callable[..., Any]:
     """``forward`` (a module's bound forward) under ``torch.compile(**kwargs)``, called as the bound method would
     be. The compiled function is the class's, shared by every instance (dynamo's cache is per code object)."""
     function = getattr(forward, "__func__", None)
     owner = getattr(forward, "__self__", None)
-    try:
-        settings = tuple(sorted(kwargs.items()))
-        hash(settings)
-    except TypeError:  # an unhashable option (a dict of inductor options): one compiled function per module
-        settings = None
+    settings = _settings(kwargs)
     if function is None or owner is None:
         return torch.compile(forward, **kwargs)
     compiled = _compiled(function, settings) if settings is not None else torch.compile(function, **kwargs)
@@ -149,12 +156,8 @@ def compiled_forward(forward: Callable, kwargs: dict[str, Any]) -> Callable[...,
 def compiled_function(function: Callable, kwargs: dict[str, Any]) -> Callable:
     """``function`` under ``torch.compile(**kwargs)``, one compiled function per function and settings; itself
     when a setting is unhashable."""
-    try:
-        settings = tuple(sorted(kwargs.items()))
-        hash(settings)
-    except TypeError:
-        return function
-    return _compiled(function, settings)
+    settings = _settings(kwargs)
+    return function if settings is None else _compiled(function, settings)
 
 
 # Spans hold every block output they compute until the blocks are called; above this they would cost real memory,
@@ -255,11 +258,7 @@ class BlockSpans:
     def __init__(self, blocks: list, member: Callable[[int, tuple, dict], SpanMember | None],
                  after_span: Callable[[list], None], kwargs: dict[str, Any]) -> None:
         self.blocks, self.member, self.after_span = blocks, member, after_span
-        try:
-            self._settings: tuple | None = tuple(sorted(kwargs.items()))
-            hash(self._settings)
-        except TypeError:  # an unhashable option (a dict of inductor options): each block compiles alone
-            self._settings = None
+        self._settings = _settings(kwargs)  # None: an unhashable option, and each block compiles alone
         self._held: _SpanOutputs | None = None
 
     def clear(self) -> None:

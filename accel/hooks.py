@@ -740,20 +740,21 @@ class MethodScope:
         """For a hook that returns block ``module``'s output without running it: under a denoiser compiled whole,
         that output from a span of such blocks (``accel.compiling.BlockSpans``; ``make_member()``: this block's
         "replaced" member), else None: the hook computes it itself."""
-        entry = self.context._compute_hooks.get(id(module))
-        spans = None if entry is None else entry[1].spans
-        if spans is None or entry[1].index < 0:
-            return None
-        return spans.output_for(entry[1].index, "replaced", make_member, args, kwargs)
+        spans, index = self._spans_of(module)
+        return None if spans is None else spans.output_for(index, "replaced", make_member, args, kwargs)
 
     def held_span_output(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any | None:
         """Block ``module``'s output if a running span of replaced blocks holds it for this very call: the hook that
         replaced it decided so when the span started, from the same state (see ``span_output``), else None."""
-        entry = self.context._compute_hooks.get(id(module))
-        spans = None if entry is None else entry[1].spans
-        if spans is None or entry[1].index < 0:
-            return None
-        return spans.held_output(entry[1].index, "replaced", args, kwargs)
+        spans, index = self._spans_of(module)
+        return None if spans is None else spans.held_output(index, "replaced", args, kwargs)
+
+    def _spans_of(self, block: torch.nn.Module) -> tuple[compiling.BlockSpans | None, int]:
+        """The spans ``block`` belongs to (a denoiser compiled whole) and its index there, or (None, -1)."""
+        entry = self.context._compute_hooks.get(id(block))
+        if entry is None or entry[1].spans is None or entry[1].index < 0:
+            return None, -1
+        return entry[1].spans, entry[1].index
 
     def only_counted(self, module: torch.nn.Module) -> bool:
         """Whether accel's counter is the only hook on ``module`` so far: a hook registered now wraps no other
